@@ -1,0 +1,72 @@
+"""The ``privimage`` command: one subcommand per pipeline stage, plus small tools.
+
+Each subcommand lives in ``privimage/commands/<name>.py`` and provides ``add_arguments(parser)`` and
+``run(args) -> int``. Modules are imported only to build their own parser, so ``privimage --help`` stays
+fast and does not load torch.
+
+Errors in what the user asked for (bad ranges, impossible budgets, missing files) end with exit code 2
+and one line naming the problem; set ``PRIVIMAGE_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> (module, one-line summary shown by `privimage --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "budget": ("privimage.commands.budget",
+               "calibrate the DP-SGD noise for an (epsilon, delta) budget and show its split"),
+}
+
+_DESCRIPTION = """\
+Train image generators under differential privacy, the PrivImage way:
+a DP semantic query picks the public classes that look like your sensitive data, a generator is
+pre-trained on those public images, then fine-tuned on the sensitive images with DP-SGD. One
+(epsilon, delta) budget covers the query and the fine-tune together.
+"""
+
+_EPILOG = "Run `privimage COMMAND --help` for what each command takes and what its settings mean for privacy."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (and the hint to use --help), exit code 2."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="privimage", description=_DESCRIPTION, epilog=_EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from privimage import __version__
+    parser.add_argument("--version", action="version", version=f"privimage {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module_name, summary) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        cmd = sub.add_parser(name, help=summary, description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("PRIVIMAGE_DEBUG"):
+            raise
+        print(f"privimage {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``privimage`` command line, one module each (see ``privimage.cli``)."""
