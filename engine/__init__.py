@@ -4,6 +4,29 @@ Poisson sampling, per-sample clipping, Gaussian noise and privacy accounting, wi
 or diffusion: usable alone in anyone's DP training code.
 """
 
+from privimage.engine.accounting import (
+    EpsilonReport,
+    Mechanism,
+    calibrate_noise_multiplier,
+    compose_epsilon,
+    compute_epsilon,
+)
+from privimage.engine.budget import BudgetExceededError, PrivacyBudget
 from privimage.engine.noise import ClippedSum, add_gaussian_noise, secure_generator
+from privimage.engine.sampling import LogicalBatch, PhysicalBatch, PoissonSampler
 
-__all__ = ["ClippedSum", "add_gaussian_noise", "secure_generator"]
+__all__ = [
+    "BudgetExceededError",
+    "ClippedSum",
+    "EpsilonReport",
+    "LogicalBatch",
+    "Mechanism",
+    "PhysicalBatch",
+    "PoissonSampler",
+    "PrivacyBudget",
+    "add_gaussian_noise",
+    "calibrate_noise_multiplier",
+    "compose_epsilon",
+    "compute_epsilon",
+    "secure_generator",
+]

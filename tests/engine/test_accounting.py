@@ -1,0 +1,103 @@
+"""ε from our PRV accounting against dp-accounting's PLD and RDP accountants, run live (STYLE.md §5).
+
+The PLD accountant (Google's dp-accounting) is an independent implementation of (nearly) tight accounting:
+ours must agree within 3% (or the PRV grid's absolute error where ε is tiny). RDP is a looser bound: it
+must never be below our upper bound, else one of us is wrong.
+"""
+
+import itertools
+import math
+import time
+
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+from privimage.engine import Mechanism, calibrate_noise_multiplier, compose_epsilon, compute_epsilon
+from privimage.engine.accounting import EPS_ERROR
+
+DELTA = 1e-5
+GRID = list(itertools.product([0.6, 1.0, 2.0, 5.0], [0.001, 0.01, 0.1], [1, 100, 10000]))
+
+
+def dp_accounting_epsilons(sigma, q, steps, delta=DELTA):
+    event = dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    pld.compose(event)
+    rdp = rdp_privacy_accountant.RdpAccountant()
+    rdp.compose(event)
+    return pld.get_epsilon(delta), rdp.get_epsilon(delta)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_epsilon_matches_pld_and_stays_below_rdp_over_the_grid():
+    rows, failures = [], []
+    for sigma, q, steps in GRID:
+        start = time.perf_counter()
+        ours = compute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA)
+        seconds = time.perf_counter() - start
+        pld, rdp = dp_accounting_epsilons(sigma, q, steps)
+        rows.append((sigma, q, steps, ours.upper, pld, rdp, ours.accountant[:3], seconds))
+        if ours.accountant == "prv":
+            # 3% relative, or the PRV grid's own absolute error bound (twice: upper = estimate + error).
+            if abs(ours.upper - pld) > max(0.03 * pld, 2 * EPS_ERROR):
+                failures.append(f"sigma={sigma} q={q} steps={steps}: ours {ours.upper:.4f} vs PLD {pld:.4f}")
+        elif ours.upper < pld:  # the RDP fallback must still be an upper bound
+            failures.append(f"sigma={sigma} q={q} steps={steps}: fallback {ours.upper:.4f} < PLD {pld:.4f}")
+        if rdp < ours.upper - 1e-6 and ours.accountant == "prv":
+            failures.append(f"sigma={sigma} q={q} steps={steps}: RDP {rdp:.4f} below ours {ours.upper:.4f}")
+    print("\nsigma q steps | ours(upper) PLD RDP | accountant seconds")
+    for row in rows:
+        print("{:<4} {:<5} {:<5} | {:9.4f} {:9.4f} {:9.4f} | {} {:.2f}".format(*row))
+    assert not failures, "\n".join(failures)
+    assert sum(r[6] == "prv" for r in rows) >= 33, "PRV should handle all but the huge-epsilon corners"
+
+
+def test_calibration_round_trip_is_tight_and_never_under_noised():
+    sigma = calibrate_noise_multiplier(target_epsilon=1.0, sample_rate=0.01, steps=1000, delta=DELTA)
+    at_sigma = compute_epsilon(noise_multiplier=sigma, sample_rate=0.01, steps=1000, delta=DELTA)
+    assert at_sigma.upper <= 1.0
+    assert at_sigma.upper > 0.97, "calibration should not waste budget"
+    slightly_less = compute_epsilon(noise_multiplier=sigma * 0.99, sample_rate=0.01, steps=1000, delta=DELTA)
+    assert slightly_less.upper > 1.0
+
+
+def test_calibrated_sigma_matches_an_independent_accountant():
+    sigma = calibrate_noise_multiplier(target_epsilon=2.0, sample_rate=0.01, steps=1000, delta=DELTA)
+    pld, _ = dp_accounting_epsilons(sigma, 0.01, 1000)
+    assert pld == pytest.approx(2.0, rel=0.03)
+
+
+def test_composition_of_query_and_steps_exceeds_either_part():
+    query = Mechanism(noise_multiplier=5.0)
+    steps = Mechanism(noise_multiplier=1.0, sample_rate=0.01, count=500)
+    both = compose_epsilon([query, steps], delta=DELTA).upper
+    alone = [compose_epsilon([m], delta=DELTA).upper for m in (query, steps)]
+    assert both > max(alone)
+    assert both < sum(alone) + 2 * EPS_ERROR
+
+
+def test_gaussian_query_matches_the_analytic_gaussian_mechanism():
+    # Balle & Wang 2018 (arXiv 1805.06530): delta(eps) = Phi(1/(2s) - eps*s) - e^eps Phi(-1/(2s) - eps*s)
+    sigma = 4.0
+    eps = compose_epsilon([Mechanism(sigma)], delta=DELTA).estimate
+    phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    delta_at_eps = phi(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * phi(-1 / (2 * sigma) - eps * sigma)
+    assert delta_at_eps == pytest.approx(DELTA, rel=0.1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=DELTA), "noise_multiplier=0.0"),
+    (dict(noise_multiplier=1.0, sample_rate=1.5, steps=1, delta=DELTA), "sample_rate=1.5"),
+    (dict(noise_multiplier=1.0, sample_rate=0.1, steps=-1, delta=DELTA), "count=-1"),
+    (dict(noise_multiplier=1.0, sample_rate=0.1, steps=1, delta=1.0), "delta=1.0"),
+])
+def test_impossible_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        compute_epsilon(**kwargs)
+
+
+def test_epsilon_too_small_to_calibrate_is_refused():
+    with pytest.raises(ValueError, match="above 10000"):
+        calibrate_noise_multiplier(target_epsilon=1e-4, sample_rate=0.5, steps=100, delta=DELTA)
