@@ -13,20 +13,26 @@ from privimage.engine.accounting import (
 )
 from privimage.engine.budget import BudgetExceededError, PrivacyBudget
 from privimage.engine.noise import ClippedSum, add_gaussian_noise, secure_generator
+from privimage.engine.dp_sgd import DPEngine, DPOptimizer, StepStats, check_per_sample_norms, make_private
 from privimage.engine.sampling import LogicalBatch, PhysicalBatch, PoissonSampler
 
 __all__ = [
     "BudgetExceededError",
     "ClippedSum",
+    "DPEngine",
+    "DPOptimizer",
     "EpsilonReport",
     "LogicalBatch",
     "Mechanism",
     "PhysicalBatch",
     "PoissonSampler",
     "PrivacyBudget",
+    "StepStats",
     "add_gaussian_noise",
     "calibrate_noise_multiplier",
+    "check_per_sample_norms",
     "compose_epsilon",
     "compute_epsilon",
+    "make_private",
     "secure_generator",
 ]
