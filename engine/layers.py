@@ -136,6 +136,7 @@ class LinearRule:
             if plan.norm == "ghost":
                 total = total + ops.ghost_sq_norms(grouping.fold(A), grouping.fold(G))
             elif plan.keep:
+                A, G = ops._common(A, G)
                 gw = torch.bmm(G.transpose(1, 2), A)
                 plan.kept[w] = gw
                 total = total + ops.sq_norms_of(grouping.to_samples(gw))

@@ -66,6 +66,15 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _common(A: torch.Tensor, G: torch.Tensor):
+    """A and G in one dtype for a GEMM: the output's (what autocast computed the layer in), except that on CPU
+    half precisions go to float32 (oneDNN lacks some grouped bf16 convolutions, and CPU gains nothing)."""
+    dtype = G.dtype
+    if not G.is_cuda and dtype in (torch.bfloat16, torch.float16):
+        dtype = torch.float32
+    return A.to(dtype), G.to(dtype)
+
+
 def sq_norms_of(per_sample: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm of each row of a materialised per-sample tensor (R, ...), in float32 or wider."""
     return _acc(per_sample).flatten(1).square().sum(1)
@@ -76,6 +85,7 @@ def per_sample_sq_norms(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     op = _kernel_op("per_sample_sq_norms", A, G)
     if op is not None:
         return op(A, G)
+    A, G = _common(A, G)
     return sq_norms_of(torch.bmm(G.transpose(1, 2), A))
 
 
@@ -97,6 +107,7 @@ def clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor) -> to
     op = _kernel_op("clipped_weight_grad", A, G, c)
     if op is not None:
         return op(A, G, c)
+    A, G = _common(A, G)
     R, T, p = G.shape
     scaled = G * c.to(G.dtype).view(R, 1, 1)
     return _acc(scaled.reshape(R * T, p).t() @ A.reshape(R * T, A.shape[-1]))
@@ -114,6 +125,7 @@ def conv_per_sample_grads(A: torch.Tensor, G: torch.Tensor, weight_shape, *, str
     plain weight gradient costs (29 ms vs 27 ms, 64→64 channels at 32×32, batch 64), where unfold + bmm
     costs 107 ms (DESIGN.md, measured facts).
     """
+    A, G = _common(A, G)
     R, c_in = A.shape[:2]
     c_out = G.shape[1]
     folded_shape = (R * c_out,) + tuple(weight_shape[1:])
@@ -126,6 +138,7 @@ def conv_per_sample_grads(A: torch.Tensor, G: torch.Tensor, weight_shape, *, str
 def conv_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, weight_shape, *, stride,
                              padding, dilation, groups: int) -> torch.Tensor:
     """Σ_r c_r ∇W_r for a convolution: the plain weight-gradient convolution with c folded into G."""
+    A, G = _common(A, G)
     scaled = G * c.to(G.dtype).view(-1, 1, 1, 1)
     return _acc(torch.nn.grad.conv2d_weight(A, weight_shape, scaled, stride=stride, padding=padding,
                                             dilation=dilation, groups=groups))
@@ -138,6 +151,7 @@ def conv_ghost_sq_norms(A: torch.Tensor, G: torch.Tensor, kernel_size, *, stride
     Worth it only where T = Ho·Wo is small against C_in·k²·C_out (the 8×8 and 4×4 levels of a UNet): the
     unfold it materialises is R·T·C_in·k² elements.
     """
+    A, G = _common(A, G)
     R = A.shape[0]
     cols = F.unfold(A, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (R, C_in·k², T)
     T = cols.shape[-1]

@@ -69,8 +69,8 @@ class Scale(nn.Module):
         return x * self.gain + x.square().mean() * 0  # rows independent; mean*0 keeps it row-local
 
 
-def _case(name, batch):
-    """(model, loss_fn) in float64 for one layer type; loss rows = batch."""
+def _case(name, batch, reduction="sum"):
+    """(model, loss_fn) in float64 for one layer type; loss rows = batch; per-row sum or mean over outputs."""
     g = torch.Generator().manual_seed(batch)
 
     def rnd(*s):
@@ -112,7 +112,8 @@ def _case(name, batch):
         out = m(*x) if isinstance(x, tuple) else m(x)
         if target is None:
             target = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=DT)
-        return (out * target + 0.3 * out.square()).flatten(1).sum(1)
+        per_elem = (out * target + 0.3 * out.square()).flatten(1)
+        return per_elem.sum(1) if reduction == "sum" else per_elem.mean(1)
 
     return model, loss_fn
 
@@ -129,11 +130,12 @@ def _assert_grads(model, expected, atol=1e-10):
         assert err <= atol + 1e-8 * e.abs().max().item(), f"param {i} {tuple(p.shape)}: max error {err}"
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_norms_and_grads_match_loop(name, method):
+def test_norms_and_grads_match_loop(name, method, reduction):
     for batch in (1, 3, 7):
-        model, loss_fn = _case(name, batch)
+        model, loss_fn = _case(name, batch, reduction)
         ref_norms = ref.per_sample_norms_loop(model, loss_fn)
         C = float(ref_norms.median())  # about half the samples are clipped
         engine = DPEngine(model, max_grad_norm=C, noise_multiplier=0.0, expected_batch_size=5, method=method)
@@ -141,3 +143,271 @@ def test_norms_and_grads_match_loop(name, method):
         torch.testing.assert_close(stats.norms, ref_norms, rtol=1e-9, atol=1e-12)
         _assert_grads(model, ref.dp_grads_loop(model, loss_fn, max_grad_norm=C, expected_batch_size=5))
         assert stats.num_samples == batch and stats.num_nonfinite == 0
+
+
+# ---- padding, groups, frozen parameters, NaN, noise, accumulation ------------------------------------------
+
+def _unet_case(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = UNetBlock().to(DT)
+    x = torch.randn(batch, 3, 8, 6, generator=g, dtype=DT)
+    t = torch.rand(batch, generator=g, dtype=DT)
+    y = torch.randint(0, 5, (batch,), generator=g)
+    target = torch.randn(batch, 3, 8, 6, generator=g, dtype=DT)
+    return model, x, t, y, target
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_padding_rows_count_for_nothing_even_if_nan(method):
+    model, x, t, y, target = _unet_case(7)
+    pad = torch.tensor([False, True, False, False, True, False, False])
+    x = x.clone()
+    # Garbage in a padding row must not leak. vmap and loop differentiate parameters through the whole
+    # batch's graph, where a NaN row poisons every row's parameter gradient (0·NaN): they get finite garbage.
+    x[1] = float("nan") if method in ("bk-mixed", "ghost") else 1e3
+
+    def loss_fn(m):
+        return (m(x, t, y) - target).square().flatten(1).mean(1)
+
+    engine = DPEngine(model, max_grad_norm=0.05, noise_multiplier=0.0, expected_batch_size=6, method=method)
+    stats = engine.step(loss_fn, is_padding=pad)
+    assert stats.num_samples == 5 and stats.num_nonfinite == 0
+    assert stats.clip_factors[pad].eq(0).all()
+    keep = ~pad  # the reference runs on the real rows alone (a NaN row would poison its shared backward)
+
+    def loss_real(m):
+        return (m(x[keep], t[keep], y[keep]) - target[keep]).square().flatten(1).mean(1)
+
+    _assert_grads(model, ref.dp_grads_loop(model, loss_real, max_grad_norm=0.05, expected_batch_size=6))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_padding_batch_gives_noise_alone(method):
+    model, x, t, y, target = _unet_case(3)
+    sigma, C, B = 1.3, 0.7, 9.0
+    engine = DPEngine(model, max_grad_norm=C, noise_multiplier=sigma, expected_batch_size=B, method=method,
+                      generator=torch.Generator().manual_seed(5))
+    engine.step(lambda m: (m(x, t, y) - target).square().flatten(1).sum(1), is_padding=torch.ones(3, dtype=torch.bool))
+    gen = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        expected = torch.randn(p.shape, generator=gen, dtype=DT) * sigma * C / B
+        torch.testing.assert_close(p.grad, expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("groups", [[0, 1, 2, 0, 1, 2, 0, 1, 2], [2, 0, 0, 1, 2, 2, 3, 3, 3]],
+                         ids=["uniform", "ragged"])
+def test_groups_clip_each_sample_over_its_rows(method, groups):
+    groups = torch.tensor(groups)
+    model, x, t, y, target = _unet_case(9)
+
+    def loss_fn(m):  # three noise draws of one image: each row is scaled by 1/k as diffusion losses do
+        return (m(x, t, y) - target).square().flatten(1).mean(1) / 3
+
+    norms = ref.per_sample_norms_loop(model, loss_fn, groups=groups)
+    C = float(norms.median())
+    engine = DPEngine(model, max_grad_norm=C, noise_multiplier=0.0, expected_batch_size=4, method=method)
+    stats = engine.step(loss_fn, groups=groups)
+    torch.testing.assert_close(stats.norms, norms, rtol=1e-9, atol=1e-12)
+    _assert_grads(model, ref.dp_grads_loop(model, loss_fn, max_grad_norm=C, expected_batch_size=4, groups=groups))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_frozen_parameters_are_skipped(method):
+    model, x, t, y, target = _unet_case(5)
+    for p in list(model.conv_in.parameters()) + list(model.label.parameters()) + [model.norm.bias]:
+        p.requires_grad_(False)
+
+    def loss_fn(m):
+        return (m(x, t, y) - target).square().flatten(1).sum(1)
+
+    engine = DPEngine(model, max_grad_norm=0.1, noise_multiplier=0.0, expected_batch_size=5, method=method)
+    stats = engine.step(loss_fn)
+    torch.testing.assert_close(stats.norms, ref.per_sample_norms_loop(model, loss_fn), rtol=1e-9, atol=1e-12)
+    _assert_grads(model, ref.dp_grads_loop(model, loss_fn, max_grad_norm=0.1, expected_batch_size=5))
+    assert model.conv_in.weight.grad is None and model.label.weight.grad is None and model.norm.bias.grad is None
+
+
+def test_all_methods_agree_in_float32():
+    torch.manual_seed(3)
+    model = UNetBlock()
+    x, t, y = torch.randn(6, 3, 8, 6), torch.rand(6), torch.randint(0, 5, (6,))
+    results = {}
+    for method in METHODS:
+        engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=6, method=method)
+        engine.step(lambda m: m(x, t, y).square().flatten(1).mean(1))
+        results[method] = [p.grad.clone() for p in model.parameters()]
+    for method in METHODS[1:]:
+        for a, b in zip(results["bk-mixed"], results[method]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_sample_is_dropped_and_counted(method, bad):
+    model, x, t, y, target = _unet_case(5)
+    x = x.clone()
+    x[2, 0, 1, 1] = bad
+
+    def loss_fn(m):
+        return (m(x, t, y) - target).square().flatten(1).sum(1)
+
+    engine = DPEngine(model, max_grad_norm=0.1, noise_multiplier=0.0, expected_batch_size=5, method=method)
+    stats = engine.step(loss_fn)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    if method in ("vmap", "loop"):
+        # Their parameter gradients come from the shared batch graph, where the NaN row reaches every row
+        # (0·NaN): all samples are dropped. Safe (nothing poisons the sum) but lossy; bk-mixed is exact.
+        assert stats.num_nonfinite >= 1 and stats.num_samples == 5
+        return
+    assert stats.num_nonfinite == 1 and stats.num_samples == 5
+    keep = torch.arange(5) != 2  # expected: the clipped sum of the other four samples, still divided by 5
+
+    def loss_rest(m):
+        return (m(x[keep], t[keep], y[keep]) - target[keep]).square().flatten(1).sum(1)
+
+    _assert_grads(model, ref.dp_grads_loop(model, loss_rest, max_grad_norm=0.1, expected_batch_size=5))
+
+
+def _ks_pvalue(samples, std):
+    """Two-sided one-sample Kolmogorov-Smirnov test of samples against N(0, std²) (asymptotic p-value)."""
+    x, _ = torch.sort(samples.double().flatten() / std)
+    n = x.numel()
+    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    d = float(torch.maximum(i / n - cdf, cdf - (i - 1) / n).max())
+    lam = (math.sqrt(n) + 0.12 + 0.11 / math.sqrt(n)) * d
+    return max(0.0, min(1.0, 2 * sum((-1) ** (k - 1) * math.exp(-2 * k * k * lam * lam) for k in range(1, 101))))
+
+
+def test_noise_std_is_sigma_c_over_expected_batch_size():
+    model = nn.Linear(60, 50)  # 3050 noise values in one step
+    sigma, C, B = 0.8, 2.0, 16
+    x = torch.randn(4, 60)
+    engine = DPEngine(model, max_grad_norm=C, noise_multiplier=sigma, expected_batch_size=B,
+                      generator=torch.Generator().manual_seed(11))
+    engine.step(lambda m: m(x).sum(1) * 0)  # zero gradient: .grad is the noise alone
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert _ks_pvalue(noise, sigma * C / B) > 0.025
+    assert _ks_pvalue(noise, 2 / 3 * sigma * C / B) < 0.025
+    assert _ks_pvalue(noise, 1.5 * sigma * C / B) < 0.025
+
+
+@pytest.mark.parametrize("method", ["bk-mixed", "ghost"])
+def test_micro_batches_equal_one_batch_and_noise_is_added_once(method):
+    model, x, t, y, target = _unet_case(7)
+
+    def loss_on(rows):
+        return lambda m: (m(x[rows], t[rows], y[rows]) - target[rows]).square().flatten(1).sum(1)
+
+    def run(splits):
+        engine = DPEngine(model, max_grad_norm=0.1, noise_multiplier=1.0, expected_batch_size=8, method=method,
+                          generator=torch.Generator().manual_seed(2))
+        for rows in splits:
+            engine.accumulate(loss_on(rows))
+        stats = engine.finalize()
+        return [p.grad.clone() for p in model.parameters()], stats
+
+    one, stats_one = run([slice(0, 7)])
+    three, stats_three = run([slice(0, 3), slice(3, 5), slice(5, 7)])
+    assert stats_one.num_samples == stats_three.num_samples == 7
+    for a, b in zip(one, three):  # same generator seed: equal only if the noise was drawn once
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_divisor_is_expected_batch_size_not_drawn_size():
+    model = nn.Linear(3, 1).to(DT)
+    x = torch.randn(3, 3, dtype=DT)
+    engine = DPEngine(model, max_grad_norm=1e6, noise_multiplier=0.0, expected_batch_size=10)
+    engine.step(lambda m: m(x).sum(1))  # no clipping: grad = Σ_i x_i / 10, not / 3
+    torch.testing.assert_close(model.weight.grad, x.sum(0, keepdim=True) / 10)
+    torch.testing.assert_close(model.bias.grad, torch.tensor([0.3], dtype=DT))
+
+
+def test_dp_training_lowers_the_loss():
+    torch.manual_seed(0)
+    w_true = torch.randn(8, 2)
+    data_x = torch.randn(512, 8)
+    data_y = (data_x @ w_true).argmax(1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GroupNorm(4, 16), nn.SiLU(), nn.Linear(16, 2))
+    opt = make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), max_grad_norm=1.0,
+                       noise_multiplier=1.0, expected_batch_size=64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+
+    def full_loss():
+        with torch.no_grad():
+            return float(F.cross_entropy(model(data_x), data_y))
+
+    before = full_loss()
+    for _ in range(30):
+        idx = torch.nonzero(torch.rand(512, generator=gen) < 64 / 512).squeeze(1)  # Poisson sampling
+        opt.step(lambda m: F.cross_entropy(m(data_x[idx]), data_y[idx], reduction="none"))
+    assert full_loss() < 0.7 * before
+
+
+# ---- refusals, checks and logging --------------------------------------------------------------------------
+
+def test_batchnorm_is_refused_with_groupnorm_advice():
+    with pytest.raises(ValueError, match="GroupNorm"):
+        DPEngine(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), max_grad_norm=1.0, noise_multiplier=1.0,
+                 expected_batch_size=4)
+
+
+def test_reduced_loss_is_refused():
+    model = nn.Linear(3, 1)
+    engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
+    with pytest.raises(ValueError, match=r"shape \(R,\)"):
+        engine.step(lambda m: m(torch.randn(4, 3)).mean())
+
+
+def test_check_per_sample_norms_passes_rowwise_and_fails_batch_mixing_layers():
+    class MixesRows(nn.Module):  # uses the batch mean: no per-sample method can be right
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return (x - x.mean(0)) * self.w
+
+    def loss_fn(m, batch):
+        return m(batch).square().sum(1)
+
+    batch = torch.randn(5, 3, dtype=DT)
+    good = check_per_sample_norms(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)).to(DT), loss_fn, batch)
+    assert good.ok and good.max_abs_error < 1e-10
+    bad = check_per_sample_norms(nn.Sequential(nn.Linear(3, 3), MixesRows()).to(DT), loss_fn, batch)
+    assert not bad.ok
+
+
+def test_layer_choices_are_logged_once(caplog):
+    model, x, t, y, target = _unet_case(3)
+    engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
+    with caplog.at_level("INFO", logger="privimage.engine.dp_sgd"):
+        for _ in range(2):
+            engine.step(lambda m: m(x, t, y).square().flatten(1).sum(1))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DP layer")]
+    assert len(lines) == len({line.split(" (")[0] for line in lines}) == 9  # 9 parameterised layers, once each
+    assert any("temb (Linear): ghost" in line for line in lines)
+    assert any("conv_in (Conv2d): materialized" in line for line in lines)
+
+
+def test_bf16_autocast_norms_close_to_fp32():
+    torch.manual_seed(0)
+    model = UNetBlock()
+    x, t, y = torch.randn(4, 3, 8, 6), torch.rand(4), torch.randint(0, 5, (4,))
+
+    def loss_fn(m):
+        return m(x, t, y).float().square().flatten(1).mean(1)
+
+    exact = DPEngine(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4).accumulate(loss_fn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = DPEngine(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=4).accumulate(loss_fn)
+    assert low.norms.dtype == torch.float32
+    torch.testing.assert_close(low.norms, exact.norms, rtol=5e-2, atol=1e-4)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import privimage.engine.dp_sgd as mod
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
