@@ -19,6 +19,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "budget": ("privimage.commands.budget",
                "calibrate the DP-SGD noise for an (epsilon, delta) budget and show its split"),
+    "evaluate": ("privimage.commands.evaluate",
+                 "FID (or proxy FID), IS, precision/recall, classification accuracy and a report of a run"),
 }
 
 _DESCRIPTION = """\

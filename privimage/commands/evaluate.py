@@ -1,0 +1,128 @@
+"""Evaluate a run directory: FID (or proxy FID), Inception Score, precision/recall, classification accuracy.
+
+Reads RUN_DIR (config.json, budget.json, samples/samples.npz, logs/*.csv, query/classifier.pt) and writes
+RUN_DIR/report.json, RUN_DIR/report.md and figures under RUN_DIR/evaluate/.
+
+FID needs the standard FID Inception-v3 weights, pt_inception-2015-12-05-6726825d.pth, as a LOCAL file
+(nothing is downloaded): --inception-weights PATH or $PRIVIMAGE_INCEPTION_WEIGHTS. Without it, the proxy
+FID is computed on the run's query classifier features and labelled proxy_fid: good for comparing runs on
+one data set, not comparable to published FIDs. Reference statistics are cached (key: network weights +
+real images) under $PRIVIMAGE_CACHE_DIR or ~/.cache/privimage/fid; --reference-stats takes a .npz with mu
+and sigma written by this or another FID tool.
+
+Classification accuracy (CA) trains on the synthetic images and tests on the real test set:
+  official      ResNet-9, SGD 0.1, momentum 0.9, wd 5e-4, cosine, 50 epochs, batch 512, flips
+                (--ca-preset small: a few-epoch CNN for CPU demos)
+  dpimagebench  several classifiers; each one's epoch is chosen on a NOISY validation split of the sensitive
+                data (Report Noisy Max, --selection-epsilon per classifier, spent on top of the training
+                budget), mean and std over classifiers. Selecting on the test set is a privacy leak and is
+                not offered.
+
+Example:
+  privimage evaluate runs/00001-demo --ca-preset small
+  privimage evaluate runs/00001-demo --inception-weights ~/weights/pt_inception-2015-12-05-6726825d.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory to evaluate")
+    fid = parser.add_argument_group("fidelity")
+    fid.add_argument("--inception-weights", default=None, metavar="PTH",
+                     help="local pt_inception-2015-12-05-6726825d.pth (default: $PRIVIMAGE_INCEPTION_WEIGHTS; "
+                          "neither: proxy FID)")
+    fid.add_argument("--reference-stats", default=None, metavar="NPZ",
+                     help="precomputed reference statistics (mu, sigma) instead of real images")
+    fid.add_argument("--fid-split", default="sensitive", choices=["sensitive", "sensitive_test"],
+                     help="real split for the reference statistics (default: %(default)s)")
+    fid.add_argument("--num-samples", type=_positive_int, default=None,
+                     help="generated images to use (default: all; the official protocol uses 5000)")
+    fid.add_argument("--num-reference", type=_positive_int, default=None, help="real images (default: all)")
+    fid.add_argument("--pr-k", type=_positive_int, default=3, help="k of k-NN precision/recall (default: 3)")
+    data = parser.add_argument_group("real data overrides (.npz with images uint8 (N,C,H,W) and labels (N,))")
+    data.add_argument("--real", default=None, metavar="NPZ",
+                      help="real test set (and FID reference unless --fid-real) instead of config's data set")
+    data.add_argument("--fid-real", default=None, metavar="NPZ", help="real images for the FID reference")
+    data.add_argument("--val", default=None, metavar="NPZ", help="sensitive validation set (dpimagebench)")
+    ca = parser.add_argument_group("classification accuracy")
+    ca.add_argument("--ca-protocol", default="official", choices=["official", "dpimagebench", "none"],
+                    help="default: %(default)s")
+    ca.add_argument("--ca-preset", default="official", choices=["official", "small"],
+                    help="training recipe (default: %(default)s)")
+    ca.add_argument("--ca-epochs", type=_positive_int, default=None, help="override the preset's epochs")
+    ca.add_argument("--ca-archs", default="resnet9,wrn,cnn",
+                    help="dpimagebench classifiers, comma-separated (default: %(default)s)")
+    ca.add_argument("--selection-epsilon", type=_positive_float, default=1.0,
+                    help="dpimagebench: epsilon of the noisy selection per classifier (default: %(default)s)")
+    ca.add_argument("--val-size", type=_positive_int, default=1000,
+                    help="dpimagebench: sensitive validation images (default: %(default)s)")
+    run = parser.add_argument_group("execution")
+    run.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    run.add_argument("--bf16", action="store_true", help="bfloat16 feature extraction on CUDA")
+    run.add_argument("--batch-size", type=_positive_int, default=200, help="feature batch (default: %(default)s)")
+    run.add_argument("--cache-dir", default=None, help="reference statistics cache directory")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved options and exit")
+
+
+def options_from_args(args: argparse.Namespace):
+    from privimage.evaluate import classify
+    from privimage.evaluate.report import EvaluateOptions
+
+    ca = classify.PRESETS[args.ca_preset]
+    if args.ca_epochs:
+        ca = replace(ca, epochs=args.ca_epochs)
+    archs = tuple(a.strip() for a in args.ca_archs.split(",") if a.strip())
+    for arch in archs:
+        if arch not in classify.ARCHITECTURES:
+            raise ValueError(f"--ca-archs: unknown classifier {arch!r}; choose from {classify.ARCHITECTURES}.")
+    return EvaluateOptions(
+        inception_weights=args.inception_weights, reference_stats=args.reference_stats, real=args.real,
+        fid_real=args.fid_real, val=args.val, fid_split=args.fid_split, num_samples=args.num_samples,
+        num_reference=args.num_reference, pr_k=args.pr_k, ca_protocol=args.ca_protocol, ca=ca, ca_archs=archs,
+        selection_epsilon=args.selection_epsilon, val_size=args.val_size, batch_size=args.batch_size,
+        device=args.device, bf16=args.bf16, cache_dir=args.cache_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from privimage.evaluate.report import evaluate_run
+
+    opts = options_from_args(args)
+    if args.dry_run:
+        print(json.dumps({"run_dir": args.run_dir, **asdict(opts)}, indent=2))
+        return 0
+    report = evaluate_run(args.run_dir, opts)
+    for name, metric in report["metrics"].items():
+        if "value" in metric:
+            print(f"{name}: {metric['value']:.4g}")
+        elif "mean" in metric:
+            print(f"{name}: {metric['mean']:.4g} ± {metric['std']:.2g}")
+        elif "precision" in metric:
+            print(f"{name}: precision {metric['precision']:.3f}, recall {metric['recall']:.3f}")
+        else:
+            print(f"{name} ({metric['protocol']}): {100 * metric['accuracy']:.2f}%")
+    if report.get("privacy"):
+        p = report["privacy"]
+        print(f"privacy: epsilon spent {p['epsilon_spent']:.4g} of {p['epsilon_budget']:g} (delta {p['delta']:g})")
+    print(f"wrote {args.run_dir}/report.json and report.md")
+    return 0
