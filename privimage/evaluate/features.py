@@ -88,14 +88,15 @@ def proxy_feature_net(model: nn.Module, *, name: str = "query classifier",
                       preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FeatureNet:
     """Any classifier with ``.features(x) -> (N, D)`` (and ``forward(x) -> logits``) as a proxy feature net.
 
-    ``preprocess`` maps uint8 images to the model's input; by default the model's own ``preprocess``
-    method if it has one, else :func:`default_proxy_input`. Logits come from ``model.classify(features)``
-    or ``model.head(features)`` if present (one pass), else from a second call of ``model(x)``.
+    ``preprocess`` maps uint8 images to the model's input; by default the model's own ``prepare`` method
+    (``privimage.query.QueryClassifier``: resize to its resolution, [-1, 1]) if it has one, else
+    :func:`default_proxy_input`. Logits come from ``model.head(features)`` if present (one pass), else from
+    a second call of ``model(x)``.
     """
     if not callable(getattr(model, "features", None)):
         raise ValueError(f"The proxy feature network ({name}) has no .features(x) method.")
-    prep = preprocess or getattr(model, "preprocess", None) or default_proxy_input
-    head = getattr(model, "classify", None) or getattr(model, "head", None)
+    prep = preprocess or getattr(model, "prepare", None) or default_proxy_input
+    head = getattr(model, "head", None)
 
     def forward(net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = prep(images)
@@ -109,24 +110,24 @@ def proxy_feature_net(model: nn.Module, *, name: str = "query classifier",
 
 
 def load_proxy_classifier(path: str | os.PathLike) -> nn.Module:
-    """Load ``query/classifier.pt``: through :mod:`privimage.query`'s loader when it provides one, else a
-    pickled ``nn.Module`` (``torch.save(model)``)."""
+    """Load ``query/classifier.pt``: the query engineer's format (a dict with ``state_dict`` and the shape,
+    read by ``privimage.query.QueryClassifier.load``), or any pickled ``nn.Module`` (``torch.save(model)``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Query classifier {path} does not exist; the proxy FID needs it "
                                 f"(or give --inception-weights for the real FID).")
-    try:
-        from privimage import query  # written by the query engineer; optional until it lands
-        loader = getattr(query, "load_classifier", None)
-    except ImportError:
-        loader = None
-    if loader is not None:
-        return loader(path)
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(obj, nn.Module):
-        raise ValueError(f"Query classifier {path} holds a {type(obj).__name__}, not a model; "
-                         f"expected privimage.query.load_classifier or a saved nn.Module.")
-    return obj
+    try:  # the safe loader first: tensors and plain containers only
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a pickled module (the user's own run directory) needs full unpickling
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, nn.Module):
+        return obj.eval()
+    if isinstance(obj, dict) and "state_dict" in obj:
+        from privimage.query import QueryClassifier
+
+        return QueryClassifier.load(path)
+    raise ValueError(f"Query classifier {path} holds a {type(obj).__name__}; expected a QueryClassifier file "
+                     f"(dict with 'state_dict') or a saved nn.Module.")
 
 
 @torch.no_grad()
