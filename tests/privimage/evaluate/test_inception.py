@@ -154,3 +154,28 @@ def test_preprocess_matches_the_reference_resize_and_normalisation():
     # float input in [0, 1] is taken as is; a 299x299 input is not resampled
     x = torch.rand(1, 3, 299, 299)
     torch.testing.assert_close(preprocess(x), 2 * x - 1)
+
+
+def _pool_branch_input(block, x, pooled):
+    with torch.no_grad():
+        out = block(x)
+        return out[:, -block.branch_pool.conv.out_channels:], block.branch_pool(pooled)
+
+
+def test_fid_specific_pooling_of_the_2015_graph():
+    # TensorFlow's SAME average pool excludes padding from the mean (A, C and the first E block), and the
+    # second E block (Mixed_7c) max-pools: the two places where the FID graph differs from torchvision's.
+    from torch.nn import functional as F
+
+    net = FIDInceptionV3().eval()
+    x = torch.rand(1, 288, 7, 7) + 0.5  # positive, so padded zeros would change an average
+    got, want = _pool_branch_input(net.Mixed_5d, x, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+    torch.testing.assert_close(got, want)
+    _, wrong = _pool_branch_input(net.Mixed_5d, x, F.avg_pool2d(x, 3, 1, 1, count_include_pad=True))
+    assert not torch.allclose(got, wrong)
+    x = torch.rand(1, 2048, 5, 5) - 0.5
+    got, want = _pool_branch_input(net.Mixed_7c, x, F.max_pool2d(x, 3, 1, 1))
+    torch.testing.assert_close(got, want)
+    x = torch.rand(1, 1280, 5, 5) + 0.5
+    got, want = _pool_branch_input(net.Mixed_7b, x, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
+    torch.testing.assert_close(got, want)
