@@ -3,7 +3,7 @@
 Public classes are every combination of a shape, a texture and a colour scheme (5 × 4 × 3 = 60 classes),
 drawn at a random position, scale and small rotation over a smooth low-saturation gradient background.
 The sensitive set uses a handful of those classes (chosen by the seed) in a shifted style: blotchy
-saturated backgrounds, dimmer foregrounds and pixel noise. So the DP semantic query has real signal to find
+two-tone backgrounds, dimmer foregrounds and pixel noise. So the DP semantic query has real signal to find
 (the sensitive images look like some public classes and not others), and the fine-tune has a real
 distribution shift to adapt to.
 
@@ -97,10 +97,13 @@ def _draw_params(rng: np.random.Generator, public_labels: np.ndarray, sensitive:
         "secondary": np.clip(sec + rng.normal(0, 0.05, sec.shape), 0, 1).astype(np.float32),
     }
     if sensitive:
-        # Shifted style: saturated two-colour backgrounds and a dimmer foreground.
-        p["bg_a"] = rng.uniform(0.0, 0.6, (n, 3)).astype(np.float32)
-        p["bg_b"] = rng.uniform(0.2, 0.9, (n, 3)).astype(np.float32)
-        p["fg_gain"] = rng.uniform(0.7, 0.95, (n, 1)).astype(np.float32)
+        # Shifted style: blotchy two-tone backgrounds (rendered below) with a stronger tint, a dimmer
+        # foreground, and pixel noise.
+        grey = rng.uniform(0.1, 0.9, (n, 2, 1))
+        tint = rng.normal(0, 0.1, (n, 2, 3))
+        ends = np.clip(grey + tint, 0, 1).astype(np.float32)
+        p["bg_a"], p["bg_b"] = ends[:, 0], ends[:, 1]
+        p["fg_gain"] = rng.uniform(0.75, 0.95, (n, 1)).astype(np.float32)
     else:
         # Low-saturation gradient: a grey level plus a small tint at each end.
         grey = rng.uniform(0.2, 0.8, (n, 2, 1))

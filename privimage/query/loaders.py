@@ -1,0 +1,206 @@
+"""Streaming the pre-training subset: an FFCV file, or the whole subset resident on the device.
+
+Both loaders have one interface: iterating yields one epoch of ``(images, labels)`` batches, images float32
+(B, C, H, W) normalised to [-1, 1] (or raw uint8 with ``normalize=False``) with random horizontal flips,
+labels int64 (B,), on ``device``; ``len(loader)`` is the number of batches per epoch. Flip and
+normalisation run on the device, on the batch, in :func:`augment`, so the two loaders differ only in where
+the uint8 bytes come from.
+
+- :class:`FFCVLoader` reads a file written once by :func:`write_ffcv` (FFCV, Leclerc et al., arXiv
+  2306.12517): pages of raw uint8 arrays, memory-mapped, decoded by JIT-compiled worker threads and
+  prefetched ``batches_ahead`` batches ahead. It scales past memory (ImageNet at 64×64 is ~15 GB).
+- :class:`DeviceLoader` keeps the uint8 subset on the device (ImageNet at 32×32 is ~4 GB, a 1% subset
+  40 MB) and gathers each batch with one indexing op: no host work, no copies per step.
+
+:func:`make_loader` chooses: the device loader whenever the uint8 data fits in a quarter of the device's
+memory, else FFCV (the measurements in ``bench/results/loaders.md`` show the device loader is the faster
+one wherever it fits).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privimage.data import ImageDataset
+
+
+def augment(images: torch.Tensor, *, flip: bool, normalize: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Random horizontal flip (probability ½ per image) and uint8 -> [-1, 1] float, on the batch's device."""
+    x = images.float().div_(127.5).sub_(1.0) if normalize else images
+    if flip:
+        mask = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else x.device)
+        x = torch.where(mask.to(x.device)[:, None, None, None] < 0.5, x.flip(-1), x)
+    elif not normalize:
+        x = x.clone()  # FFCV reuses its batch buffers; never hand out a view of them
+    return x
+
+
+def _device_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class DeviceLoader:
+    """The uint8 data set held on ``device``; each epoch is a fresh seeded permutation.
+
+    Args:
+        dataset: the images to stream (uint8, kept as is: a quarter of float32's memory).
+        batch_size: images per batch.
+        shuffle: a new random order each epoch (else the stored order).
+        flip, normalize: see :func:`augment`.
+        drop_last: drop the final short batch (fixed shapes for compiled steps).
+        seed: seeds the order and the flips.
+    """
+
+    def __init__(self, dataset: ImageDataset, *, batch_size: int, device: str | torch.device = "cpu",
+                 shuffle: bool = True, flip: bool = True, normalize: bool = True, drop_last: bool = False,
+                 seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"Expected batch_size={batch_size} >= 1.")
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self.batch_size, self.shuffle, self.flip, self.normalize, self.drop_last = (
+            batch_size, shuffle, flip, normalize, drop_last)
+        self.generator = _device_generator(self.device, seed)
+
+    @property
+    def num_examples(self) -> int:
+        return self.images.shape[0]
+
+    def __len__(self) -> int:
+        n = self.num_examples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = self.num_examples
+        order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
+                 else torch.arange(n, device=self.device))
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield (augment(self.images[idx], flip=self.flip, normalize=self.normalize, generator=self.generator),
+                   self.labels[idx])
+
+
+class _Indexed:
+    """The (image, label) pairs FFCV's writer asks for, as numpy."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.images, self.labels = dataset.images.numpy(), dataset.labels.numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def ffcv_available() -> bool:
+    try:
+        import ffcv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_ffcv() -> None:
+    if not ffcv_available():
+        raise ImportError("FFCV is not installed. Install the system libraries and the extra: `apt-get install -y "
+                          "libopencv-dev libturbojpeg0-dev pkg-config && pip install -e '.[ffcv]'`, or use "
+                          "DeviceLoader / make_loader(kind='device').")
+
+
+def write_ffcv(dataset: ImageDataset, path: str | os.PathLike, *, num_workers: int = 1) -> Path:
+    """Write ``dataset`` to an FFCV file at ``path`` atomically (temporary file, then rename).
+
+    Images are stored as raw uint8 (C, H, W) arrays (FFCV's ``NDArrayField``): exact bytes, any channel
+    count, and no JPEG decoding cost when streaming small images. A crash leaves no file at ``path``.
+    """
+    _require_ffcv()
+    from ffcv.fields import IntField, NDArrayField
+    from ffcv.writer import DatasetWriter
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    fields = {"image": NDArrayField(np.dtype("uint8"), tuple(dataset.images.shape[1:])), "label": IntField()}
+    try:
+        DatasetWriter(str(tmp), fields, num_workers=num_workers).from_indexed_dataset(_Indexed(dataset))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class FFCVLoader:
+    """Stream an FFCV file written by :func:`write_ffcv`; same interface as :class:`DeviceLoader`.
+
+    Args:
+        path: the ``.ffcv`` file.
+        num_workers: FFCV decoding threads.
+        batches_ahead: batches prefetched (decoded, and on CUDA copied to the GPU) ahead of the consumer.
+        others: as :class:`DeviceLoader`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, batch_size: int, device: str | torch.device = "cpu",
+                 shuffle: bool = True, flip: bool = True, normalize: bool = True, drop_last: bool = False,
+                 seed: int = 0, num_workers: int = 2, batches_ahead: int = 3):
+        _require_ffcv()
+        from ffcv.fields.decoders import IntDecoder, NDArrayDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (FFCV file; write it with write_ffcv).")
+        self.device = torch.device(device)
+        to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
+        self.batch_size, self.flip, self.normalize, self.drop_last = batch_size, flip, normalize, drop_last
+        self._loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
+                              order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,
+                              drop_last=drop_last, batches_ahead=batches_ahead, os_cache=True,
+                              pipelines={"image": [NDArrayDecoder(), ToTensor(), *to_device],
+                                         "label": [IntDecoder(), ToTensor(), Squeeze(-1), *to_device]})
+        self.generator = _device_generator(self.device, seed)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self._loader.indices)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        for images, labels in self._loader:
+            images = images.to(self.device, non_blocking=True)
+            yield (augment(images, flip=self.flip, normalize=self.normalize, generator=self.generator),
+                   labels.to(self.device, non_blocking=True).long().clone())
+
+
+def make_loader(dataset: ImageDataset, *, batch_size: int, device: str | torch.device = "cpu", kind: str = "auto",
+                ffcv_path: str | os.PathLike | None = None, **kwargs) -> DeviceLoader | FFCVLoader:
+    """A loader for ``dataset``: ``kind`` is "device", "ffcv" or "auto".
+
+    "auto" takes the device loader when the uint8 data fits in a quarter of the device's memory (always
+    on CPU, where the data set is already in RAM), else FFCV. "ffcv" writes ``ffcv_path`` first if it does
+    not exist yet (written once, then only streamed).
+    """
+    device = torch.device(device)
+    if kind == "auto":
+        budget = torch.cuda.get_device_properties(device).total_memory / 4 if device.type == "cuda" else float("inf")
+        kind = "device" if dataset.images.numel() <= budget else "ffcv"
+    if kind == "device":
+        return DeviceLoader(dataset, batch_size=batch_size, device=device, **kwargs)
+    if kind == "ffcv":
+        if ffcv_path is None:
+            raise ValueError("make_loader(kind='ffcv') needs ffcv_path= (where the subset file is or goes).")
+        if not Path(ffcv_path).is_file():
+            write_ffcv(dataset, ffcv_path)
+        return FFCVLoader(ffcv_path, batch_size=batch_size, device=device, **kwargs)
+    raise ValueError(f"Expected kind in ('auto', 'device', 'ffcv'), got {kind!r}.")
