@@ -117,6 +117,7 @@ class DPEngine:
             raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
         self._layers = self._find_layers(model)
         self._logged: set = set()
+        self._grouping = None
         self._reset()
 
     # ---- set-up --------------------------------------------------------------------------------------------
@@ -241,10 +242,14 @@ class DPEngine:
 
     # ---- bk-mixed and ghost --------------------------------------------------------------------------------
 
-    def _capture(self, loss_fn):
-        """Forward with a probe on every rule module's output; returns losses and {module: [(A, probe)]}."""
-        captured: dict[nn.Module, list] = {m: [] for _, m, _ in self._layers}
+    def _capture(self, loss_fn, records):
+        """Forward with a probe on every rule module's output; fills ``records`` {module: _Record}.
+
+        Each probe is a zero scalar expanded to the output's shape (it allocates nothing); a tensor hook on it
+        receives the layer's output gradient G during the backward pass.
+        """
         rules = {m: (name, rule) for name, m, rule in self._layers}
+        bases: dict = {}
 
         def hook(module, args, output):
             name, rule = rules[module]
@@ -257,10 +262,14 @@ class DPEngine:
                 a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
             else:
                 a = args[0].detach()
-            # A zero scalar expanded to the output's shape: its gradient is G, and it allocates nothing.
-            probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True).expand(
-                output.shape)
-            captured[module].append((a, probe))
+            key = (output.dtype, output.device)  # one base per dtype: a mismatched probe would promote y
+            if key not in bases:
+                bases[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            probe = bases[key].expand(output.shape)
+            rec = records.setdefault(module, _Record(name, module, rule))
+            index = len(rec.calls)
+            rec.calls.append([a, None])
+            probe.register_hook(lambda g: self._on_grad(rec, index, g))
             return output + probe
 
         handles = [m.register_forward_hook(hook) for _, m, _ in self._layers]
@@ -269,7 +278,19 @@ class DPEngine:
         finally:
             for h in handles:
                 h.remove()
-        return losses, captured
+        return losses, list(bases.values())
+
+    def _on_grad(self, rec, index, g):
+        """Backward hook: store G; a single-call layer whose plan keeps per-sample grads is reduced at once,
+        so its G is freed during the backward pass instead of living until the clip factors are known."""
+        rec.calls[index][1] = g
+        if len(rec.calls) == 1 and self.method == "bk-mixed":
+            calls = [(rec.calls[0][0], g)]
+            with torch.autocast(g.device.type, enabled=False):
+                rec.plan = self._plan(rec.name, rec.module, rec.rule, calls, self._grouping)
+                if rec.plan.keep:
+                    rec.sq = rec.rule.sq_norms(rec.module, calls, self._grouping, rec.plan)
+                    rec.calls = None  # everything the clipped sum needs is in plan.kept
 
     def _plan(self, name, module, rule, calls, grouping):
         plan = rule.plan(module, calls, grouping, "ghost" if self.method == "ghost" else "mixed")
@@ -281,37 +302,39 @@ class DPEngine:
         return plan
 
     def _accumulate_bk(self, loss_fn, is_padding, groups):
-        losses, captured = self._capture(loss_fn)
+        records: dict[nn.Module, _Record] = {}
+        losses, bases = self._capture(loss_fn, records)
         R = losses.shape[0]
         pad = self._row_mask(is_padding, R, losses.device)
         grouping = Grouping(groups.to(losses.device) if groups is not None else None, R)
+        for rec in records.values():
+            for a, _ in rec.calls:
+                if rec.rule is not VMAP_RULE and a.shape[0] != R:
+                    raise ValueError(f"Module '{rec.name}' saw a batch of {a.shape[0]} rows but loss_fn returned "
+                                     f"{R} losses: per-sample rules need row r of every layer to be sample r's.")
         total = self._masked_total(losses, pad)
-        probes = [probe for calls in captured.values() for _, probe in calls]
         if not total.requires_grad:
             raise ValueError("The loss does not depend on any trainable parameter.")
-        grads = torch.autograd.grad(total, probes, allow_unused=True, retain_graph=self.method == "ghost")
-        it = iter(grads)
-        work = []
-        for name, module, rule in self._layers:
-            calls = []
-            for a, _ in captured[module]:
-                g = next(it)
-                if g is None:
-                    continue  # this call's output did not reach the loss: no gradient
-                if g.shape[0] != R or (rule is not VMAP_RULE and a.shape[0] != R):
-                    raise ValueError(f"Module '{name}' saw a batch of {g.shape[0]} rows but loss_fn returned {R} "
-                                     f"losses: per-sample rules need row r of every layer to be sample r's.")
-                calls.append((a, g))
-            if calls:
-                work.append((name, module, rule, calls))
+        self._grouping = grouping
+        try:
+            # Asking for the probes' bases only: autograd skips every weight-gradient GEMM.
+            torch.autograd.backward(total, inputs=bases, retain_graph=self.method == "ghost")
+        finally:
+            self._grouping = None
         dtype = torch.promote_types(losses.dtype, torch.float32)
         sq = torch.zeros(grouping.num_samples, dtype=dtype, device=losses.device)
-        plans = []
+        work = []
         with torch.autocast(losses.device.type, enabled=False):
-            for name, module, rule, calls in work:
-                plan = self._plan(name, module, rule, calls, grouping)
-                plans.append(plan)
-                sq = sq + rule.sq_norms(module, calls, grouping, plan)
+            for rec in records.values():
+                if rec.sq is None:
+                    rec.calls = [(a, g) for a, g in rec.calls if g is not None]
+                    if not rec.calls:
+                        continue  # the layer's output did not reach the loss: no gradient
+                    if rec.plan is None:
+                        rec.plan = self._plan(rec.name, rec.module, rec.rule, rec.calls, grouping)
+                    rec.sq = rec.rule.sq_norms(rec.module, rec.calls, grouping, rec.plan)
+                sq = sq + rec.sq
+                work.append(rec)
             norms, c, finite = self._clip(sq, grouping, pad)
             c_row = grouping.to_rows(c)
             # A NaN/inf row times a zero clip factor is still NaN: zero such rows' A, G and kept grads first.
@@ -324,11 +347,12 @@ class DPEngine:
                     if g is not None:
                         self._add(p, g)
             else:
-                for (name, module, rule, calls), plan in zip(work, plans):
+                for rec in work:
+                    calls = rec.calls or []
                     if sanitize:
                         calls = [(_zero_rows(a, row_ok), _zero_rows(g, row_ok)) for a, g in calls]
-                        plan.kept = {p: _zero_rows(g, row_ok) for p, g in plan.kept.items()}
-                    for p, g in rule.clipped(module, calls, c_row, plan).items():
+                        rec.plan.kept = {p: _zero_rows(g, row_ok) for p, g in rec.plan.kept.items()}
+                    for p, g in rec.rule.clipped(rec.module, calls, c_row, rec.plan).items():
                         self._add(p, g)
         return StepStats(num_samples=self._num_samples, num_nonfinite=self._num_nonfinite,
                          losses=losses.detach(), norms=norms, clip_factors=c)
@@ -385,6 +409,21 @@ class DPEngine:
                 self._add(p, c[s] * ops._acc(x))
         return StepStats(num_samples=self._num_samples, num_nonfinite=self._num_nonfinite,
                          losses=losses.detach(), norms=norms, clip_factors=c)
+
+
+@dataclass(eq=False)
+class _Record:
+    """One parameterised module during one accumulate: its calls [(A, G)], plan and squared norms."""
+
+    name: str
+    module: nn.Module
+    rule: object
+    calls: list | None = None
+    plan: object = None
+    sq: torch.Tensor | None = None
+
+    def __post_init__(self):
+        self.calls = []
 
 
 def _zero_rows(x, row_ok):
