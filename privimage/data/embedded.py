@@ -19,7 +19,7 @@ import torch
 
 from privimage.data.dataset import ImageDataset
 
-SHAPES = ("circle", "square", "triangle", "ring", "cross")
+SHAPES = ("circle", "bar", "triangle", "ring", "cross")
 TEXTURES = ("solid", "hstripes", "vstripes", "checker")
 # (primary, secondary) RGB in [0, 1]; "solid" uses the primary only, patterns alternate the two.
 SCHEMES = {
@@ -127,7 +127,7 @@ def _render(p: dict[str, np.ndarray], res: int, sensitive: bool, rng: np.random.
     radius = np.sqrt(u * u + v * v)
     sdf = np.stack([
         radius - 1.0,                                                            # circle
-        np.maximum(au, av) - 0.85,                                               # square
+        np.maximum(au - 1.0, av - 0.4),                                          # bar (wide)
         np.maximum(-v - 0.55, 0.866 * au + 0.5 * v - 0.45) * 1.2,                # triangle (apex up)
         np.abs(radius - 0.72) - 0.28,                                            # ring
         np.minimum(np.maximum(au - 0.33, av - 1.0), np.maximum(au - 1.0, av - 0.33)),  # cross

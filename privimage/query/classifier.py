@@ -82,7 +82,7 @@ class QueryClassifier(nn.Module):
         layers, cin = [], width
         for stage, cout in enumerate((width, 2 * width, 4 * width)):
             for b in range(blocks):
-                layers.append(_Block(cin, cout, 2 if stage > 0 and b == 0 else 1))
+                layers.append(_Block(cin, cout, 2 if b == 0 else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.head = nn.Linear(cin, num_classes)

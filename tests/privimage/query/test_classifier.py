@@ -1,0 +1,97 @@
+"""The query classifier separates the embedded classes, is cached, and the DP query on the embedded data
+recovers the true sensitive classes at a generous epsilon but not at a tiny one."""
+
+import time
+
+import pytest
+import torch
+
+from privimage.data import embedded, load_dataset
+from privimage.query import ClassifierConfig, QueryClassifier, SemanticQuery, query_budget, train_classifier
+from privimage.engine import compute_epsilon
+from privimage.engine.budget import QUERY
+
+# Small and quick (about 15 s on one CPU core); the defaults (width 32, 10 epochs) are for real runs.
+CONFIG = ClassifierConfig(width=16, epochs=5, batch_size=32, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    public = load_dataset("embedded", split="public", size=4000, seed=0)
+    model = train_classifier(public, config=CONFIG, cache_dir=cache, log=None)
+    return public, model, cache
+
+
+@pytest.fixture(scope="module")
+def sensitive_logits(trained):
+    _, model, _ = trained
+    sensitive = load_dataset("embedded", split="sensitive", size=1000, seed=0)
+    return model.predict_logits(sensitive.images), torch.tensor(embedded.sensitive_classes(0))[sensitive.labels]
+
+
+def test_embedded_classes_are_separable(trained):
+    _, model, _ = trained
+    assert model.public_accuracy >= 0.9  # held-out public images, 60 classes (chance: 1/60)
+
+
+def test_features_and_logits(trained):
+    public, model, _ = trained
+    x = model.prepare(public.images[:5])
+    assert x.shape == (5, 3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    assert model.features(x).shape == (5, model.feature_dim) and model(x).shape == (5, 60)
+    # Grey and other-resolution inputs are adapted, not refused.
+    assert model.prepare(torch.zeros(2, 1, 28, 28, dtype=torch.uint8)).shape == (2, 3, 32, 32)
+
+
+def test_cache_by_config_and_data(trained):
+    public, model, cache = trained
+    assert len(list(cache.glob("classifier-*.pt"))) == 1
+    start = time.perf_counter()
+    again = train_classifier(public, config=CONFIG, cache_dir=cache, log=None)
+    assert time.perf_counter() - start < 5
+    assert again.public_accuracy == model.public_accuracy
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    # Other data (a different seed) gets another key, so it would be trained afresh.
+    other = load_dataset("embedded", split="public", size=4000, seed=1)
+    from privimage.query.classifier import _fingerprint
+    assert _fingerprint(other, 32, CONFIG) != _fingerprint(public, 32, CONFIG)
+
+
+def test_save_and_load(trained, tmp_path):
+    public, model, _ = trained
+    model.save(tmp_path / "classifier.pt", public_accuracy=model.public_accuracy)
+    loaded = QueryClassifier.load(tmp_path / "classifier.pt")
+    assert torch.equal(loaded.predict_logits(public.images[:8]), model.predict_logits(public.images[:8]))
+
+
+def _recovery(logits, true_classes, *, sigma, top_k, top_n, draws=40):
+    """Share of noise draws whose selected top-N contains every true sensitive class."""
+    query = SemanticQuery(top_k=top_k, top_n=top_n, sigma=sigma)
+    hist = query.votes(logits)
+    gen = torch.Generator().manual_seed(0)
+    hits = [set(true_classes) <= set(query.release(hist, generator=gen).selected) for _ in range(draws)]
+    return sum(hits) / draws
+
+
+# top_k = 1, top_n = 5: the selection IS the 5 true classes. top_k = 2 also votes for each image's runner-up
+# (a class sharing colour and texture), which can outrank a true class, so there the top 10 must contain them.
+@pytest.mark.parametrize("top_k, top_n", [(1, 5), (2, 10)])
+def test_query_recovers_the_sensitive_classes_at_generous_epsilon_only(sensitive_logits, top_k, top_n):
+    logits, true_labels = sensitive_logits
+    true_classes = embedded.sensitive_classes(0)
+    assert (logits.argmax(1) == true_labels).float().mean() > 0.5  # the shifted style is still recognisable
+    # One Gaussian release: sigma 0.5 is epsilon ~10, sigma 100 is epsilon ~0.04 (delta 1e-5).
+    generous, tiny = 0.5, 100.0
+    assert compute_epsilon(noise_multiplier=generous, sample_rate=1.0, steps=1, delta=1e-5).upper > 9
+    assert compute_epsilon(noise_multiplier=tiny, sample_rate=1.0, steps=1, delta=1e-5).upper < 0.05
+    assert _recovery(logits, true_classes, sigma=generous, top_k=top_k, top_n=top_n) == 1.0
+    assert _recovery(logits, true_classes, sigma=tiny, top_k=top_k, top_n=top_n) < 0.2
+
+
+def test_query_run_spends_the_budget(trained):
+    _, model, _ = trained
+    sensitive = load_dataset("embedded", split="sensitive", size=200, seed=0)
+    budget = query_budget(epsilon=10.0, delta=1e-5)
+    result = SemanticQuery.from_budget(budget, top_k=1, top_n=5).run(model, sensitive.images, budget=budget)
+    assert budget.spent[QUERY] == 1 and len(result.selected) == 5 and result.noisy_histogram.shape == (60,)
