@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "calibrate the DP-SGD noise for an (epsilon, delta) budget and show its split"),
     "evaluate": ("privimage.commands.evaluate",
                  "FID (or proxy FID), IS, precision/recall, classification accuracy and a report of a run"),
+    "query": ("privimage.commands.query",
+              "DP semantic query: select the public classes the sensitive images resemble; build the subset"),
 }
 
 _DESCRIPTION = """\

@@ -1,0 +1,143 @@
+"""Run the DP semantic query: pick the public classes that the sensitive images resemble, build the subset.
+
+Steps: (1) train the query classifier on the PUBLIC data at the sensitive resolution (cached; it never sees
+sensitive images, so this spends no privacy); (2) every sensitive image votes for the classifier's top-k
+public classes; (3) Gaussian noise of std sigma*sqrt(k) is added to the vote histogram (one image changes
+k counts by 1: L2 sensitivity sqrt(k)) and the top-N classes of the noisy histogram are selected; (4) the
+public images of those classes become the pre-training subset, written once to an FFCV file.
+
+Privacy meaning of the settings:
+  --epsilon-query E, --delta D   the (E, D)-DP guarantee of this one release; sigma is calibrated so one
+                                 Gaussian release meets it. If the run directory already holds a
+                                 budget.json (planned by `privimage run`), its query plan is used instead
+                                 and the spend is recorded in that same ledger.
+  --top-k K    votes per sensitive image. Larger K spreads each image's vote over more classes but raises
+               the sensitivity to sqrt(K), so the noise grows with it.
+  --top-n N    classes selected. Free (post-processing), but the noisy ranking is less reliable deep down.
+  Only the noisy histogram and the selected labels leave this command; the exact votes are never written.
+
+Writes into the run directory: query/selected_labels.json, query/histogram.npy (noisy), query/classifier.pt,
+query/subset.ffcv (or query/subset.npz without FFCV) and budget.json (the ledger with the query's spend).
+
+Example:
+  privimage query --sensitive embedded:sensitive,size=2000 --public embedded:public,size=20000 \\
+      --epsilon-query 1 --delta 1e-5 --top-k 2 --top-n 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sensitive", required=True, metavar="SPEC",
+                        help="sensitive data, name[:split][,key=value] (e.g. embedded:sensitive, "
+                             "cifar10:train,root=DIR); default split 'sensitive'")
+    parser.add_argument("--public", required=True, metavar="SPEC",
+                        help="public data spec (e.g. embedded:public, imagenet32:train,root=DIR); default split "
+                             "'public'")
+    parser.add_argument("--epsilon-query", type=_positive_float, default=None,
+                        help="epsilon of this query alone (required unless the run directory has a budget.json)")
+    parser.add_argument("--delta", type=_unit_interval, default=1e-5, help="delta, below 1/n (default: %(default)s)")
+    parser.add_argument("--top-k", type=_positive_int, default=1, help="votes per sensitive image (default: %(default)s)")
+    parser.add_argument("--top-n", type=_positive_int, required=True, help="number of public classes to select")
+    parser.add_argument("--max-per-label", type=_positive_int, default=None,
+                        help="cap on public images per selected class in the subset (default: no cap)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="run directory to write into (default: a new runs/NNNNN-query)")
+    parser.add_argument("--classifier-width", type=_positive_int, default=32, help="query classifier width")
+    parser.add_argument("--classifier-epochs", type=_positive_int, default=10, help="query classifier epochs")
+    parser.add_argument("--no-ffcv", action="store_true", help="write the subset as npz even if FFCV is installed")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data subsets and the classifier (public)")
+    parser.add_argument("--secure-noise", action="store_true",
+                        help="draw the query noise from a cryptographically seeded generator (production)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+
+
+def _new_run_dir(root: Path, name: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in root.iterdir() if p.name[:5].isdigit()]
+    path = root / f"{max(numbers, default=-1) + 1:05d}-{name}"
+    path.mkdir()
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from privimage.data import load_spec
+    from privimage.engine import PrivacyBudget, secure_generator
+    from privimage.engine.budget import QUERY
+    from privimage.io import save_json, save_npz
+    from privimage.query import (ClassifierConfig, SemanticQuery, ffcv_available, query_budget, select_subset,
+                                 train_classifier, write_ffcv)
+
+    run_dir = args.run_dir
+    budget_path = run_dir / "budget.json" if run_dir else None
+    if budget_path is not None and budget_path.is_file():
+        budget = PrivacyBudget.from_state_dict(json.loads(budget_path.read_text()))
+        if QUERY not in budget.plan:
+            raise ValueError(f"{budget_path}: the budget plans no 'query' mechanism.")
+        if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
+            raise ValueError(f"{budget_path}: the planned query was already spent; a second query would cost "
+                             f"more privacy. Start a new run directory.")
+    elif args.epsilon_query is None:
+        raise ValueError("--epsilon-query is required (no budget.json in the run directory to take it from).")
+    else:
+        budget = query_budget(epsilon=args.epsilon_query, delta=args.delta)
+    query = SemanticQuery.from_budget(budget, top_k=args.top_k, top_n=args.top_n)
+    config = ClassifierConfig(width=args.classifier_width, epochs=args.classifier_epochs, seed=args.seed)
+    settings = {"sensitive": args.sensitive, "public": args.public, "top_k": query.top_k, "top_n": query.top_n,
+                "sigma": query.sigma, "noise_std": query.noise_std, "epsilon_query": budget.epsilon_of(QUERY).upper,
+                "delta": budget.delta, "max_per_label": args.max_per_label, "classifier": config.__dict__}
+    if args.dry_run:
+        print(json.dumps(settings, indent=2))
+        return 0
+
+    sensitive = load_spec(args.sensitive, split="sensitive", seed=args.seed)
+    public = load_spec(args.public, split="public", seed=args.seed)
+    if query.top_n > public.num_classes or query.top_k > public.num_classes:
+        raise ValueError(f"--top-k {query.top_k} / --top-n {query.top_n} exceed the {public.num_classes} public "
+                         f"classes.")
+    run_dir = run_dir or _new_run_dir(Path("runs"), "query")
+    out = run_dir / "query"
+    classifier = train_classifier(public, resolution=sensitive.resolution, config=config)
+    classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
+    result = query.run(classifier, sensitive.images, budget=budget,
+                       generator=secure_generator() if args.secure_noise else None)
+    save_json(budget.state_dict(), run_dir / "budget.json")  # the spend is on disk before anything else
+    result.save(out, class_names=public.class_names)
+    subset = select_subset(public, result.selected, max_per_label=args.max_per_label,
+                           resolution=sensitive.resolution, seed=args.seed)
+    if ffcv_available() and not args.no_ffcv:
+        subset_path = write_ffcv(subset, out / "subset.ffcv")
+    else:
+        subset_path = out / "subset.npz"
+        save_npz(subset_path, images=subset.images.numpy(), labels=subset.labels.numpy())
+    print(f"query: sigma={query.sigma:.4g} (noise std {query.noise_std:.4g}), epsilon={budget.epsilon_of(QUERY).upper:.4g} "
+          f"at delta={budget.delta:g}; classifier public accuracy {classifier.public_accuracy:.3f}")
+    print("selected: " + ", ".join(f"{i} {public.class_names[i]}" for i in result.selected))
+    print(f"subset: {len(subset)} public images -> {subset_path}")
+    print(f"run directory: {run_dir}")
+    return 0
