@@ -1,0 +1,353 @@
+"""One DP-SGD step against one non-private step on the same UNet and batch: time, peak memory, ratios.
+
+Methods: ``nonprivate`` (per-sample losses summed, one backward), the engine's ``bk-mixed``, ``ghost`` and
+``vmap``, and Opacus 1.6's ``opacus-hooks`` (GradSampleModule + DPOptimizer) and ``opacus-ghost``
+(GradSampleModuleFastGradientClipping with ghost clipping). Each method runs in a fresh subprocess so its
+peak memory is its own: memory is the growth of the process's peak resident set size
+(``resource.getrusage(...).ru_maxrss``) from just before the first step to the end, i.e. activations,
+gradients and temporaries of the step (the model and batch are allocated before). Time is the median over
+``--repeats`` steps after ``--warmup`` steps (p20/p80 alongside), as wall-clock time and as the process's CPU
+time (``time.process_time``), which is steadier on a CPU shared with other jobs.
+
+The model is a stand-in UNet of the PrivImage "s" shape (DDPM++-like: nf 32, ch_mult (1, 2, 2), 2 res blocks
+per level, attention at 16×16, GroupNorm, class embedding, 32×32 inputs, ~1.75M parameters) until the real
+one lands in privimage/models; the loss is an EDM-like per-sample denoising loss.
+
+Usage:
+    python bench/dp_step.py                 # batch 64, all methods, writes bench/results/dp_step.{json,csv}
+    python bench/dp_step.py --batch 8 --repeats 2 --methods nonprivate bk-mixed   # quick check, not saved
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ["nonprivate", "bk-mixed", "ghost", "vmap", "opacus-hooks", "opacus-ghost"]
+
+
+# ---- stand-in UNet (PrivImage "s" shape) -------------------------------------------------------------------
+
+def _gn(c):
+    return nn.GroupNorm(min(32, c // 4), c)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, temb_dim):
+        super().__init__()
+        self.norm0, self.conv0 = _gn(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, c_out)
+        self.norm1, self.conv1 = _gn(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x, temb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = h + self.temb(temb)[:, :, None, None]
+        h = self.conv1(F.silu(self.norm1(h)))
+        return (h + (x if self.skip is None else self.skip(x))) / math.sqrt(2)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm, self.qkv, self.proj = _gn(c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).unbind(1)
+        att = torch.softmax(torch.bmm(q.transpose(1, 2), k) / math.sqrt(c), -1)
+        out = torch.bmm(v, att.transpose(1, 2)).reshape(b, c, h, w)
+        return (x + self.proj(out)) / math.sqrt(2)
+
+
+class StandInUNet(nn.Module):
+    """DDPM++-like UNet: nf=32, ch_mult=(1, 2, 2), 2 res blocks, attention at 16×16, class-conditional."""
+
+    def __init__(self, nf=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(16,), resolution=32,
+                 in_ch=3, num_classes=10):
+        super().__init__()
+        self.nf = nf
+        temb_dim = 4 * nf
+        self.temb0, self.temb1 = nn.Linear(nf, temb_dim), nn.Linear(temb_dim, temb_dim)
+        self.label = nn.Embedding(num_classes, temb_dim)
+        self.conv_in = nn.Conv2d(in_ch, nf, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [nf], nf, resolution
+        for level, mult in enumerate(ch_mult):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(c, nf * mult, temb_dim))
+                c = nf * mult
+                if res in attn_res:
+                    self.down.append(AttnBlock(c))
+                skips.append(c)
+            if level < len(ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                res //= 2
+                skips.append(c)
+        self.mid = nn.ModuleList([ResBlock(c, c, temb_dim), AttnBlock(c), ResBlock(c, c, temb_dim)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(c + skips.pop(), nf * mult, temb_dim))
+                c = nf * mult
+                if res in attn_res:
+                    self.up.append(AttnBlock(c))
+            if level > 0:
+                self.up.append(nn.Upsample(scale_factor=2))
+                self.up.append(nn.Conv2d(c, c, 3, padding=1))
+                res *= 2
+        self.norm_out, self.conv_out = _gn(c), nn.Conv2d(c, in_ch, 3, padding=1)
+
+    def forward(self, x, sigma, labels):
+        half = self.nf // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=x.dtype, device=x.device) / half)
+        ang = sigma.log()[:, None] / 4 * freqs * 1000
+        temb = self.temb1(F.silu(self.temb0(torch.cat([ang.sin(), ang.cos()], 1))))
+        temb = F.silu(temb + self.label(labels))
+        h = self.conv_in(x)
+        hs = [h]
+        for m in self.down:
+            h = m(h, temb) if isinstance(m, ResBlock) else m(h)
+            if not isinstance(m, AttnBlock):
+                hs.append(h)
+        for m in self.mid:
+            h = m(h, temb) if isinstance(m, ResBlock) else m(h)
+        for m in self.up:
+            if isinstance(m, ResBlock):
+                h = m(torch.cat([h, hs.pop()], 1), temb)
+            else:
+                h = m(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def make_batch(batch, resolution=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, resolution, resolution, generator=g)
+    sigma = torch.exp(torch.randn(batch, generator=g) * 1.2 - 1.2)
+    labels = torch.randint(0, 10, (batch,), generator=g)
+    noise = torch.randn(batch, 3, resolution, resolution, generator=g)
+    return x, sigma, labels, noise
+
+
+def per_sample_loss(model, x, sigma, labels, noise):
+    """EDM-like denoising loss, one value per image (B,)."""
+    noisy = x + sigma[:, None, None, None] * noise
+    return (model(noisy, sigma, labels) - x).square().flatten(1).mean(1)
+
+
+class _PerSampleMSE(nn.Module):
+    """Criterion with a ``reduction`` attribute, as Opacus' DPLossFastGradientClipping requires."""
+
+    reduction = "mean"
+
+    def forward(self, out, target):
+        per = (out - target).square().flatten(1).mean(1)
+        return per if self.reduction == "none" else per.mean()
+
+
+# ---- one method, in this process ---------------------------------------------------------------------------
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _current_rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_method(method, batch, warmup, repeats, compile_step=False):
+    from privimage.engine import DPEngine
+
+    torch.manual_seed(0)
+    model = StandInUNet()
+    x, sigma, labels, noise = make_batch(batch)
+    B = float(batch)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    if method == "nonprivate":
+        def step():
+            (per_sample_loss(model, x, sigma, labels, noise).sum() / B).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elif method in ("bk-mixed", "ghost", "vmap"):
+        engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=B, method=method)
+
+        def step():
+            engine.step(lambda m: per_sample_loss(m, x, sigma, labels, noise))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elif method == "opacus-hooks":
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+        gsm = GradSampleModule(model)
+        dp_opt = DPOptimizer(torch.optim.SGD(gsm.parameters(), lr=1e-4), noise_multiplier=1.0, max_grad_norm=1.0,
+                             expected_batch_size=batch, loss_reduction="mean")
+
+        def step():
+            per_sample_loss(gsm, x, sigma, labels, noise).mean().backward()
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+    elif method == "opacus-ghost":
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+        gsm = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0, use_ghost_clipping=True,
+                                                   loss_reduction="mean")
+        dp_opt = DPOptimizerFastGradientClipping(torch.optim.SGD(gsm.parameters(), lr=1e-4), noise_multiplier=1.0,
+                                                 max_grad_norm=1.0, expected_batch_size=batch, loss_reduction="mean")
+        crit = DPLossFastGradientClipping(gsm, dp_opt, _PerSampleMSE(), loss_reduction="mean")
+
+        def step():
+            noisy = x + sigma[:, None, None, None] * noise
+            crit(gsm(noisy, sigma, labels), x).backward()
+            dp_opt.step()
+            dp_opt.zero_grad(set_to_none=True)
+    else:
+        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+
+    rss_before = _current_rss_mb()
+    times, cpu = [], []
+    for i in range(warmup + repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"method": method, "median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[0],
+            "p80_ms": 1e3 * q[3], "cpu_median_ms": 1e3 * statistics.median(cpu),
+            "peak_mem_mb": _rss_mb() - rss_before,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+# ---- driver ------------------------------------------------------------------------------------------------
+
+def _git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _versions():
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("opacus", "triton", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            out[name] = None
+    return out
+
+
+def _device():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def _write_atomic(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--no-save", action="store_true", help="print only (default when --batch is not 64)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_method(args.worker, args.batch, args.warmup, args.repeats)))
+        return 0
+
+    rows = []
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--warmup",
+               str(args.warmup), "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{method}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+            rows.append({"method": method, "error": proc.stderr.strip().splitlines()[-1][:300]})
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(f"{method:>13}: {rows[-1]['median_ms']:9.1f} ms  peak +{rows[-1]['peak_mem_mb']:7.1f} MB", flush=True)
+
+    base = next((r for r in rows if r["method"] == "nonprivate" and "error" not in r), None)
+    best_opacus = min((r["median_ms"] for r in rows if r["method"].startswith("opacus") and "error" not in r),
+                      default=None)
+    for r in rows:
+        if "error" in r:
+            continue
+        if base:
+            r["time_ratio"] = r["median_ms"] / base["median_ms"]
+            r["cpu_ratio"] = r["cpu_median_ms"] / base["cpu_median_ms"]
+            r["mem_ratio"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+        if best_opacus:
+            r["speedup_vs_best_opacus"] = best_opacus / r["median_ms"]
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_sha": _git_sha(), "device": _device(), "threads": torch.get_num_threads(),
+            "versions": _versions(), "batch": args.batch, "resolution": 32, "warmup": args.warmup,
+            "repeats": args.repeats, "model": "StandInUNet nf32 ch_mult(1,2,2) 2 res blocks attn@16",
+            "memory": "peak RSS growth (ru_maxrss) from before the first step, fresh process per method"}
+    print(f"\n{'method':>13} {'median ms':>10} {'x nonpriv':>9} {'cpu x':>6} {'mem MB':>8} {'mem x':>6} "
+          f"{'vs opacus':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['method']:>13} error: {r['error']}")
+            continue
+        print(f"{r['method']:>13} {r['median_ms']:10.1f} {r.get('time_ratio', float('nan')):9.2f} "
+              f"{r.get('cpu_ratio', float('nan')):6.2f} "
+              f"{r['peak_mem_mb']:8.1f} {r.get('mem_ratio', float('nan')):6.2f} "
+              f"{r.get('speedup_vs_best_opacus', float('nan')):9.2f}")
+    if args.no_save or args.batch != 64:
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    _write_atomic(RESULTS / "dp_step.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    fields = ["date", "git_sha", "device", "torch", "opacus", "batch", "method", "median_ms", "p20_ms", "p80_ms",
+              "cpu_median_ms", "peak_mem_mb", "time_ratio", "cpu_ratio", "mem_ratio", "speedup_vs_best_opacus", "error"]
+    csv_path = RESULTS / "dp_step.csv"
+    old = csv_path.read_text() if csv_path.exists() else ""
+    lines = [] if old else [",".join(fields)]
+    for r in rows:
+        flat = {**r, "date": meta["date"], "git_sha": meta["git_sha"], "device": meta["device"],
+                "torch": meta["versions"]["torch"], "opacus": meta["versions"]["opacus"], "batch": args.batch}
+        lines.append(",".join(_csv_cell(flat.get(k)) for k in fields))
+    _write_atomic(csv_path, old + "\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'dp_step.json'} and {csv_path}")
+    return 0
+
+
+def _csv_cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return '"' + s.replace('"', "'") + '"' if "," in s else s
+
+
+if __name__ == "__main__":
+    sys.exit(main())
