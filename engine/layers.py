@@ -9,7 +9,8 @@ From these it gives
 
 never running a second backward pass (book-keeping, Bu et al. arXiv 2210.00038). Each rule picks, per layer,
 ghost norms (cost ~T²(d+p)) or materialised per-sample gradients (cost ~T·d·p) by whichever is cheaper
-(mixed ghost norms, Bu et al. arXiv 2205.10683). Materialised per-sample gradients are kept for the clipped
+(mixed ghost norms, Bu et al. arXiv 2205.10683); the "ghost" method makes the same choice but keeps nothing,
+since its second backward pass forms the clipped sum. Materialised per-sample gradients are kept for the clipped
 sum (one weighted reduction instead of a second weight-gradient GEMM) when they are no larger than the
 activations and output gradients the layer already holds, so keeping them at most doubles that layer's
 footprint. The maths lives in :mod:`privimage.engine.ops`, the switch to fused kernels.
@@ -96,9 +97,18 @@ def _trainable(module: nn.Module, name: str):
     return p if isinstance(p, nn.Parameter) and p.requires_grad else None
 
 
+# Keep a layer's per-sample gradients when they are at most KEEP_FACTOR times the activations and output
+# gradients the layer holds anyway (G is then freed during the backward pass). Larger ones (wide layers at
+# 4×4 and below) are not kept: their clipped sum is recomputed as one weight-gradient GEMM with the clip
+# factors folded into G, and their norm comes from ghost norms when those are cheaper. Measured on the
+# stand-in UNet at batch 64 (bench/dp_step.py, 2-core CPU): keeping everything costs +14% peak memory over
+# non-private training and saves a second weight-gradient GEMM per layer; 8 keeps every layer of that UNet.
+KEEP_FACTOR = 8.0
+
+
 def _small_enough(per_row_numel: int, calls) -> bool:
     held = sum(a.numel() + g.numel() for a, g in calls if isinstance(a, torch.Tensor))
-    return per_row_numel <= held
+    return per_row_numel <= KEEP_FACTOR * held
 
 
 # ---- Linear ------------------------------------------------------------------------------------------------
@@ -118,7 +128,7 @@ class LinearRule:
         d, p = module.in_features, module.out_features
         w = _trainable(module, "weight")
         ghost_cost, mat_cost = T * T * (d + p), T * d * p
-        if w is not None and grouping.foldable and (mode == "ghost" or ghost_cost < mat_cost):
+        if w is not None and grouping.foldable and ghost_cost < mat_cost:
             return Plan("ghost", False, f"T={T} d={d} p={p}")
         keep = w is None or not grouping.foldable or (mode != "ghost" and _small_enough(R * d * p, calls))
         return Plan("materialized", keep, f"T={T} d={d} p={p}")
@@ -187,7 +197,7 @@ class Conv2dRule:
         detail = f"T={T} d={d} p={p} groups={g}"
         w = _trainable(module, "weight")
         if w is not None and len(calls) == 1 and grouping.trivial:
-            if mode == "ghost" or T * T * (d + p) < T * d * p:
+            if T * T * (d + p) < T * d * p:
                 return Plan("ghost", False, detail)
         keep = w is None or _small_enough(R * w.numel(), calls)
         return Plan("materialized", keep and mode != "ghost", detail)

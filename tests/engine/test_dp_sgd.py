@@ -90,6 +90,8 @@ def _case(name, batch, reduction="sum"):
         model, x = nn.Conv2d(3, 5, (3, 2), padding="same", padding_mode="reflect"), rnd(batch, 3, 5, 7)
     elif name == "conv_small_ghost":  # T=16 small against d·p: bk-mixed picks ghost norms
         model, x = nn.Conv2d(32, 32, 3, padding=1), rnd(batch, 32, 4, 4)
+    elif name == "conv_wide":  # more than 64 input channels: per-sample grads in input-channel chunks
+        model, x = nn.Conv2d(70, 3, 3, padding=1), rnd(batch, 70, 3, 4)
     elif name == "groupnorm":
         model, x = nn.GroupNorm(2, 4), rnd(batch, 4, 3, 5) * 3 + 1
     elif name == "layernorm":
@@ -119,7 +121,7 @@ def _case(name, batch, reduction="sum"):
 
 
 LAYERS = ["linear_extra_dims", "conv_stride2", "conv_groups2", "conv_dilation_nobias", "conv_1x1",
-          "conv_reflect_same", "conv_small_ghost", "groupnorm", "layernorm", "embedding", "fallback", "unet_block"]
+          "conv_reflect_same", "conv_small_ghost", "conv_wide", "groupnorm", "layernorm", "embedding", "fallback", "unet_block"]
 
 
 def _assert_grads(model, expected, atol=1e-10):
