@@ -1,0 +1,20 @@
+"""Kernel tests: the interpreter switch.
+
+The interpreter is switched on per test (``TRITON_INTERPRET=1`` through monkeypatch), never for the whole
+process: privimage.kernels reads the variable at each call, so other areas' tests in the same pytest run keep
+their torch paths. Shapes are tiny on purpose: Triton's interpreter costs ~0.6 ms per program instance.
+"""
+
+import pytest
+import torch
+
+from privimage.kernels import _triton
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    """Run this test's Triton kernels in Triton's CPU interpreter."""
+    if not _triton.HAVE_TRITON:
+        pytest.skip("triton is not installed (the `test` extra installs it)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _triton.use_triton(torch.zeros(1))
