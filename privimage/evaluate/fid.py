@@ -9,8 +9,8 @@ The last term is the fragile one. ``scipy.linalg.sqrtm(S1 @ S2)`` (what pytorch-
 non-symmetric product, can return complex values and needs an epsilon offset when S1 is singular (fewer
 samples than feature dimensions). Here it is computed from symmetric PSD matrices only: S1 S2 is similar to
 S1^(1/2) S2 S1^(1/2) = A^T A with A = S2^(1/2) S1^(1/2), so tr((S1 S2)^(1/2)) is the sum of the singular
-values of A. The square roots come from symmetric eigendecompositions (``eigh``, stable), with round-off
-eigenvalues below the numerical-rank tolerance set to zero. Statistics are float64 throughout.
+values of A, computed from the two symmetric eigendecompositions (``eigh``, stable; round-off eigenvalues
+below the numerical-rank tolerance set to zero). Statistics are float64 throughout.
 
 Statistics files are ``.npz`` with arrays ``mu`` (D,) and ``sigma`` (D, D): the format pytorch-fid, DPDM and
 DPImageBench write, so precomputed reference statistics can be brought in.
@@ -78,32 +78,38 @@ def _check_covariance(sigma: np.ndarray, name: str) -> np.ndarray:
     return (sigma + sigma.T) / 2
 
 
-def psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """The symmetric PSD square root of a symmetric PSD matrix.
+def psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """B (D, r) with B B^T = sigma for symmetric PSD ``sigma``: eigenvectors scaled by sqrt(eigenvalues).
 
-    Eigenvalues below the numerical-rank tolerance ``D * eps * max|w|`` (the one ``np.linalg.matrix_rank``
-    uses) are round-off of true zeros and are set to zero: left in, their square roots (~1e-6 * scale) would
-    add up over the hundreds of null directions a covariance of fewer than 2048 samples has.
+    Only the r eigenvalues above the numerical-rank tolerance ``D * eps * max|w|`` (the one
+    ``np.linalg.matrix_rank`` uses) are kept; the others are round-off of true zeros, and their square roots
+    (~1e-8 * scale each) would add up over the hundreds of null directions that a covariance of fewer than
+    2048 samples has.
     """
     w, v = np.linalg.eigh(sigma)
     tol = sigma.shape[0] * np.finfo(np.float64).eps * max(np.abs(w).max(initial=0.0), 1e-300)
-    w = np.where(w > tol, w, 0.0)
-    return (v * np.sqrt(w)) @ v.T
+    keep = w > tol
+    return v[:, keep] * np.sqrt(w[keep])
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr((S1 S2)^(1/2)) as the nuclear norm of S2^(1/2) S1^(1/2).
+    """tr((S1 S2)^(1/2)) as the nuclear norm of B2^T B1, where B_i B_i^T = S_i (:func:`psd_factor`).
 
-    (S2^(1/2) S1^(1/2))^T (S2^(1/2) S1^(1/2)) = S1^(1/2) S2 S1^(1/2), which is similar to S1 S2, so the
-    singular values of the product of square roots are the square roots of the eigenvalues of S1 S2. An SVD
-    gets them with absolute error eps * ||S||^(1/2); eigenvalues of S1^(1/2) S2 S1^(1/2) followed by a square
-    root would have error (eps * ||S||^2)^(1/2), which over many null directions is visible in FID.
+    With S_i = V_i W_i V_i^T, the matrix S1^(1/2) S2 S1^(1/2) (similar to S1 S2) equals A^T A for
+    A = S2^(1/2) S1^(1/2) = V2 (W2^(1/2) V2^T V1 W1^(1/2)) V1^T, whose singular values are those of
+    B2^T B1 = W2^(1/2) V2^T V1 W1^(1/2) (V_i have orthonormal columns). So the trace is the sum of the singular
+    values of a small (r2, r1) matrix; an SVD gets them with absolute error eps * ||S||^(1/2), where taking
+    eigenvalues of S1^(1/2) S2 S1^(1/2) and then square roots would have error (eps * ||S||^2)^(1/2), visible
+    in FID over many null directions.
     """
     s1 = _check_covariance(sigma1, "sigma1")
     s2 = _check_covariance(sigma2, "sigma2")
     if s1.shape != s2.shape:
         raise ValueError(f"Covariances differ in shape: {s1.shape} vs {s2.shape}.")
-    return float(np.linalg.svd(psd_sqrt(s2) @ psd_sqrt(s1), compute_uv=False).sum())
+    b1, b2 = psd_factor(s1), psd_factor(s2)
+    if b1.shape[1] == 0 or b2.shape[1] == 0:
+        return 0.0
+    return float(np.linalg.svd(b2.T @ b1, compute_uv=False).sum())
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

@@ -301,7 +301,10 @@ def privacy_block(run_dir: Path) -> dict | None:
     from privimage.engine import PrivacyBudget
 
     state = _read_json(path)
-    budget = PrivacyBudget.from_state_dict(state)
+    try:
+        budget = PrivacyBudget.from_state_dict(state)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a PrivacyBudget state dict (missing {err}).") from err
     spent = budget.epsilon_spent()
     return {"epsilon_budget": budget.epsilon, "delta": budget.delta, "epsilon_spent": spent.upper,
             "epsilon_spent_estimate": spent.estimate, "ledger": dict(budget.spent),
@@ -349,10 +352,17 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
                                 "per_class": {str(c): int(n) for c, n in
                                               zip(*np.unique(sample_labels.numpy(), return_counts=True))}}}
     metrics: dict = {}
+    extra_selection_epsilon = 0.0
 
     test_images = test_labels = None
-    if opts.ca_protocol != "none" or opts.real:
+    if opts.real or config:  # the CA test set, also shown beside the samples in the grid
         test_images, test_labels = load_real(config, split="sensitive_test", override=opts.real)
+        if test_images.shape[1:] != samples.shape[1:]:
+            report["notes"].append(f"Real images {tuple(test_images.shape[1:])} were resized to the samples' "
+                                   f"{tuple(samples.shape[1:])} for CA and the grid.")
+            test_images = _match(test_images, samples)
+    elif opts.ca_protocol != "none":
+        raise ValueError("CA needs a real test set: config.json names no data set and --real is not given.")
 
     net = feature_network(run_dir, opts, log)
     if net is None:
@@ -383,6 +393,7 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
                                                   num_classes=num_classes, config=opts.ca, device=opts.device)
         elif opts.ca_protocol == "dpimagebench":
             val_images, val_labels = load_real(config, split="sensitive", override=opts.val, size=opts.val_size)
+            val_images = _match(val_images, samples)
             ca = classify.dpimagebench_accuracy(samples, sample_labels, val_images, val_labels, test_images,
                                                 test_labels, num_classes=num_classes, archs=opts.ca_archs,
                                                 config=opts.ca, selection_epsilon=opts.selection_epsilon,
@@ -394,6 +405,8 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
         else:
             raise ValueError(f"Unknown CA protocol {opts.ca_protocol!r}; use official, dpimagebench or none.")
         ca["kind"] = "classification_accuracy"
+        if "selection_epsilon_total" in ca:
+            extra_selection_epsilon = ca["selection_epsilon_total"]
         metrics["classification_accuracy"] = ca
         timings["classification_accuracy_s"] = time.perf_counter() - t0
 
@@ -408,6 +421,9 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
     report["privacy"] = privacy_block(run_dir)
     if report["privacy"] is None:
         report["notes"].append("No budget.json: the privacy spent is unknown.")
+    elif extra_selection_epsilon:
+        # pure epsilon-DP selection on the sensitive validation split composes (basic composition) on top
+        report["privacy"]["evaluation_selection_epsilon"] = extra_selection_epsilon
     report["figures"] = figures
     report["options"] = asdict(opts)
     timings["total_s"] = time.perf_counter() - t_start

@@ -118,3 +118,18 @@ def test_cli_evaluate(run_dir, tmp_path, capsys):
     assert code == 2 and "nope.pth" in capsys.readouterr().err
     code = main(["evaluate", str(tmp_path / "no-such-run"), "--ca-protocol", "none"])
     assert code == 2 and "no-such-run does not exist" in capsys.readouterr().err
+
+
+def test_dpimagebench_protocol_through_the_report_counts_its_selection_epsilon(run_dir, tmp_path):
+    real = np.load(tmp_path / "real.npz")
+    small = torch.nn.functional.interpolate(torch.from_numpy(real["images"]).float(), size=16).byte().numpy()
+    np.savez(tmp_path / "real16.npz", images=small, labels=real["labels"])  # other resolution: matched to samples
+    (run_dir / "query" / "classifier.pt").unlink()
+    report = evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real16.npz"), val=str(tmp_path / "real.npz"),
+                                                   ca_protocol="dpimagebench", ca=TINY_CA, ca_archs=("cnn",),
+                                                   selection_epsilon=0.5), log=lambda _: None)
+    ca = report["metrics"]["classification_accuracy"]
+    assert ca["protocol"] == "dpimagebench" and [a["arch"] for a in ca["per_classifier"]] == ["cnn"]
+    assert report["privacy"]["evaluation_selection_epsilon"] == 0.5
+    assert any("were resized" in n for n in report["notes"]) and any("Report Noisy Max" in n for n in report["notes"])
+    assert "| cnn |" in (run_dir / "report.md").read_text()
