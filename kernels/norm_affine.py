@@ -97,10 +97,12 @@ def _view(kind, x, go, num_groups, norm_ndim):
     if kind in (_BIAS_FIRST, _GROUP_NORM):
         C = go.shape[1]
         ng = num_groups if kind == _GROUP_NORM else 1
-        views = [None if t is None else t.reshape(R, ng, C // ng, -1) for t in (x, go)]
+        L = math.prod(go.shape[2:])
+        views = [None if t is None else t.reshape(R, ng, C // ng, L) for t in (x, go)]
         return views, C
     n = math.prod(go.shape[go.dim() - norm_ndim:])
-    views = [None if t is None else t.reshape(R, -1, n, 1) for t in (x, go)]
+    T = math.prod(go.shape[1:go.dim() - norm_ndim])
+    views = [None if t is None else t.reshape(R, T, n, 1) for t in (x, go)]
     return views, n
 
 
