@@ -31,7 +31,7 @@ CLASS_NAMES = [f"{scheme}-{texture}-{shape}" for scheme in SCHEMES for texture i
 SPLITS = {"public": 0, "sensitive": 1, "sensitive_test": 2}
 DEFAULT_SIZES = {"public": 50_000, "sensitive": 10_000, "sensitive_test": 2_000}
 NUM_SENSITIVE_CLASSES = 5
-_CHUNK = 2048  # images generated per vectorised block (bounded memory; fixed so results do not depend on it)
+_CHUNK = 2048  # 32x32 images per vectorised block (bounded memory; fixed, so results never depend on it)
 
 
 def sensitive_classes(seed: int = 0, num: int = NUM_SENSITIVE_CLASSES) -> list[int]:
@@ -70,8 +70,9 @@ def generate(split: str, *, seed: int = 0, size: int | None = None, resolution: 
     public_labels = np.asarray(classes, dtype=np.int64)[labels]
     params = _draw_params(rng, public_labels, sensitive)
     images = np.empty((size, 3, resolution, resolution), dtype=np.uint8)
-    for start in range(0, size, _CHUNK):
-        stop = min(size, start + _CHUNK)
+    chunk = max(1, _CHUNK * 32 * 32 // (resolution * resolution))  # same pixels per block at any resolution
+    for start in range(0, size, chunk):
+        stop = min(size, start + chunk)
         chunk_rng = np.random.default_rng([seed, SPLITS[split], start])
         images[start:stop] = _render({k: v[start:stop] for k, v in params.items()}, resolution, sensitive,
                                      chunk_rng)

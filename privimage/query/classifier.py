@@ -149,7 +149,7 @@ def _fingerprint(public: ImageDataset, resolution: int, config: ClassifierConfig
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("PRIVIMAGE_CACHE", Path.home() / ".cache" / "privimage")) / "query"
+    return Path(os.environ.get("PRIVIMAGE_CACHE_DIR", Path.home() / ".cache" / "privimage")) / "query"
 
 
 def train_classifier(public: ImageDataset, *, resolution: int | None = None,
@@ -162,7 +162,7 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
         resolution: the sensitive data's resolution (default: the public one).
         config: architecture and training settings.
         cache_dir: where classifiers are cached, keyed by a hash of config, resolution and the public data's
-            bytes (default ``$PRIVIMAGE_CACHE/query`` or ``~/.cache/privimage/query``).
+            bytes (default ``$PRIVIMAGE_CACHE_DIR/query`` or ``~/.cache/privimage/query``).
         use_cache: ``False`` always trains and stores nothing.
         log: where to report progress and the public accuracy (``None``: silent).
 

@@ -22,7 +22,7 @@ def test_help_explains_privacy(capsys):
 
 
 def test_query_writes_the_run_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PRIVIMAGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     assert main([*ARGS, "--epsilon-query", "2", "--delta", "1e-5", "--run-dir", str(run), "--no-ffcv"]) == 0
     selected = json.loads((run / "query" / "selected_labels.json").read_text())
@@ -40,7 +40,7 @@ def test_query_writes_the_run_directory(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.skipif(not ffcv_available(), reason="FFCV not installed")
 def test_query_uses_a_planned_budget_and_writes_ffcv(tmp_path, monkeypatch):
-    monkeypatch.setenv("PRIVIMAGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(tmp_path / "cache"))
     run = tmp_path / "run"
     run.mkdir()
     planned = PrivacyBudget(3.0, 1e-5, plan={QUERY: Mechanism(4.0)})

@@ -33,6 +33,14 @@ def test_device_loader_in_order_is_the_data(data):
     assert torch.equal(x, data.images) and torch.equal(y, data.labels)
 
 
+def test_device_loader_rows_not_a_multiple_of_8_bytes():
+    from privimage.data import ImageDataset
+
+    odd = ImageDataset(torch.randint(0, 256, (10, 1, 5, 5), dtype=torch.uint8), torch.arange(10) % 3, list("abc"))
+    x, y = _epoch(DeviceLoader(odd, batch_size=4, shuffle=False, flip=False, normalize=False))
+    assert torch.equal(x, odd.images) and torch.equal(y, odd.labels)
+
+
 def test_device_loader_shuffles_each_epoch_and_drops_last(data):
     loader = DeviceLoader(data, batch_size=64, seed=3, flip=False, normalize=False, drop_last=True)
     assert len(loader) == 300 // 64
@@ -95,3 +103,16 @@ def test_make_loader_picks_the_device_loader_on_cpu(data, tmp_path):
     assert isinstance(make_loader(data, batch_size=8), DeviceLoader)
     with pytest.raises(ValueError, match="ffcv_path"):
         make_loader(data, batch_size=8, kind="ffcv")
+
+
+@needs_ffcv
+def test_ffcv_leaves_torch_threads_alone(ffcv_file):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loader = FFCVLoader(ffcv_file, batch_size=64, num_workers=1)
+        assert torch.get_num_threads() == 2
+        for _ in loader:
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

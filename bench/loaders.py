@@ -1,0 +1,145 @@
+"""Images/s of the two subset loaders (device-resident uint8, FFCV file), and what each costs to set up.
+
+For each resolution: the embedded public set (``--size`` images) is generated, then
+- ``device``: :class:`privimage.query.DeviceLoader` (uint8 on the device, a seeded permutation per epoch,
+  flip + normalisation on the batch);
+- ``ffcv``: :func:`write_ffcv` once (timed), then :class:`FFCVLoader` with ``--workers`` decoding threads;
+  the first epoch includes FFCV's JIT compilation and is reported apart from the steady epochs.
+Every loader yields float32 batches normalised to [-1, 1] with random flips, on ``--device``; the
+timed loop touches each batch (a sum) so nothing is left lazily undone.
+
+Results are appended to ``bench/results/loaders.csv`` and summarised in ``bench/results/loaders.md``.
+
+    python bench/loaders.py [--size 20000] [--resolutions 32 64] [--batch 256] [--epochs 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privimage.data import load_dataset
+from privimage.query import DeviceLoader, FFCVLoader, ffcv_available, write_ffcv
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = ["loader", "resolution", "images", "batch", "workers", "setup_s", "first_epoch_s", "images_per_s",
+           "device", "torch", "numpy", "ffcv", "git_sha", "date"]
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_epochs(loader, epochs: int, device: torch.device) -> tuple[float, float]:
+    """(first epoch seconds, steady images/s over the remaining epochs)."""
+    times, count = [], 0
+    for e in range(epochs):
+        start = time.perf_counter()
+        total = torch.zeros((), device=device)
+        n = 0
+        for x, y in loader:
+            total += x.sum()  # consume the batch
+            n += x.shape[0]
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        if e > 0:
+            count += n
+    steady = sum(times[1:])
+    return times[0], (count / steady if steady > 0 else float("nan"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=20_000)
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per loader; the first is reported apart")
+    parser.add_argument("--workers", type=int, default=2, help="FFCV decoding threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    try:
+        import ffcv  # noqa: F401
+        from importlib.metadata import version
+        ffcv_version = version("ffcv")
+    except ImportError:
+        ffcv_version = "not installed"
+    common = {"device": _device_name(device), "torch": torch.__version__, "numpy": np.__version__,
+              "ffcv": ffcv_version, "git_sha": _git_sha(),
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    rows = []
+    for res in args.resolutions:
+        start = time.perf_counter()
+        data = load_dataset("embedded", split="public", size=args.size, resolution=res)
+        print(f"{res}x{res}: generated {len(data)} embedded images in {time.perf_counter() - start:.1f} s", flush=True)
+        start = time.perf_counter()
+        loader = DeviceLoader(data, batch_size=args.batch, device=device, seed=0)
+        _sync(device)
+        setup = time.perf_counter() - start
+        first, rate = _time_epochs(loader, args.epochs, device)
+        rows.append({"loader": "device", "resolution": res, "images": len(data), "batch": args.batch, "workers": 0,
+                     "setup_s": round(setup, 3), "first_epoch_s": round(first, 3), "images_per_s": round(rate),
+                     **common})
+        print(f"  device: {rate:,.0f} images/s (setup {setup:.2f} s)", flush=True)
+        if not ffcv_available():
+            print("  ffcv: not installed, skipped", flush=True)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            path = write_ffcv(data, Path(tmp) / "subset.ffcv", num_workers=args.workers)
+            written = time.perf_counter() - start
+            loader = FFCVLoader(path, batch_size=args.batch, device=device, seed=0, num_workers=args.workers)
+            first, rate = _time_epochs(loader, args.epochs, device)
+        rows.append({"loader": "ffcv", "resolution": res, "images": len(data), "batch": args.batch,
+                     "workers": args.workers, "setup_s": round(written, 3), "first_epoch_s": round(first, 3),
+                     "images_per_s": round(rate), **common})
+        print(f"  ffcv:   {rate:,.0f} images/s (write {written:.1f} s, first epoch with JIT {first:.1f} s)", flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    csv_path = RESULTS / "loaders.csv"
+    new = not csv_path.exists()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# Subset loaders: images/s ({common['date']}, {common['device']})", "",
+             f"torch {common['torch']}, numpy {common['numpy']}, ffcv {common['ffcv']}, git {common['git_sha']}; "
+             f"{args.size} embedded images, batch {args.batch}, flip + normalisation, {args.epochs} epochs "
+             f"(the first reported apart). Command: `python bench/loaders.py {' '.join(sys.argv[1:])}`", "",
+             "| loader | resolution | images/s (steady) | setup s (ffcv: write) | first epoch s |", "|---|---|---|---|---|"]
+    lines += [f"| {r['loader']} | {r['resolution']} | {r['images_per_s']:,} | {r['setup_s']} | {r['first_epoch_s']} |"
+              for r in rows]
+    (RESULTS / "loaders.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {csv_path} and {RESULTS / 'loaders.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
