@@ -165,7 +165,7 @@ def conv_clipped_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, c: torch.T
     """
     op = "conv_clipped_weight_grad"
     geometry = cm.check_conv(op, x, grad_out, kernel_size, stride, padding, dilation, groups)
-    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, c.shape[0] if c.dim() else None)
+    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, c.shape[0] if sample_index is not None and c.dim() else None)
     _check_c(op, c, x.shape[0], S, x.device)
     return _clipped_weight_grad_op(x, grad_out, c, sample_index, is_padding, *map(list, geometry), groups)
 
@@ -177,7 +177,7 @@ def clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, *,
     (per row without ``sample_index``). Matches ``privimage.engine.ops.clipped_weight_grad(A, G, c)``."""
     op = "clipped_weight_grad"
     x, go = cm.linear_as_conv(op, A, G)
-    S = cm.check_rows(op, A.shape[0], A.device, sample_index, is_padding, c.shape[0] if c.dim() else None)
+    S = cm.check_rows(op, A.shape[0], A.device, sample_index, is_padding, c.shape[0] if sample_index is not None and c.dim() else None)
     _check_c(op, c, A.shape[0], S, A.device)
     out = _clipped_weight_grad_op(x, go, c, sample_index, is_padding, [1, 1], [1, 1], [0, 0], [1, 1], 1)
     return out.view(G.shape[-1], A.shape[-1])
@@ -188,7 +188,7 @@ def conv_clipped_weight_grad_ref(x, grad_out, c, kernel_size, *, stride=1, paddi
     """Plain-torch reference of :func:`conv_clipped_weight_grad` (one ``conv2d_weight`` on scaled G)."""
     op = "conv_clipped_weight_grad_ref"
     geometry = cm.check_conv(op, x, grad_out, kernel_size, stride, padding, dilation, groups)
-    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, c.shape[0] if c.dim() else None)
+    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, c.shape[0] if sample_index is not None and c.dim() else None)
     _check_c(op, c, x.shape[0], S, x.device)
     return _conv_ref(x, grad_out, c, sample_index, is_padding, *geometry, groups)
 
@@ -197,7 +197,7 @@ def clipped_weight_grad_ref(A, G, c, *, sample_index=None, is_padding=None) -> t
     """Plain-torch reference of :func:`clipped_weight_grad` (one GEMM over all rows and positions)."""
     op = "clipped_weight_grad_ref"
     x, go = cm.linear_as_conv(op, A, G)
-    S = cm.check_rows(op, A.shape[0], A.device, sample_index, is_padding, c.shape[0] if c.dim() else None)
+    S = cm.check_rows(op, A.shape[0], A.device, sample_index, is_padding, c.shape[0] if sample_index is not None and c.dim() else None)
     _check_c(op, c, A.shape[0], S, A.device)
     out = _conv_ref(x, go, c, sample_index, is_padding, (1, 1), (1, 1), (0, 0), (1, 1), 1)
     return out.view(G.shape[-1], A.shape[-1])

@@ -177,7 +177,7 @@ def _per_sample(op, x, go, kind, num_groups, norm_ndim, eps, sample_index, is_pa
 
 def _clipped(op, x, go, c, kind, num_groups, norm_ndim, eps, sample_index, is_padding):
     R = go.shape[0]
-    S = cm.check_rows(op, R, go.device, sample_index, is_padding, c.shape[0] if c.dim() else None)
+    S = cm.check_rows(op, R, go.device, sample_index, is_padding, c.shape[0] if sample_index is not None and c.dim() else None)
     if c.shape != (S,) or not c.is_floating_point() or c.device != go.device:
         raise ValueError(f"{op}: expected c to be a float tensor of shape ({S},) on {go.device} (one clip factor "
                          f"per sample), got {c.dtype} {tuple(c.shape)} on {c.device}.")

@@ -1,0 +1,121 @@
+"""The references against the slow, obviously right loop: one autograd backward per sample (float64).
+
+For each sample s, its loss is Σ_{r∈s, r not padding} ⟨layer(x_r), G_r⟩, whose parameter gradient is exactly
+the sample's gradient that the ops take norms of and clip-sum (G_r being the output gradient of row r).
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from privimage import kernels as K
+
+
+def _helpers():
+    if "kernel_test_helpers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kernel_test_helpers", Path(__file__).with_name("helpers.py"))
+        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["kernel_test_helpers"]
+
+
+H = _helpers()
+
+
+def loop_grads(forward, params, x, G, sample_index=None, is_padding=None, num_samples=None):
+    """Per-sample gradients of Σ_{r∈s} ⟨forward(x_r), G_r⟩ w.r.t. params: one backward per sample."""
+    R = G.shape[0]
+    sample_index = torch.arange(R) if sample_index is None else sample_index
+    S = R if num_samples is None else num_samples
+    out = []
+    for s in range(S):
+        rows = [r for r in range(R) if sample_index[r] == s and not (is_padding is not None and is_padding[r])]
+        if not rows:
+            out.append([torch.zeros_like(p) for p in params])
+            continue
+        loss = (forward(x[rows]) * G[rows]).sum()
+        out.append(list(torch.autograd.grad(loss, params)))
+    return out  # [S][param]
+
+
+def _sq(grads):
+    return torch.stack([sum(g.square().sum() for g in gs) for gs in grads]) if grads else torch.zeros(0)
+
+
+def _clipped(grads, c):
+    return [sum(c[s] * grads[s][i] for s in range(len(grads))) for i in range(len(grads[0]))]
+
+
+@pytest.mark.parametrize("kind", H.ROW_KINDS)
+@pytest.mark.parametrize("spec", H.CONV_CASES)
+def test_conv_refs(spec, kind):
+    R, c_in, c_out, Hh, W, k, s, p, d, g = spec
+    x, go, geometry = H.conv_case(spec)
+    weight = torch.randn(c_out, c_in // g, k, k, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(c_out, dtype=torch.float64, requires_grad=True)
+    kw = H.rows(kind, R)
+    grads = loop_grads(lambda xr: F.conv2d(xr, weight, bias, stride=s, padding=p, dilation=d, groups=g),
+                       [weight, bias], x, go, **kw)
+    want_w = _sq([[gs[0]] for gs in grads])
+    torch.testing.assert_close(K.conv_per_sample_sq_norms_ref(x, go, **geometry, **kw), want_w)
+    torch.testing.assert_close(K.conv_ghost_sq_norms_ref(x, go, **geometry, **kw), want_w)
+    torch.testing.assert_close(K.bias_sq_norms_ref(go, channel_dim=1, **kw), _sq([[gs[1]] for gs in grads]))
+    c = torch.rand(len(grads), dtype=torch.float64)
+    want = _clipped(grads, c)
+    kw.pop("num_samples", None)
+    torch.testing.assert_close(K.conv_clipped_weight_grad_ref(x, go, c, **geometry, **kw), want[0])
+    torch.testing.assert_close(K.bias_clipped_grad_ref(go, c, channel_dim=1, **kw), want[1])
+
+
+@pytest.mark.parametrize("kind", H.ROW_KINDS)
+@pytest.mark.parametrize("spec", H.LINEAR_CASES)
+def test_linear_refs(spec, kind):
+    A, G = H.linear_case(spec)
+    lin = torch.nn.Linear(A.shape[-1], G.shape[-1], dtype=torch.float64)
+    kw = H.rows(kind, A.shape[0])
+    grads = loop_grads(lin, [lin.weight, lin.bias], A, G, **kw)
+    want_w = _sq([[gs[0]] for gs in grads])
+    torch.testing.assert_close(K.per_sample_sq_norms_ref(A, G, **kw), want_w)
+    torch.testing.assert_close(K.ghost_sq_norms_ref(A, G, **kw), want_w)
+    torch.testing.assert_close(K.bias_sq_norms_ref(G, **kw), _sq([[gs[1]] for gs in grads]))
+    c = torch.rand(len(grads), dtype=torch.float64)
+    want = _clipped(grads, c)
+    kw.pop("num_samples", None)
+    torch.testing.assert_close(K.clipped_weight_grad_ref(A, G, c, **kw), want[0])
+    torch.testing.assert_close(K.bias_clipped_grad_ref(G, c, **kw), want[1])
+
+
+@pytest.mark.parametrize("kind", ["plain", "multi-row", "padding"])
+def test_group_norm_refs(kind):
+    x = torch.randn(7, 6, 5, 3, dtype=torch.float64) * 2 + 1
+    G = torch.randn_like(x)
+    gn = torch.nn.GroupNorm(3, 6, dtype=torch.float64)
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5)
+        gn.bias.normal_()
+    kw = H.rows(kind, 7)
+    grads = loop_grads(gn, [gn.weight, gn.bias], x, G, **kw)
+    torch.testing.assert_close(K.group_norm_sq_norms_ref(x, G, 3, **kw), _sq(grads))
+    c = torch.rand(len(grads), dtype=torch.float64)
+    kw.pop("num_samples", None)
+    want = _clipped(grads, c)
+    for got, w in zip(K.group_norm_clipped_grads_ref(x, G, c, 3, **kw), want):
+        torch.testing.assert_close(got, w)
+
+
+@pytest.mark.parametrize("kind", ["plain", "multi-row", "padding"])
+def test_layer_norm_refs(kind):
+    x = torch.randn(5, 4, 2, 3, dtype=torch.float64)
+    G = torch.randn_like(x)
+    ln = torch.nn.LayerNorm((2, 3), dtype=torch.float64)
+    kw = H.rows(kind, 5)
+    grads = loop_grads(ln, [ln.weight, ln.bias], x, G, **kw)
+    torch.testing.assert_close(K.layer_norm_sq_norms_ref(x, G, (2, 3), **kw), _sq(grads))
+    c = torch.rand(len(grads), dtype=torch.float64)
+    kw.pop("num_samples", None)
+    for got, w in zip(K.layer_norm_clipped_grads_ref(x, G, c, (2, 3), **kw), _clipped(grads, c)):
+        torch.testing.assert_close(got, w)
