@@ -28,6 +28,7 @@ membership).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -116,8 +117,18 @@ class DPEngine:
         if not self.params:
             raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
         self._layers = self._find_layers(model)
+        self._rules = {m: (name, rule) for name, m, rule in self._layers}
         self._logged: set = set()
         self._grouping = None
+        self._records = None
+        self._unhooked: list = []
+        self._bases: dict = {}
+        self._prebuilt: list = []
+        self._probe_shapes: list = []  # (dtype, shape) of each hooked call, in order, at the last step
+        self._seen: list = []
+        self._probe_pos = 0
+        self._stale = False
+        self._handles = [m.register_forward_hook(self._forward_hook) for _, m, _ in self._layers]
         self._reset()
 
     # ---- set-up --------------------------------------------------------------------------------------------
@@ -242,43 +253,79 @@ class DPEngine:
 
     # ---- bk-mixed and ghost --------------------------------------------------------------------------------
 
-    def _capture(self, loss_fn, records):
-        """Forward with a probe on every rule module's output; fills ``records`` {module: _Record}.
+    def _forward_hook(self, module, args, output):
+        """Installed once per parameterised module; active only while :meth:`_capture` runs ``loss_fn``.
 
-        Each probe is a zero scalar expanded to the output's shape (it allocates nothing); a tensor hook on it
-        receives the layer's output gradient G during the backward pass.
+        Adds the probe (a zero scalar expanded to the output's shape: it allocates nothing) and records the
+        input. Permanent hooks, rather than hooks added per step, keep a ``torch.compile``'d model's guards
+        stable, so its forward does not recompile every step.
         """
-        rules = {m: (name, rule) for name, m, rule in self._layers}
-        bases: dict = {}
+        records = self._records
+        if records is None:
+            return None
+        name, rule = self._rules[module]
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"Module '{name}' ({type(module).__name__}) returned {type(output).__name__}; the "
+                            f"engine's per-sample rules need a single tensor output.")
+        if not args:
+            raise TypeError(f"Module '{name}' was called without positional inputs; pass them positionally.")
+        if rule is VMAP_RULE:
+            a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
+        else:
+            a = args[0].detach()
+        # Probes built before the forward from the previous step's shapes enter a compiled graph as inputs,
+        # so autograd.grad can reach them; one made here would be a graph-internal tensor with no gradient.
+        pos = self._probe_pos
+        self._probe_pos = pos + 1
+        self._seen.append((output.dtype, output.shape))
+        pre = self._prebuilt
+        if pos < len(pre) and pre[pos].shape == output.shape and pre[pos].dtype == output.dtype:
+            probe = pre[pos]
+        else:
+            probe = self._bases[output.dtype].expand(output.shape)
+            if torch.compiler.is_compiling():
+                self._stale = True  # _capture runs the forward again with probes of the right shapes
+        rec = records.get(module)
+        if rec is None:
+            rec = records[module] = _Record(name, module, rule)
+        index = len(rec.calls)
+        rec.calls.append([a, None])
+        if torch.compiler.is_compiling():
+            # A tensor hook with side effects breaks the graph: in a compiled forward the probe's G comes
+            # out of autograd.grad instead (held until the clip factors are known).
+            self._unhooked.append((rec, index, probe))
+        else:
+            probe.register_hook(functools.partial(self._on_grad, rec, index))
+        return output + probe
 
-        def hook(module, args, output):
-            name, rule = rules[module]
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"Module '{name}' ({type(module).__name__}) returned {type(output).__name__}; the "
-                                f"engine's per-sample rules need a single tensor output.")
-            if not args:
-                raise TypeError(f"Module '{name}' was called without positional inputs; pass them positionally.")
-            if rule is VMAP_RULE:
-                a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
-            else:
-                a = args[0].detach()
-            key = (output.dtype, output.device)  # one base per dtype: a mismatched probe would promote y
-            if key not in bases:
-                bases[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            probe = bases[key].expand(output.shape)
-            rec = records.setdefault(module, _Record(name, module, rule))
-            index = len(rec.calls)
-            rec.calls.append([a, None])
-            probe.register_hook(lambda g: self._on_grad(rec, index, g))
-            return output + probe
+    def _capture(self, loss_fn, records):
+        """Run ``loss_fn`` with the probes active; fills ``records`` {module: _Record}; returns losses, bases.
 
-        handles = [m.register_forward_hook(hook) for _, m, _ in self._layers]
-        try:
-            losses = self._run_loss(loss_fn)
-        finally:
-            for h in handles:
-                h.remove()
-        return losses, list(bases.values())
+        The probes' bases are leaf scalars, one per floating dtype (a probe of another dtype than the output
+        would promote it), created here because a compiled region cannot create tensors requiring grad.
+        """
+        device = self.params[0].device
+        for _attempt in range(2):
+            self._bases = {dt: torch.zeros((), dtype=dt, device=device, requires_grad=True)
+                           for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
+            self._prebuilt = [self._bases[dt].expand(shape) for dt, shape in self._probe_shapes]
+            records.clear()
+            self._records, self._unhooked, self._seen, self._probe_pos, self._stale = records, [], [], 0, False
+            try:
+                losses = self._run_loss(loss_fn)
+            finally:
+                self._records = None
+            self._probe_shapes = self._seen
+            if not self._stale:
+                return losses, list(self._bases.values())
+        raise RuntimeError("The layers' output shapes changed between two forward passes of one step under "
+                           "torch.compile; the engine needs a deterministic forward.")
+
+    def close(self) -> None:
+        """Remove the engine's forward hooks from the model (after which the engine cannot be used)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _on_grad(self, rec, index, g):
         """Backward hook: store G; a single-call layer whose plan keeps per-sample grads is reduced at once,
@@ -317,8 +364,13 @@ class DPEngine:
             raise ValueError("The loss does not depend on any trainable parameter.")
         self._grouping = grouping
         try:
-            # Asking for the probes' bases only: autograd skips every weight-gradient GEMM.
-            torch.autograd.backward(total, inputs=bases, retain_graph=self.method == "ghost")
+            # Asking for probes (and their bases) only: autograd skips every weight-gradient GEMM. The bases
+            # are upstream of every probe, so every probe's hook fires.
+            unhooked, self._unhooked = self._unhooked, []
+            grads = torch.autograd.grad(total, [probe for _, _, probe in unhooked] + bases, allow_unused=True,
+                                        retain_graph=self.method == "ghost")
+            for (rec, index, _), g in zip(unhooked, grads):
+                rec.calls[index][1] = g
         finally:
             self._grouping = None
         dtype = torch.promote_types(losses.dtype, torch.float32)
@@ -517,7 +569,10 @@ def check_per_sample_norms(model: nn.Module, loss_fn: Callable, batch, *, method
 
     def norms(m):
         engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=1.0, method=m)
-        return engine.accumulate(closure, groups=groups).norms.detach()
+        try:
+            return engine.accumulate(closure, groups=groups).norms.detach()
+        finally:
+            engine.close()
 
     ours, ref = norms(method), norms("loop")
     err = float((ours - ref).abs().max()) if ours.numel() else 0.0

@@ -413,3 +413,26 @@ def test_docstring_examples_run():
     import privimage.engine.dp_sgd as mod
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_compiled_model_forward_has_no_graph_break_and_matches_eager():
+    """The model's forward (with the engine's probes) compiles as one graph (fullgraph=True), without
+    recompiling on later steps, and gives the eager result. aot_eager keeps the test fast: it runs Dynamo and
+    AOTAutograd, which are where graph breaks and wrong gradients would come from, without Inductor codegen."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model, x, t, y, target = _unet_case(4)
+    engine = DPEngine(model, max_grad_norm=0.1, noise_multiplier=0.0, expected_batch_size=4)
+    expected = engine.step(lambda m: (m(x, t, y) - target).square().flatten(1).sum(1)).norms
+    grads = [p.grad.clone() for p in model.parameters()]
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    counts = []
+    for _ in range(3):
+        got = engine.step(lambda m: (compiled(x, t, y) - target).square().flatten(1).sum(1)).norms
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert counts[1] == counts[2], f"recompiled on a later step: {counts}"
+    engine.close()
