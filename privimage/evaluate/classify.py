@@ -182,7 +182,7 @@ class CAConfig:
 
 
 OFFICIAL = CAConfig()
-SMALL = CAConfig(arch="cnn", width=32, epochs=8, batch_size=128, lr=0.05)
+SMALL = CAConfig(arch="cnn", width=32, epochs=5, batch_size=128, lr=0.05)
 PRESETS = {"official": OFFICIAL, "small": SMALL}
 
 

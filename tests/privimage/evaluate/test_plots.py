@@ -37,3 +37,11 @@ def test_proxy_classifier_loads_and_gives_features_and_logits(tmp_path):
     # batching does not change the result (eval mode: no batch statistics)
     feats_one, _ = extract_features(net, images, batch_size=5)
     np.testing.assert_allclose(feats, feats_one, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_is_a_cuda_only_path_and_a_no_op_on_cpu():
+    net = proxy_feature_net(SmallCNN(3, 4, width=4))
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    fp32, _ = extract_features(net, images, bf16=False)
+    bf16, _ = extract_features(net, images, bf16=True, device="cpu")
+    np.testing.assert_array_equal(fp32, bf16)
