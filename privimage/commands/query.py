@@ -17,7 +17,8 @@ Privacy meaning of the settings:
   Only the noisy histogram and the selected labels leave this command; the exact votes are never written.
 
 Writes into the run directory: query/selected_labels.json, query/histogram.npy (noisy), query/classifier.pt,
-query/subset.ffcv (or query/subset.npz without FFCV) and budget.json (the ledger with the query's spend).
+query/subset.ffcv (or query/subset.npz without FFCV), budget.json (the ledger with the query's spend) and,
+unless one exists, config.json (these settings).
 
 Example:
   privimage query --sensitive embedded:sensitive,size=2000 --public embedded:public,size=20000 \\
@@ -122,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
                          f"classes.")
     run_dir = run_dir or _new_run_dir(Path("runs"), "query")
     out = run_dir / "query"
+    if not (run_dir / "config.json").exists():  # a standalone query run; `privimage run` writes its own
+        save_json({"command": "query", **settings}, run_dir / "config.json")
     classifier = train_classifier(public, resolution=sensitive.resolution, config=config)
     classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
     result = query.run(classifier, sensitive.images, budget=budget,

@@ -29,6 +29,7 @@ def test_query_writes_the_run_directory(tmp_path, monkeypatch, capsys):
     assert len(selected["selected_labels"]) == 3 and selected["top_k"] == 1
     assert np.load(run / "query" / "histogram.npy").shape == (60,)
     assert (run / "query" / "classifier.pt").is_file()
+    assert json.loads((run / "config.json").read_text())["top_n"] == 3
     subset = np.load(run / "query" / "subset.npz")
     assert set(subset["labels"].tolist()) == set(selected["selected_labels"])
     budget = PrivacyBudget.from_state_dict(json.loads((run / "budget.json").read_text()))
