@@ -215,6 +215,10 @@ class Conv2dRule:
             (a, g), = calls
             a, padding = self._geometry(module, a)
             return total + ops.conv_ghost_sq_norms(a, g, module.kernel_size, **self._kw(module, padding))
+        if not plan.keep and len(calls) == 1 and grouping.trivial:
+            (a, g), = calls
+            a, padding = self._geometry(module, a)
+            return total + ops.conv_per_sample_sq_norms(a, g, w.shape, **self._kw(module, padding))
         gw = 0
         for a, g in calls:
             a, padding = self._geometry(module, a)

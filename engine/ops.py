@@ -17,6 +17,14 @@ replace (which is also a reference for them):
   arXiv 1510.01799; Li et al. arXiv 2110.05679), for T small against d·p.
 * ``clipped_weight_grad(A, G, c) -> (p, d) float32``: Σ_r c_r G_rᵀA_r, the book-keeping clipped sum
   (Bu et al. arXiv 2210.00038).
+* Conv2d forms, with x (R, C_in, H, W), grad_out (R, C_out, Ho, Wo) and the convolution's geometry
+  (``kernel_size, *, stride, padding, dilation, groups``; zero padding, other padding modes are applied to x
+  first): ``conv_per_sample_sq_norms(x, grad_out, kernel_size, ...) -> (R,)``,
+  ``conv_ghost_sq_norms(x, grad_out, kernel_size, ...) -> (R,)`` and
+  ``conv_clipped_weight_grad(x, grad_out, c, kernel_size, ...) -> (C_out, C_in/groups, kh, kw)``.
+
+The engine handles rows→samples (``groups``) and padding itself (clip factor 0), so it calls the kernels
+without their optional ``sample_index`` / ``is_padding`` arguments.
 
 Norms are accumulated in float32 whatever the input precision (bf16 autocast on GPU): the clip factor is a
 privacy-critical quantity and bf16's 8-bit mantissa would make it visibly wrong.
@@ -35,6 +43,7 @@ __all__ = [
     "conv_clipped_weight_grad",
     "conv_ghost_sq_norms",
     "conv_per_sample_grads",
+    "conv_per_sample_sq_norms",
     "ghost_sq_norms",
     "per_sample_sq_norms",
     "sq_norms_of",
@@ -144,9 +153,23 @@ def conv_per_sample_grads(A: torch.Tensor, G: torch.Tensor, weight_shape, *, str
     return grads.view(R, *weight_shape)
 
 
+def conv_per_sample_sq_norms(A: torch.Tensor, G: torch.Tensor, weight_shape, *, stride, padding, dilation,
+                             groups: int) -> torch.Tensor:
+    """Per-row ‖∇W_r‖² of a convolution (R,); the kernel never writes the per-row gradients to memory."""
+    op = _kernel_op("conv_per_sample_sq_norms", A, G)
+    if op is not None:
+        return op(A, G, tuple(weight_shape[2:]), stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return sq_norms_of(conv_per_sample_grads(A, G, weight_shape, stride=stride, padding=padding,
+                                             dilation=dilation, groups=groups))
+
+
 def conv_clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, weight_shape, *, stride,
                              padding, dilation, groups: int) -> torch.Tensor:
     """Σ_r c_r ∇W_r for a convolution: the plain weight-gradient convolution with c folded into G."""
+    op = _kernel_op("conv_clipped_weight_grad", A, G, c)
+    if op is not None:
+        return op(A, G, c, tuple(weight_shape[2:]), stride=stride, padding=padding, dilation=dilation,
+                  groups=groups)
     A, G = _common(A, G)
     scaled = G * c.to(G.dtype).view(-1, 1, 1, 1)
     return _acc(torch.nn.grad.conv2d_weight(A, weight_shape, scaled, stride=stride, padding=padding,
@@ -158,8 +181,11 @@ def conv_ghost_sq_norms(A: torch.Tensor, G: torch.Tensor, kernel_size, *, stride
     """Per-row ‖∇W_r‖² of a convolution by ghost norms on the im2col form (one (T, T) Gram per group).
 
     Worth it only where T = Ho·Wo is small against C_in·k²·C_out (the 8×8 and 4×4 levels of a UNet): the
-    unfold it materialises is R·T·C_in·k² elements.
+    unfold it materialises is R·T·C_in·k² elements (the kernel's implicit im2col does not).
     """
+    op = _kernel_op("conv_ghost_sq_norms", A, G)
+    if op is not None:
+        return op(A, G, tuple(kernel_size), stride=stride, padding=padding, dilation=dilation, groups=groups)
     A, G = _common(A, G)
     R = A.shape[0]
     cols = F.unfold(A, kernel_size, dilation=dilation, padding=padding, stride=stride)  # (R, C_in·k², T)
