@@ -107,37 +107,56 @@ def load_npz_images(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor
 _LOADER_KEYS = ("root", "resolution", "seed", "attribute", "num_sensitive_classes")
 
 
-def data_options(config: dict) -> dict:
-    """The data set name and loader options recorded in a run's config.json.
+def data_options(config: dict, split: str) -> dict:
+    """Arguments of :func:`privimage.data.load_dataset` for ``split``, from a run's config.json.
 
-    Accepts ``data`` (or ``dataset``) as a dict with ``name`` and loader options, or as a spec string
-    ``name[:split][,key=value...]`` (:func:`privimage.data.parse_spec`); the split and size are chosen here.
+    Understands the pipeline's ``data`` section (``privimage.config.DataConfig``: one spec string
+    ``name[:split][,key=value...]`` per split, plus ``resolution``, ``pad_to`` and ``seed``), and also a plain
+    ``data`` spec string or ``{"name": ..., options}`` dict used for every split. The returned dict may hold
+    ``pad_to`` (pad instead of resizing), which :func:`load_real` applies itself.
     """
+    from privimage.data import parse_spec
+
     data = config.get("data") or config.get("dataset") or {}
     if isinstance(data, str):
-        from privimage.data import parse_spec
-
-        data = parse_spec(data)
-    name = data.get("name")
-    if not name:
-        raise ValueError("config.json names no data set (expected data.name); pass --real/--fid-real NPZ files.")
-    opts = {k: data[k] for k in _LOADER_KEYS if data.get(k) is not None}
-    if "resolution" not in opts and config.get("resolution"):
-        opts["resolution"] = config["resolution"]
-    return {"name": name, **opts}
+        data = {"spec": data}
+    spec = data.get(split) if isinstance(data.get(split), str) else data.get("spec")
+    args = {k: data[k] for k in _LOADER_KEYS if data.get(k) is not None}
+    if spec:
+        parsed = parse_spec(spec)
+        parsed.pop("split", None)  # the split asked for wins over a split written in a shared spec
+        args.update(parsed)
+    elif data.get("name"):
+        args["name"] = data["name"]
+    if not args.get("name"):
+        raise ValueError(f"config.json names no data set for split {split!r} (expected data.{split} or "
+                         f"data.name); pass --real/--fid-real NPZ files.")
+    if data.get("pad_to"):
+        args["pad_to"] = int(data["pad_to"])
+        if not (spec and "resolution" in parse_spec(spec)):
+            args.pop("resolution", None)  # native size, then padded
+    return args
 
 
 def load_real(config: dict, *, split: str, override: str | None = None,
               size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real images and labels of ``split``: from ``override`` (.npz) if given, else ``privimage.data``."""
+    """Real images and labels of ``split``: from ``override`` (.npz) if given, else ``privimage.data``.
+
+    This is the only place the evaluation reads real data, so the pipeline's data conventions live here.
+    """
     if override:
         images, labels = load_npz_images(override)
-        return (images[:size], labels[:size]) if size else (images, labels)
-    from privimage.data import load_dataset
+    else:
+        from privimage.data import load_dataset
 
-    opts = data_options(config)
-    ds = load_dataset(opts.pop("name"), split=split, size=size, **opts)
-    return torch.as_tensor(ds.images), torch.as_tensor(ds.labels).long()
+        args = data_options(config, split)
+        pad_to = args.pop("pad_to", None)
+        ds = load_dataset(args.pop("name"), split=split, **args)
+        images, labels = torch.as_tensor(ds.images), torch.as_tensor(ds.labels).long()
+        if pad_to and images.shape[-1] < pad_to:
+            lo_h, lo_w = (pad_to - images.shape[-2]) // 2, (pad_to - images.shape[-1]) // 2
+            images = F.pad(images, (lo_w, pad_to - images.shape[-1] - lo_w, lo_h, pad_to - images.shape[-2] - lo_h))
+    return (images[:size], labels[:size]) if size else (images, labels)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -133,3 +133,26 @@ def test_dpimagebench_protocol_through_the_report_counts_its_selection_epsilon(r
     assert report["privacy"]["evaluation_selection_epsilon"] == 0.5
     assert any("were resized" in n for n in report["notes"]) and any("Report Noisy Max" in n for n in report["notes"])
     assert "| cnn |" in (run_dir / "report.md").read_text()
+
+
+def test_real_data_comes_from_the_pipeline_config(run_dir, tmp_path):
+    # privimage.config.RunConfig.to_dict(): one data spec per split, plus resolution, pad_to and seed
+    save_json({"data": {"sensitive": "embedded:sensitive,size=60", "sensitive_test": "embedded:sensitive_test,size=24",
+                        "public": "embedded:public", "resolution": 32, "pad_to": None, "seed": 0}},
+              run_dir / "config.json")
+    report = evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", cache_dir=str(tmp_path / "cache"),
+                                                   is_splits=2), log=lambda _: None)
+    assert report["metrics"]["proxy_fid"]["num_reference"] == 60  # the sensitive split's spec
+
+
+def test_load_real_pads_instead_of_resizing_when_asked():
+    from privimage.evaluate.report import data_options, load_real
+
+    config = {"data": {"sensitive_test": "embedded:sensitive_test,size=4,resolution=12", "resolution": 16,
+                       "pad_to": 16}}
+    images, labels = load_real(config, split="sensitive_test")
+    assert images.shape == (4, 3, 16, 16) and labels.shape == (4,)
+    assert images[:, :, :2].max() == 0 and images[:, :, :, -2:].max() == 0  # 2-pixel black border
+    assert data_options({"data": "embedded:public,seed=3"}, "sensitive_test") == {"name": "embedded", "seed": 3}
+    with pytest.raises(ValueError, match="no data set for split 'sensitive_test'"):
+        data_options({"data": {"sensitive": "embedded:sensitive"}}, "sensitive_test")
