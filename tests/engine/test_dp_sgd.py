@@ -436,3 +436,27 @@ def test_compiled_model_forward_has_no_graph_break_and_matches_eager():
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert counts[1] == counts[2], f"recompiled on a later step: {counts}"
     engine.close()
+
+
+def test_ops_dispatch_conv_kernels_under_triton_interpret(monkeypatch):
+    """engine.ops calls privimage.kernels' conv ops when TRITON_INTERPRET=1 and gets the torch result."""
+    kernels = pytest.importorskip("privimage.kernels")
+    if not hasattr(kernels, "conv_per_sample_sq_norms"):
+        pytest.skip("privimage.kernels has no conv_per_sample_sq_norms yet")
+
+    def run():
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, stride=2), nn.GELU(),
+                              nn.Conv2d(4, 8, 3, padding=1, groups=2))
+        x = torch.randn(3, 3, 6, 5)
+        engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=3, method="ghost")
+        return engine.step(lambda m: m(x).square().flatten(1).mean(1)).norms
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    want = run()
+    calls = []
+    original = kernels.conv_per_sample_sq_norms
+    monkeypatch.setattr(kernels, "conv_per_sample_sq_norms", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-7)
+    assert len(calls) == 2
