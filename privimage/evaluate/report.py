@@ -39,7 +39,7 @@ from privimage.evaluate.features import (
     load_proxy_classifier,
     proxy_feature_net,
 )
-from privimage.evaluate.fid import FeatureStats, fid_from_stats, load_stats, save_stats
+from privimage.evaluate.fid import FeatureStats, fid_from_stats, load_stats
 from privimage.evaluate.inception import WEIGHTS_ENV, WEIGHTS_FILE_NAME, find_inception_weights
 from privimage.evaluate.metrics import inception_score, precision_recall
 from privimage.evaluate.plots import save_line_plot
@@ -174,7 +174,8 @@ def reference_features(net: FeatureNet, images: torch.Tensor, opts: EvaluateOpti
     Cached as ``<cache>/<kind>-<key>.npz`` where the key hashes the feature network's weights and the real
     images' bytes, so a cached file is reused exactly when it would be recomputed identically.
     """
-    digest = hashlib.sha256(f"{net.kind}:{net.fingerprint}:{tuple(images.shape)}".encode())
+    bf16 = opts.bf16 and torch.device(opts.device).type == "cuda"  # bf16 features are not fp32 features
+    digest = hashlib.sha256(f"{net.kind}:{net.fingerprint}:{tuple(images.shape)}:bf16={bf16}".encode())
     digest.update(images.contiguous().numpy().tobytes())
     path = _cache_dir(opts) / f"{net.kind}-{digest.hexdigest()[:24]}.npz"
     if path.is_file():
@@ -249,7 +250,7 @@ def feature_network(run_dir: Path, opts: EvaluateOptions, log) -> FeatureNet | N
 
 
 def _match(images: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Real images resized / channel-matched to the samples' shape, for side-by-side display only."""
+    """Real images resized / channel-matched to the samples' shape (for CA and the side-by-side grid)."""
     if images.shape[1] != like.shape[1]:
         images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float().mean(1, True).byte()
     if images.shape[-2:] != like.shape[-2:]:
@@ -399,6 +400,8 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
             fid_real = test_images[:opts.num_reference] if opts.num_reference else test_images
         else:
             fid_real, _ = load_real(config, split=opts.fid_split, size=opts.num_reference)
+        if opts.reference_stats:
+            report["notes"].append("Precision/recall need real features: skipped with --reference-stats.")
         fid = fidelity(net, samples, fid_real, opts)
         timings["fidelity_s"] = fid.pop("_seconds")
         metrics.update(fid)
