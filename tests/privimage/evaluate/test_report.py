@@ -73,6 +73,13 @@ def test_proxy_report_files_exist_parse_and_are_labelled(run_dir, tmp_path):
     assert again["metrics"]["proxy_fid"]["reference"].startswith("cache ")
     assert again["metrics"]["proxy_fid"]["value"] == pytest.approx(metrics["proxy_fid"]["value"], rel=1e-6)
 
+    # the cached file is an ordinary mu/sigma statistics file (with its kind), usable as --reference-stats
+    (stats_file,) = (tmp_path / "cache").glob("proxy-*.npz")
+    third = evaluate_run(run_dir, EvaluateOptions(reference_stats=str(stats_file), ca_protocol="none", is_splits=2),
+                         log=lambda _: None)
+    assert third["metrics"]["proxy_fid"]["value"] == pytest.approx(metrics["proxy_fid"]["value"], rel=1e-6)
+    assert "proxy_precision_recall" not in third["metrics"]
+
 
 def test_with_inception_weights_the_metric_is_fid_never_proxy(run_dir, tmp_path):
     torch.save(FIDInceptionV3().state_dict(), tmp_path / "pt_inception.pth")
