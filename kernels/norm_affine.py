@@ -149,6 +149,11 @@ def _norm_affine_op(x: Optional[torch.Tensor], go: torch.Tensor, target: torch.T
     tensors = (go,) if x is None else (x, go)
     if go.dtype != torch.float64 and use_triton(*tensors):
         return _launch(x, go, target, scale, is_padding, out_rows, kind, num_groups, norm_ndim, eps)
+    from . import native  # the optional C++ build, for CPU tensors when it is built
+
+    if native.enabled(*tensors):
+        return native._op().norm_affine_grads(x, go, target, scale, is_padding, out_rows, kind, num_groups,
+                                              norm_ndim, eps)
     per_row = _per_row_ref(x, go, kind, num_groups, norm_ndim, eps)
     s = scale.to(per_row.dtype)
     if is_padding is not None:

@@ -100,6 +100,10 @@ def _per_sample_sq_norms_op(x: torch.Tensor, go: torch.Tensor, sample_index: Opt
     geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups)
     if x.dtype != torch.float64 and use_triton(x, go):
         return _launch(x, go, sample_index, is_padding, num_samples, *geometry)
+    from . import native  # the optional C++ build, for CPU tensors when it is built
+
+    if native.enabled(x, go):
+        return native.conv_per_sample_sq_norms_raw(x, go, sample_index, is_padding, num_samples, *geometry)
     return _conv_ref(x, go, sample_index, is_padding, num_samples, *geometry)
 
 

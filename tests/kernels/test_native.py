@@ -1,0 +1,104 @@
+"""The native CPU build (CMakeLists.txt, csrc/) against the torch references and float64.
+
+Skipped with the reason when the library is not built (build: csrc/build.sh). When built, the
+privimage.kernels ops hand CPU float32/bf16 tensors to it, which is tested here too.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from privimage import kernels as K
+from privimage.kernels import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native build not loaded: {native.why_unavailable()}")
+
+
+def _helpers():
+    if "kernel_test_helpers" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("kernel_test_helpers", Path(__file__).with_name("helpers.py"))
+        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["kernel_test_helpers"]
+
+
+H = _helpers()
+
+
+def _poison(kw, *tensors):
+    pad = kw.get("is_padding")
+    for t in tensors:
+        if pad is not None and t.shape[0]:
+            t[pad] = float("nan")
+
+
+@pytest.mark.parametrize("kind", H.ROW_KINDS)
+@pytest.mark.parametrize("spec", H.CONV_CASES)
+@pytest.mark.parametrize("dtype, atol", H.DTYPES)
+def test_conv_per_sample_sq_norms(spec, kind, dtype, atol):
+    x, go, geometry = H.conv_case(spec, dtype)
+    kw = H.rows(kind, x.shape[0])
+    _poison(kw, x, go)
+    ours = native.conv_per_sample_sq_norms(x, go, **geometry, **kw)
+    H.assert_within(ours, K.conv_per_sample_sq_norms_ref(x, go, **geometry, **kw),
+                    K.conv_per_sample_sq_norms_ref(x.double(), go.double(), **geometry, **kw), atol, f"{spec} {kind}")
+
+
+@pytest.mark.parametrize("kind", H.ROW_KINDS)
+@pytest.mark.parametrize("spec", H.LINEAR_CASES)
+def test_linear_per_sample_sq_norms(spec, kind):
+    A, G = H.linear_case(spec, torch.float32)
+    kw = H.rows(kind, A.shape[0])
+    _poison(kw, A, G)
+    H.assert_within(native.per_sample_sq_norms(A, G, **kw), K.per_sample_sq_norms_ref(A, G, **kw),
+                    K.per_sample_sq_norms_ref(A.double(), G.double(), **kw), 1e-5, f"{spec} {kind}")
+
+
+@pytest.mark.parametrize("kind", H.ROW_KINDS)
+def test_norm_affine(kind):
+    x = torch.randn(7, 6, 5, 3) * 3 + 2
+    g = torch.randn_like(x)
+    kw = H.rows(kind, 7)
+    _poison(kw, g)
+    x64, g64 = x.double(), g.double()
+    H.assert_within(native.group_norm_sq_norms(x, g, 3, **kw), K.group_norm_sq_norms_ref(x, g, 3, **kw),
+                    K.group_norm_sq_norms_ref(x64, g64, 3, **kw), 1e-5, "group norm")
+    H.assert_within(native.layer_norm_sq_norms(x, g, (5, 3), **kw), K.layer_norm_sq_norms_ref(x, g, (5, 3), **kw),
+                    K.layer_norm_sq_norms_ref(x64, g64, (5, 3), **kw), 1e-5, "layer norm")
+    H.assert_within(native.bias_sq_norms(g, channel_dim=1, **kw), K.bias_sq_norms_ref(g, channel_dim=1, **kw),
+                    K.bias_sq_norms_ref(g64, channel_dim=1, **kw), 1e-5, "bias")
+    kw.pop("num_samples", None)
+    S = 3 if "sample_index" in kw else 7
+    c = torch.rand(S)
+    for got, same, ref64 in zip(native.group_norm_clipped_grads(x, g, c, 3, **kw),
+                                K.group_norm_clipped_grads_ref(x, g, c, 3, **kw),
+                                K.group_norm_clipped_grads_ref(x64, g64, c.double(), 3, **kw)):
+        H.assert_within(got, same, ref64, 1e-5, "group norm clipped")
+    for got, same, ref64 in zip(native.layer_norm_clipped_grads(x, g, c, 3, **kw),
+                                K.layer_norm_clipped_grads_ref(x, g, c, 3, **kw),
+                                K.layer_norm_clipped_grads_ref(x64, g64, c.double(), 3, **kw)):
+        H.assert_within(got, same, ref64, 1e-5, "layer norm clipped")
+    H.assert_within(native.bias_clipped_grad(g, c, channel_dim=1, **kw), K.bias_clipped_grad_ref(g, c, channel_dim=1, **kw),
+                    K.bias_clipped_grad_ref(g64, c.double(), channel_dim=1, **kw), 1e-5, "bias clipped")
+
+
+def test_empty_batch():
+    assert native.conv_per_sample_sq_norms(torch.zeros(0, 3, 5, 4), torch.zeros(0, 2, 5, 4), 3, padding=1).shape == (0,)
+    assert native.group_norm_sq_norms(torch.zeros(0, 4, 3), torch.zeros(0, 4, 3), 2).shape == (0,)
+
+
+def test_kernels_ops_dispatch_to_native_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+    original = native.conv_per_sample_sq_norms_raw
+    monkeypatch.setattr(native, "conv_per_sample_sq_norms_raw", lambda *a: calls.append(1) or original(*a))
+    x, go, geometry = H.conv_case(H.CONV_CASES[1].values[0], torch.float32)
+    torch.testing.assert_close(K.conv_per_sample_sq_norms(x, go, **geometry),
+                               K.conv_per_sample_sq_norms_ref(x, go, **geometry), rtol=1e-5, atol=0)
+    assert calls, "privimage.kernels did not use the native build on CPU"
+    monkeypatch.setenv("PRIVIMAGE_NATIVE", "0")
+    K.conv_per_sample_sq_norms(x, go, **geometry)
+    assert len(calls) == 1, "PRIVIMAGE_NATIVE=0 must switch the native build off"
