@@ -69,8 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap on public images per selected class in the subset (default: no cap)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="run directory to write into (default: a new runs/NNNNN-query)")
-    parser.add_argument("--classifier-width", type=_positive_int, default=32, help="query classifier width")
-    parser.add_argument("--classifier-epochs", type=_positive_int, default=10, help="query classifier epochs")
+    parser.add_argument("--classifier-width", type=_positive_int, default=32,
+                        help="query classifier width (default: %(default)s)")
+    parser.add_argument("--classifier-epochs", type=_positive_int, default=5,
+                        help="query classifier epochs on the public data (default: %(default)s)")
     parser.add_argument("--no-ffcv", action="store_true", help="write the subset as npz even if FFCV is installed")
     parser.add_argument("--seed", type=int, default=0, help="seed for data subsets and the classifier (public)")
     parser.add_argument("--secure-noise", action="store_true",

@@ -11,7 +11,7 @@ from privimage.query import ClassifierConfig, QueryClassifier, SemanticQuery, qu
 from privimage.engine import compute_epsilon
 from privimage.engine.budget import QUERY
 
-# Small and quick (about 15 s on one CPU core); the defaults (width 32, 10 epochs) are for real runs.
+# Small and quick (about 15 s on one CPU core); the defaults (width 32, 5 epochs, batch 128) are for real runs.
 CONFIG = ClassifierConfig(width=16, epochs=5, batch_size=32, lr=5e-3)
 
 
