@@ -9,6 +9,9 @@ Every op runs its Triton kernel on CUDA tensors (or on CPU under ``TRITON_INTERP
 
 Rows and samples: ``sample_index`` (R,) long maps rows to samples (a sample's gradient is the sum of its rows'),
 ``is_padding`` (R,) bool marks rows that count for nothing. Norms are (S,) float32 whatever the input dtype.
+
+On CPU without the interpreter, ops run the optional native C++ build when it is built (:mod:`.native`),
+else their references.
 """
 
 from .clipped_weight_grad import (clipped_weight_grad, clipped_weight_grad_ref, conv_clipped_weight_grad,
@@ -21,13 +24,14 @@ from .norm_affine import (bias_clipped_grad, bias_clipped_grad_ref, bias_sq_norm
 from .per_sample_sq_norms import (conv_per_sample_sq_norms, conv_per_sample_sq_norms_ref, per_sample_sq_norms,
                                   per_sample_sq_norms_ref)
 from ._triton import TRITON_AVAILABLE, use_triton
+from . import native  # the optional C++ build (loaded on first use, when built)
 
 __all__ = [
     "TRITON_AVAILABLE",
     "bias_clipped_grad", "bias_clipped_grad_ref", "bias_sq_norms", "bias_sq_norms_ref",
     "clipped_weight_grad", "clipped_weight_grad_ref", "conv_clipped_weight_grad", "conv_clipped_weight_grad_ref",
     "conv_ghost_sq_norms", "conv_ghost_sq_norms_ref", "conv_per_sample_sq_norms", "conv_per_sample_sq_norms_ref",
-    "ghost_sq_norms", "ghost_sq_norms_ref",
+    "ghost_sq_norms", "ghost_sq_norms_ref", "native",
     "group_norm_clipped_grads", "group_norm_clipped_grads_ref", "group_norm_sq_norms", "group_norm_sq_norms_ref",
     "layer_norm_clipped_grads", "layer_norm_clipped_grads_ref", "layer_norm_sq_norms", "layer_norm_sq_norms_ref",
     "per_sample_sq_norms", "per_sample_sq_norms_ref",
