@@ -1,0 +1,14 @@
+"""Evaluation tests run torch on one thread (restored afterwards): their batches are tiny, so a second thread
+only adds synchronisation, and on a shared 2-core CPU two threads per process oversubscribe the cores
+(measured: 35 s for this folder on one thread vs 145 s on two, at load average ~5)."""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
