@@ -77,7 +77,8 @@ at::Tensor norm_affine_grads(const std::optional<at::Tensor>& x_opt, const at::T
   // Per-row (weight, bias) gradients first, in parallel over rows; rows may share a target, so the
   // scatter into `out` is a serial pass over R·2·P numbers afterwards.
   std::vector<float> rows(static_cast<size_t>(v.R * 2 * v.P), 0.f);
-  at::parallel_for(0, v.R, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(v.NG * block, 1));
+  at::parallel_for(0, v.R, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (padp[r] || sp[r] == 0.f) continue;  // never read: padding, or a zero clip factor
       float* gw = rows.data() + r * 2 * v.P;
@@ -85,24 +86,33 @@ at::Tensor norm_affine_grads(const std::optional<at::Tensor>& x_opt, const at::T
       for (int64_t ng = 0; ng < v.NG; ++ng) {
         const float* g = gp + (r * v.NG + ng) * block;
         const float* xx = xp + (r * v.NG + ng) * block;
-        double mean = 0.0, rstd = 0.0;
+        float mean = 0.f, rstd = 0.f;
         if (has_x) {
-          double total = 0.0;
+          // fp32 partial sums in SIMD lanes (vectorised), combined in double
+          float total = 0.f;
+#pragma omp simd reduction(+ : total)
           for (int64_t i = 0; i < block; ++i) total += xx[i];
-          mean = total / block;
-          double sq = 0.0;  // two passes: E[x²] − E[x]² cancels badly for large means
+          mean = static_cast<float>(static_cast<double>(total) / block);
+          float sq = 0.f;  // two passes: E[x²] − E[x]² cancels badly for large means
+#pragma omp simd reduction(+ : sq)
           for (int64_t i = 0; i < block; ++i) sq += (xx[i] - mean) * (xx[i] - mean);
-          rstd = 1.0 / std::sqrt(sq / block + eps);
+          rstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(sq) / block + eps));
         }
         for (int64_t c = 0; c < v.CG; ++c) {
           const int64_t ch = per_position ? c : ng * v.CG + c;
           float sw = 0.f, sb = 0.f;
           const float* gc = g + c * v.L;
           const float* xc = xx + c * v.L;
-          const float m = static_cast<float>(mean), s = static_cast<float>(rstd);
-          for (int64_t l = 0; l < v.L; ++l) {
-            sb += gc[l];
-            if (has_x) sw += gc[l] * (xc[l] - m) * s;
+          if (has_x) {
+#pragma omp simd reduction(+ : sw, sb)
+            for (int64_t l = 0; l < v.L; ++l) {
+              sb += gc[l];
+              sw += gc[l] * (xc[l] - mean);
+            }
+            sw *= rstd;
+          } else {
+#pragma omp simd reduction(+ : sb)
+            for (int64_t l = 0; l < v.L; ++l) sb += gc[l];
           }
           gw[ch] += sw;
           gb[ch] += sb;

@@ -14,7 +14,8 @@ Not built: ghost norms and the clipped weight gradient, whose torch references a
 GEMMs / one weight-gradient convolution on CPU (nothing to fuse away there).
 
 When the library is loaded, the ``privimage.kernels`` ops use it for CPU tensors of float32/bf16 (float64 still
-goes to the torch reference, the tests' upcast); :func:`enabled` says whether that happens.
+goes to the torch reference, the tests' upcast); :func:`enabled` says whether that happens. Per-sample
+weight norms go native only where it measured faster (:func:`prefer_for_weight_norms`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,20 @@ def per_sample_sq_norms(A, G, *, sample_index=None, is_padding=None, num_samples
     x, go = cm.linear_as_conv("native.per_sample_sq_norms", A, G)
     S = cm.check_rows("native.per_sample_sq_norms", A.shape[0], A.device, sample_index, is_padding, num_samples)
     return conv_per_sample_sq_norms_raw(x, go, sample_index, is_padding, S, (1, 1), (1, 1), (0, 0), (1, 1), 1)
+
+
+# Per-sample weight norms go native when each sample's gradient (P·K per group) is at least this many
+# times its positions T. Measured on the 2-core CPU, one thread, batch 64 (ms, reference → native): 3×3 conv
+# 8×8×64 39.6 → 15.9, 16×16×128 271 → 168, 4×4×128 177 → 17, Linear T=1 512×512 165 → 11, T=16 256×256
+# 9.7 → 7.5, T=64 128→384 15.9 → 16.2 (tie); but 32×32×32 32 → 100, 16×16×64 33 → 74, Linear T=256 64×64
+# 6.3 → 12.7. The reference writes R·P·K per-sample gradients: it loses where they are large against the
+# im2col block each native thread forms per row.
+GRAD_PER_POSITION = 256
+
+
+def prefer_for_weight_norms(T: int, K: int, P: int) -> bool:
+    """Whether the native per-sample norm beats the grouped-convolution reference at this shape."""
+    return P * K >= GRAD_PER_POSITION * T
 
 
 def _norm_affine(x, go, target, scale, is_padding, out_rows, kind, num_groups, norm_ndim, eps):

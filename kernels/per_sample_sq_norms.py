@@ -102,7 +102,9 @@ def _per_sample_sq_norms_op(x: torch.Tensor, go: torch.Tensor, sample_index: Opt
         return _launch(x, go, sample_index, is_padding, num_samples, *geometry)
     from . import native  # the optional C++ build, for CPU tensors when it is built
 
-    if native.enabled(x, go):
+    c_out, Ho, Wo = go.shape[1:]
+    K, P = x.shape[1] // groups * kernel_size[0] * kernel_size[1], c_out // groups
+    if native.enabled(x, go) and native.prefer_for_weight_norms(Ho * Wo, K, P):
         return native.conv_per_sample_sq_norms_raw(x, go, sample_index, is_padding, num_samples, *geometry)
     return _conv_ref(x, go, sample_index, is_padding, num_samples, *geometry)
 
