@@ -402,6 +402,10 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
             fid_real, _ = load_real(config, split=opts.fid_split, size=opts.num_reference)
         if opts.reference_stats:
             report["notes"].append("Precision/recall need real features: skipped with --reference-stats.")
+        if samples.shape[0] < 5000:
+            report["notes"].append(f"{net.metric_name('fid')} from {samples.shape[0]} samples: FID is biased upward "
+                                   f"at small N (the official protocol uses 5,000, the community 50,000); compare "
+                                   f"values only at equal N.")
         fid = fidelity(net, samples, fid_real, opts)
         timings["fidelity_s"] = fid.pop("_seconds")
         metrics.update(fid)
