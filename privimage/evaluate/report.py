@@ -302,11 +302,15 @@ def training_plots(run_dir: Path, out_dir: Path) -> list[str]:
         if "step" not in cols:
             continue
         for column, label in (("loss", "loss"), ("epsilon", "epsilon spent")):
-            if column in cols and np.isfinite(cols[column]).any():
-                target = out_dir / f"{column}_{log_path.stem}.png"
-                save_line_plot(target, {log_path.stem: (cols["step"], cols[column])},
-                               title=f"{label} ({log_path.stem})", xlabel="step", ylabel=label)
-                written.append(str(target.relative_to(run_dir)))
+            values = cols.get(column)
+            if values is None or not np.isfinite(values).any():
+                continue
+            if column == "epsilon" and not np.nanmax(np.abs(values[np.isfinite(values)])) > 0:
+                continue  # a non-private stage (pre-training) logs epsilon 0 throughout: nothing to plot
+            target = out_dir / f"{column}_{log_path.stem}.png"
+            save_line_plot(target, {log_path.stem: (cols["step"], values)}, title=f"{label} ({log_path.stem})",
+                           xlabel="step", ylabel=label)
+            written.append(str(target.relative_to(run_dir)))
     return written
 
 

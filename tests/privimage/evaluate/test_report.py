@@ -33,7 +33,7 @@ def run_dir(tmp_path, monkeypatch):
     (run / "logs").mkdir()
     (run / "logs" / "finetune.csv").write_text(
         "step,loss,epsilon,images_per_s\n" + "".join(f"{s},{1 / (s + 1):.4f},{0.01 * s:.3f},100\n" for s in range(50)))
-    (run / "logs" / "pretrain.csv").write_text("step,loss,epsilon,images_per_s\n0,2.0,,50\n10,1.5,,51\n20,1.2,,52\n")
+    (run / "logs" / "pretrain.csv").write_text("step,loss,epsilon,images_per_s\n0,2.0,0.0,50\n10,1.5,0.0,51\n20,1.2,,52\n")
     (run / "query").mkdir()
     torch.save(SmallCNN(3, 5, width=8), run / "query" / "classifier.pt")
     real = load_dataset("embedded", split="sensitive_test", size=60, seed=0)
