@@ -11,12 +11,14 @@ timed loop touches each batch (a sum) so nothing is left lazily undone.
 Results are appended to ``bench/results/loaders.csv`` and summarised in ``bench/results/loaders.md``.
 
     python bench/loaders.py [--size 20000] [--resolutions 32 64] [--batch 256] [--epochs 3] [--device cpu]
+                            [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -82,14 +84,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per loader; the first is reported apart")
     parser.add_argument("--workers", type=int, default=2, help="FFCV decoding threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: stable numbers on a shared machine; 2 threads at load ~5 on a "
+                             "2-core CPU measured 10x slower)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    try:
-        import ffcv  # noqa: F401
-        from importlib.metadata import version
-        ffcv_version = version("ffcv")
-    except ImportError:
-        ffcv_version = "not installed"
+    # Not `import ffcv` here: importing it sets torch's thread count to 1 (ffcv_available() restores it).
+    ffcv_version = importlib.metadata.version("ffcv") if ffcv_available() else "not installed"
     common = {"device": _device_name(device), "torch": torch.__version__, "numpy": np.__version__,
               "ffcv": ffcv_version, "git_sha": _git_sha(),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}

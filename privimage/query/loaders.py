@@ -13,10 +13,11 @@ the uint8 bytes come from.
   40 MB) and gathers each batch with one indexing op: no host work, no copies per step.
 
 :func:`make_loader` chooses: the device loader whenever the uint8 data fits in a quarter of the device's
-memory, else FFCV. On a shared 2-core CPU the device loader measured 92k images/s against FFCV's 63k at
-32×32, and 20k against 17k at 64×64 (``bench/results/loaders.md``; runs on a busy machine vary by ~2×),
-with no file and no extra dependency; on a GPU it also skips every host-to-device copy (not measured
-here: no GPU was available when the benchmark ran).
+memory, else FFCV. On a shared 2-core CPU with one torch thread the two were within 20% of each other
+(``bench/results/loaders.md``: device 128k vs FFCV 152k images/s at 32×32, where FFCV's own gather threads
+run beside the main thread; 26k vs 26k at 64×64; runs on the busy machine varied by ~2×). The device
+loader needs no file and no extra dependency, and on a GPU it also skips every host-to-device copy (not
+measured here: no GPU was available when the benchmark ran).
 """
 
 from __future__ import annotations
