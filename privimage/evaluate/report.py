@@ -297,6 +297,8 @@ def read_log(path: Path) -> dict[str, np.ndarray]:
 def training_plots(run_dir: Path, out_dir: Path) -> list[str]:
     """Loss and epsilon over steps for every ``logs/*.csv``; returns the written paths (relative)."""
     written = []
+    for stale in [*out_dir.glob("loss_*.png"), *out_dir.glob("epsilon_*.png")]:  # from an earlier evaluation
+        stale.unlink()
     for log_path in sorted((run_dir / "logs").glob("*.csv")):
         cols = read_log(log_path)
         if "step" not in cols:
