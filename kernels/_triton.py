@@ -79,16 +79,25 @@ if HAVE_TRITON:
         fn = _INTERPRETED.get(self.fn)
         if fn is None:
             fn = _INTERPRETED[self.fn] = InterpretedFunction(self.fn)
-        return fn(*args, **kwargs)
+        return fn.rewrite()(*args, **kwargs)
 
     @contextlib.contextmanager
     def _device_calls_interpreted():
+        """For one interpreted launch: device calls go to the interpreted form, and triton.language (tl and
+        tl.core, which the standard library's functions use) is patched to the interpreter's builder ONCE and
+        restored afterwards. InterpretedFunction's own device-call path patches without restoring, which
+        would leave a process that later compiles a kernel (a GPU machine running the whole suite) with a
+        broken triton.language."""
+        from triton.runtime.interpreter import _patch_lang
+
         original = JITFunction.__call__
+        scope = _patch_lang(types.SimpleNamespace(__globals__={"tl": tl, "core": tl.core}))
         JITFunction.__call__ = _call_interpreted
         try:
             yield
         finally:
             JITFunction.__call__ = original
+            scope.restore()
 
     def jit(fn):
         return _DualKernel(fn)

@@ -83,3 +83,14 @@ def test_switch_uses_reference_on_cpu_without_interpreter(monkeypatch):
 def test_clear_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_interpreted_launch_leaves_triton_language_untouched(interpret):
+    """An interpreted launch patches triton.language for its duration only: a process that then compiles
+    kernels for a GPU (the whole suite on a GPU machine) must see the original functions."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    before = (tl.load, tl.core.load, tl.dot, tl.tensor.__add__, JITFunction.__call__)
+    K.per_sample_sq_norms(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
+    assert (tl.load, tl.core.load, tl.dot, tl.tensor.__add__, JITFunction.__call__) == before
