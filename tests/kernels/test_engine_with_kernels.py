@@ -51,3 +51,37 @@ def test_dp_step_with_kernels_equals_references(interpret, monkeypatch, method, 
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in got)
+
+
+def _conv_grads(x, is_padding):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.GroupNorm(1, 5), nn.SiLU(),
+                          nn.Conv2d(5, 16, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(16 * 6, 2))
+    engine = DPEngine(model, max_grad_norm=0.3, noise_multiplier=0.0, expected_batch_size=3)
+    engine.step(lambda m: m(x).square().sum(1), is_padding=is_padding)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_dp_step_with_conv_kernels_equals_references(interpret, monkeypatch):
+    """Convolutions: materialised norms (first conv, T=20), ghost norms (second, T=6, wide) and the clipped
+    weight gradient, with per-sample gradients not kept (KEEP_FACTOR=0) so every conv op goes to a kernel."""
+    from privimage.engine import layers
+
+    monkeypatch.setattr(layers, "KEEP_FACTOR", 0.0)
+    x = torch.randn(3, 3, 5, 4)
+    is_padding = torch.tensor([False, True, False])
+    monkeypatch.delenv("TRITON_INTERPRET")
+    want = _conv_grads(x, is_padding)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ops = ["conv_per_sample_sq_norms", "conv_ghost_sq_norms", "conv_clipped_weight_grad"]
+    calls = {name: 0 for name in ops}
+    for name in ops:
+        def counting(*args, _original=getattr(K, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(K, name, counting)
+    got = _conv_grads(x, is_padding)
+    assert all(n > 0 for n in calls.values()), f"kernels not called: {calls}"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
