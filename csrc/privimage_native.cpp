@@ -7,6 +7,8 @@
 //   norm_affine_grads: bias / GroupNorm / LayerNorm affine per-sample gradients (statistics, x̂ and the
 //     reductions in one pass over each (row, group) block held in cache), summed into each row's target
 //     slot with its scale (per-sample norms: target = sample, scale 1; clipped sums: target 0, scale c).
+//     privimage dispatches only GroupNorm here: for the per-position layouts (LayerNorm, Linear bias) the
+//     inner loop has length 1 and the torch reference measured faster (privimage/kernels/native.py).
 //   per_sample_sq_norms: ‖Σ_{r∈s} G_rᵀ A_r‖² for a Conv2d (Linear = 1×1): each thread takes whole samples,
 //     forms one row's im2col block (K × T) in a thread-local buffer, one GEMM per group into a (P × K)
 //     buffer reused across rows, then squares and sums it. No R·P·K per-sample gradient tensor is written.
@@ -34,9 +36,8 @@ AffineView affine_view(const at::Tensor& go, int64_t kind, int64_t num_groups, i
     int64_t C = go.size(1);
     v.NG = kind == kGroupNorm ? num_groups : 1;
     v.CG = C / v.NG;
-    v.L = go.numel() / std::max<int64_t>(v.R * C, 1);
-    if (v.R == 0) v.L = 1;
-    for (int64_t d = 2; d < go.dim() && v.R == 0; ++d) v.L *= go.size(d);
+    v.L = 1;
+    for (int64_t d = 2; d < go.dim(); ++d) v.L *= go.size(d);
     v.P = C;
   } else {
     int64_t n = 1;
@@ -88,7 +89,7 @@ at::Tensor norm_affine_grads(const std::optional<at::Tensor>& x_opt, const at::T
         const float* xx = xp + (r * v.NG + ng) * block;
         float mean = 0.f, rstd = 0.f;
         if (has_x) {
-          // fp32 partial sums in SIMD lanes (vectorised), combined in double
+          // fp32 partial sums in SIMD lanes (vectorised)
           float total = 0.f;
 #pragma omp simd reduction(+ : total)
           for (int64_t i = 0; i < block; ++i) total += xx[i];

@@ -151,7 +151,7 @@ def _norm_affine_op(x: Optional[torch.Tensor], go: torch.Tensor, target: torch.T
         return _launch(x, go, target, scale, is_padding, out_rows, kind, num_groups, norm_ndim, eps)
     from . import native  # the optional C++ build, for CPU tensors when it is built
 
-    if native.enabled(*tensors):
+    if kind == _GROUP_NORM and native.enabled(*tensors):  # the only layout where native measured faster
         return native._op().norm_affine_grads(x, go, target, scale, is_padding, out_rows, kind, num_groups,
                                               norm_ndim, eps)
     per_row = _per_row_ref(x, go, kind, num_groups, norm_ndim, eps)

@@ -58,7 +58,7 @@ def test_linear_per_sample_sq_norms(spec, kind):
 
 
 @pytest.mark.parametrize("kind", H.ROW_KINDS)
-def test_norm_affine(kind):
+def test_group_norm(kind):
     x = torch.randn(7, 6, 5, 3) * 3 + 2
     g = torch.randn_like(x)
     kw = H.rows(kind, 7)
@@ -66,23 +66,12 @@ def test_norm_affine(kind):
     x64, g64 = x.double(), g.double()
     H.assert_within(native.group_norm_sq_norms(x, g, 3, **kw), K.group_norm_sq_norms_ref(x, g, 3, **kw),
                     K.group_norm_sq_norms_ref(x64, g64, 3, **kw), 1e-5, "group norm")
-    H.assert_within(native.layer_norm_sq_norms(x, g, (5, 3), **kw), K.layer_norm_sq_norms_ref(x, g, (5, 3), **kw),
-                    K.layer_norm_sq_norms_ref(x64, g64, (5, 3), **kw), 1e-5, "layer norm")
-    H.assert_within(native.bias_sq_norms(g, channel_dim=1, **kw), K.bias_sq_norms_ref(g, channel_dim=1, **kw),
-                    K.bias_sq_norms_ref(g64, channel_dim=1, **kw), 1e-5, "bias")
     kw.pop("num_samples", None)
-    S = 3 if "sample_index" in kw else 7
-    c = torch.rand(S)
+    c = torch.rand(3 if "sample_index" in kw else 7)
     for got, same, ref64 in zip(native.group_norm_clipped_grads(x, g, c, 3, **kw),
                                 K.group_norm_clipped_grads_ref(x, g, c, 3, **kw),
                                 K.group_norm_clipped_grads_ref(x64, g64, c.double(), 3, **kw)):
         H.assert_within(got, same, ref64, 1e-5, "group norm clipped")
-    for got, same, ref64 in zip(native.layer_norm_clipped_grads(x, g, c, 3, **kw),
-                                K.layer_norm_clipped_grads_ref(x, g, c, 3, **kw),
-                                K.layer_norm_clipped_grads_ref(x64, g64, c.double(), 3, **kw)):
-        H.assert_within(got, same, ref64, 1e-5, "layer norm clipped")
-    H.assert_within(native.bias_clipped_grad(g, c, channel_dim=1, **kw), K.bias_clipped_grad_ref(g, c, channel_dim=1, **kw),
-                    K.bias_clipped_grad_ref(g64, c.double(), channel_dim=1, **kw), 1e-5, "bias clipped")
 
 
 def test_empty_batch():
