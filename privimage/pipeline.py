@@ -1,0 +1,356 @@
+"""The whole PrivImage job (arXiv 2311.12850) in one run directory, stage by stage.
+
+``run_pipeline``: plan the budget → train the query classifier (public data only) → DP semantic query per
+sensitive class → public subset relabelled to the sensitive classes → pre-train → DP fine-tune → sample →
+evaluate. Each stage reads what the previous one wrote into ``runs/NNNNN-<config>/``:
+
+    config.json            the resolved RunConfig (+ data.name/root/resolution for the evaluator)
+    budget.json            PrivacyBudget.state_dict(): plan (query σ; fine-tune σ, q, steps) and ledger
+    query/                 classifier.pt, histogram.npy (noisy, per sensitive class), selected_labels.json,
+                           subset.npz (the relabelled public pre-training subset)
+    checkpoints/           pretrain.pt, finetune.pt (model, EMA, optimizer, sampler, noise RNG, ledger, log)
+    logs/                  pretrain.csv, finetune.csv (step, loss, epsilon, images_per_s, ...)
+    samples/               samples.npz (images uint8 (N,C,H,W), labels), grid.png, intermediate grids
+    report.json, report.md the evaluation (when privimage.evaluate is available)
+
+The per-class query. The official code asks the query classifier about each sensitive class separately:
+every sensitive image votes for its top-k public classes in ITS OWN class's histogram. Adding or removing one
+image changes k entries of one row of the (classes × public classes) histogram matrix by 1, so the whole
+matrix has L2 sensitivity √k, exactly as one pooled histogram does: releasing it with Gaussian noise
+σ·√k is one Gaussian mechanism with noise multiplier σ (the budget's "query" entry). Each selected public
+class is then labelled with the sensitive class whose noisy row chose it (post-processing), so the
+conditional pre-trained model already maps "sensitive class c" to public images that look like it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from privimage.config import CONFIGS, RunConfig
+
+__all__ = ["load_run_config", "new_run_dir", "plan_budget", "run_pipeline", "stage_finetune", "stage_pretrain",
+           "stage_query", "stage_sample", "stage_evaluate"]
+
+# Sizes of well-known training splits, so --dry-run can report σ and steps without reading the files.
+KNOWN_SIZES = {("cifar10", "train"): 50_000, ("celeba", "train"): 162_770, ("fmnist", "sensitive"): 18_000}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def new_run_dir(root: str | Path, name: str) -> Path:
+    """``root/NNNNN-name`` with the next free number (EDM's auto-numbered run directories)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        numbers = [int(p.name[:5]) for p in root.iterdir() if p.name[:5].isdigit()]
+        path = root / f"{max(numbers, default=-1) + 1:05d}-{name}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:  # another run took the number first
+            continue
+    raise RuntimeError(f"Could not create a new run directory under {root}.")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config and data
+
+
+def config_json(cfg: RunConfig) -> dict:
+    """config.json: the RunConfig, with ``data.name/root/resolution/seed`` added for ``privimage evaluate``."""
+    from privimage.data import parse_spec
+
+    d = cfg.to_dict()
+    spec = parse_spec(cfg.data.sensitive)
+    d["data"].update({"name": spec["name"], "root": spec.get("root"),
+                      "resolution": None if cfg.data.pad_to else cfg.data.resolution})
+    return d
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a run directory (make one with "
+                                f"`privimage run`).")
+    d = json.loads(path.read_text())
+    for key in ("name", "root"):
+        d.get("data", {}).pop(key, None)
+    if d.get("data", {}).get("resolution") is None:
+        d["data"]["resolution"] = d["data"].get("pad_to") or 32
+    return RunConfig.from_dict(d, CONFIGS.get(d.get("name", ""), CONFIGS["demo"]))
+
+
+def load_split(cfg: RunConfig, which: str, *, root: str | None = None):
+    """``which`` in sensitive / sensitive_test / public, at the config's resolution (padded if ``pad_to``)."""
+    from privimage.data import ImageDataset, load_spec
+
+    spec = getattr(cfg.data, which)
+    if root:
+        spec = f"{spec},root={root}"
+    extra = {} if cfg.data.pad_to else {"resolution": cfg.data.resolution}
+    ds = load_spec(spec, split=which, seed=cfg.data.seed, **extra)
+    if cfg.data.pad_to and ds.resolution != cfg.data.pad_to:
+        pad = cfg.data.pad_to - ds.resolution
+        if pad < 0:
+            raise ValueError(f"data.pad_to={cfg.data.pad_to} is smaller than the images ({ds.resolution}).")
+        images = F.pad(ds.images, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        ds = ImageDataset(images, ds.labels, ds.class_names)
+    return ds
+
+
+def sensitive_size(cfg: RunConfig, root: str | None = None) -> int:
+    """The number of sensitive images (from the spec's size=, a table of known splits, or by loading)."""
+    from privimage.data import parse_spec
+
+    spec = parse_spec(cfg.data.sensitive)
+    if "size" in spec:
+        return int(spec["size"])
+    split = spec.get("split", "sensitive")
+    if (spec["name"], split) in KNOWN_SIZES:
+        return KNOWN_SIZES[(spec["name"], split)]
+    return len(load_split(cfg, "sensitive", root=root))
+
+
+def plan_budget(cfg: RunConfig, num_sensitive: int):
+    """The run's PrivacyBudget: the query's σ from its ε share, the fine-tune's σ calibrated on the rest."""
+    from privimage.engine import PrivacyBudget
+
+    q = cfg.finetune.sample_rate(num_sensitive)
+    steps = cfg.finetune.steps(num_sensitive)
+    return PrivacyBudget.for_privimage(epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q, steps=steps,
+                                       query_epsilon_fraction=cfg.query.epsilon_fraction,
+                                       num_examples=num_sensitive)
+
+
+def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:
+    from privimage.engine.budget import FINETUNE, QUERY
+
+    ft = budget.plan[FINETUNE]
+    return {"num_sensitive": num_sensitive, "epsilon": cfg.epsilon, "delta": cfg.delta,
+            "query_noise_multiplier": budget.plan[QUERY].noise_multiplier,
+            "query_epsilon_alone": budget.epsilon_of(QUERY).upper,
+            "finetune_noise_multiplier": ft.noise_multiplier, "finetune_sample_rate": ft.sample_rate,
+            "finetune_steps": ft.count, "expected_batch_size": ft.sample_rate * num_sensitive,
+            "epsilon_planned": budget.epsilon_planned().upper}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def stage_query(run_dir: Path, cfg: RunConfig, *, public_root=None, sensitive_root=None, log=_log) -> dict:
+    """Query classifier on public data, the per-class DP query, and the relabelled subset (query/)."""
+    from privimage.engine import ClippedSum, PrivacyBudget, add_gaussian_noise, secure_generator
+    from privimage.engine.budget import QUERY
+    from privimage.io import atomic_write, save_json, save_npz
+    from privimage.query import ClassifierConfig, SemanticQuery, train_classifier
+    from privimage.query.subset import subset_indices
+
+    budget = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text()))
+    if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
+        raise ValueError(f"{run_dir}/budget.json: the query was already spent; a second one would cost more "
+                         f"privacy. Start a new run directory.")
+    sensitive = load_split(cfg, "sensitive", root=sensitive_root)
+    public = load_split(cfg, "public", root=public_root)
+    qc = cfg.query
+    num_classes = sensitive.num_classes
+    if qc.top_k > public.num_classes or qc.top_n > public.num_classes:
+        raise ValueError(f"query.top_k={qc.top_k} / query.top_n={qc.top_n} exceed the {public.num_classes} "
+                         f"public classes.")
+    classifier = train_classifier(public, resolution=sensitive.resolution,
+                                  config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
+                                                          seed=cfg.seed), log=log)
+    out = run_dir / "query"
+    classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
+    query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=max(qc.top_n, qc.top_k))
+    logits = classifier.predict_logits(sensitive.images)
+    hist = torch.stack([query.votes(logits[sensitive.labels == c]) if (sensitive.labels == c).any()
+                        else torch.zeros(public.num_classes, dtype=torch.float64) for c in range(num_classes)])
+    budget.spend(QUERY)  # in the ledger before anything is released
+    save_json(budget.state_dict(), run_dir / "budget.json")
+    (noisy,) = add_gaussian_noise(ClippedSum((hist,), l2_sensitivity=query.l2_sensitivity),
+                                  noise_multiplier=query.sigma,
+                                  generator=secure_generator() if cfg.finetune.secure_noise else
+                                  torch.Generator().manual_seed(cfg.seed + 11))
+    del hist, logits
+    # Post-processing: each class gets top_n // C public classes, greedily by noisy count, no class reused.
+    quota = max(1, qc.top_n // num_classes)
+    order = torch.argsort(noisy.flatten(), descending=True).tolist()
+    label_map: dict[int, int] = {}
+    taken = [0] * num_classes
+    for flat in order:
+        c, j = divmod(flat, public.num_classes)
+        if j in label_map or taken[c] >= quota:
+            continue
+        label_map[j] = c
+        taken[c] += 1
+        if len(label_map) == quota * num_classes:
+            break
+    with atomic_write(out / "histogram.npy") as f:
+        np.save(f, noisy.numpy())
+    selected = list(label_map)
+    save_json({"selected_labels": selected, "selected_names": [public.class_names[j] for j in selected],
+               "label_map": {str(j): c for j, c in label_map.items()},
+               "sensitive_class_names": sensitive.class_names, "top_k": query.top_k, "top_n": qc.top_n,
+               "per_class": True, "sigma": query.sigma, "noise_std": query.noise_std,
+               "l2_sensitivity": query.l2_sensitivity}, out / "selected_labels.json")
+    idx = subset_indices(public.labels, selected, max_per_label=qc.max_per_label, seed=cfg.seed)
+    remap = torch.full((public.num_classes,), -1, dtype=torch.long)
+    for j, c in label_map.items():
+        remap[j] = c
+    save_npz(out / "subset.npz", images=public.images[idx].numpy(), labels=remap[public.labels[idx]].numpy())
+    log(f"query: sigma={query.sigma:.4g}, classifier public accuracy {classifier.public_accuracy:.3f}; "
+        f"selected {', '.join(f'{public.class_names[j]}->{sensitive.class_names[c]}' for j, c in label_map.items())}"
+        f"; subset {len(idx)} public images")
+    return label_map
+
+
+def _load_subset(run_dir: Path):
+    path = run_dir / "query" / "subset.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the query stage first (`privimage run`).")
+    with np.load(path) as z:
+        return torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]).long()
+
+
+def _unet(cfg: RunConfig, run_dir: Path, channels: int | None = None):
+    sel = json.loads((run_dir / "query" / "selected_labels.json").read_text())
+    num_classes = len(sel["sensitive_class_names"])
+    if channels is None:
+        images, _ = _load_subset(run_dir)
+        channels = images.shape[1]
+    return cfg.unet_config(channels=channels, num_classes=num_classes)
+
+
+def stage_pretrain(run_dir: Path, cfg: RunConfig, *, resume: bool = False, log=_log) -> Path:
+    from privimage.train import pretrain, resolve_device
+
+    images, labels = _load_subset(run_dir)
+    p = cfg.pretrain
+    return pretrain(run_dir, images=images, labels=labels, unet=_unet(cfg, run_dir, images.shape[1]),
+                    steps=p.steps, batch_size=p.batch_size, lr=p.lr, ema_decay=p.ema_decay,
+                    label_dropout=p.label_dropout, seed=cfg.seed, device=resolve_device(cfg.device),
+                    compile=p.compile, checkpoint_every=p.checkpoint_every, log_every=p.log_every,
+                    sample_every=p.sample_every, resume=resume, config=cfg.to_dict(), log=log)
+
+
+def stage_finetune(run_dir: Path, cfg: RunConfig, *, resume: bool = False, sensitive_root=None,
+                   stop_at_step: int | None = None, log=_log) -> Path:
+    from privimage.engine import PrivacyBudget
+    from privimage.train import finetune, load_checkpoint, resolve_device
+
+    budget = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text()))
+    sensitive = load_split(cfg, "sensitive", root=sensitive_root)
+    pre = run_dir / "checkpoints" / "pretrain.pt"
+    init = load_checkpoint(pre)["model"] if cfg.pretrain.steps > 0 and pre.is_file() else None
+    if cfg.pretrain.steps > 0 and init is None:
+        raise FileNotFoundError(f"{pre} does not exist: run the pretrain stage first.")
+    f = cfg.finetune
+    return finetune(run_dir, images=sensitive.images, labels=sensitive.labels,
+                    unet=_unet(cfg, run_dir, sensitive.images.shape[1]), budget=budget, init_state=init,
+                    physical_batch_size=f.physical_batch_size, num_noise=f.num_noise,
+                    max_grad_norm=f.max_grad_norm, lr=f.lr, ema_decay=f.ema_decay, label_dropout=f.label_dropout,
+                    method=f.method, seed=cfg.seed, device=resolve_device(cfg.device), secure_noise=f.secure_noise,
+                    checkpoint_every=f.checkpoint_every, log_every=f.log_every, sample_every=f.sample_every,
+                    resume=resume, stop_at_step=stop_at_step, config=cfg.to_dict(), log=log)
+
+
+def load_denoiser(run_dir: Path, stage: str = "finetune", *, ema: bool = True, device="cpu"):
+    """The EDM denoiser of a stage's checkpoint (EMA weights by default)."""
+    from privimage.diffusion import EDMDenoiser
+    from privimage.models import UNet, UNetConfig
+    from privimage.train import load_checkpoint
+
+    state = load_checkpoint(run_dir / "checkpoints" / f"{stage}.pt", map_location=device)
+    den = EDMDenoiser(UNet(UNetConfig.from_dict(state["unet"]))).to(device)
+    if ema:
+        den.load_state_dict(state["ema"]["module"])
+    else:
+        den.net.load_state_dict(state["model"])
+    return den.eval()
+
+
+def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
+    """samples/samples.npz (balanced labels) and samples/grid.png from the fine-tuned EMA model."""
+    from privimage.diffusion import SamplerConfig, sample_in_batches
+    from privimage.io import save_npz, save_png_grid
+    from privimage.progress import Progress
+    from privimage.train import resolve_device
+
+    device = resolve_device(cfg.device)
+    den = load_denoiser(run_dir, device=device)
+    c = den.net.config
+    s = cfg.sample
+    bar = Progress(total=s.num_samples, desc="sampling (EMA model)", unit="img")
+    images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
+                                       num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
+                                       config=SamplerConfig(num_steps=s.num_steps, guidance=s.guidance,
+                                                            stochastic=s.stochastic),
+                                       device=device, progress=bar)
+    bar.close()
+    out = run_dir / "samples"
+    save_npz(out / "samples.npz", images=images.numpy(), labels=labels.numpy())
+    # grid: one row per class, the first grid_per_class samples of each
+    k = max(c.num_classes, 1)
+    rows = [images[labels == cls][:s.grid_per_class] for cls in range(k)] if c.num_classes else [images[:64]]
+    save_png_grid(torch.cat(rows), out / "grid.png", nrow=s.grid_per_class if c.num_classes else 8)
+    log(f"samples: {len(images)} images -> {out / 'samples.npz'}, grid {out / 'grid.png'}")
+    return out / "samples.npz"
+
+
+def stage_evaluate(run_dir: Path, cfg: RunConfig, *, log=_log) -> dict | None:
+    """Issue 8's evaluation with the small classifier preset; None (and a note) if it is unavailable."""
+    try:
+        from privimage.evaluate import classify
+        from privimage.evaluate.report import EvaluateOptions, evaluate_run
+    except ImportError as err:
+        log(f"evaluation is not available ({err}); samples are in {run_dir / 'samples'}")
+        return None
+    from privimage.train import resolve_device
+
+    opts = EvaluateOptions(ca=classify.SMALL, device=str(resolve_device(cfg.device)))
+    return evaluate_run(run_dir, opts, log=log)
+
+
+def run_pipeline(cfg: RunConfig, *, out: str | Path = "runs", sensitive_root=None, public_root=None,
+                 log=_log) -> Path:
+    """The whole job into a new run directory; returns its path."""
+    from privimage.io import save_json
+
+    t0 = time.perf_counter()
+    n = sensitive_size(cfg, sensitive_root)
+    budget = plan_budget(cfg, n)
+    run_dir = new_run_dir(out, cfg.name)
+    log(f"run directory: {run_dir}")
+    save_json(config_json(cfg), run_dir / "config.json")
+    save_json(budget.state_dict(), run_dir / "budget.json")
+    save_json(describe_plan(cfg, budget, n), run_dir / "plan.json")
+    times = {}
+    for name, fn in (("query", lambda: stage_query(run_dir, cfg, public_root=public_root,
+                                                   sensitive_root=sensitive_root, log=log)),
+                     ("pretrain", lambda: stage_pretrain(run_dir, cfg, log=log) if cfg.pretrain.steps else None),
+                     ("finetune", lambda: stage_finetune(run_dir, cfg, sensitive_root=sensitive_root, log=log)),
+                     ("sample", lambda: stage_sample(run_dir, cfg, log=log))):
+        t = time.perf_counter()
+        fn()
+        times[name] = round(time.perf_counter() - t, 2)
+        log(f"[{name}] done in {times[name]:.1f} s")
+    if cfg.evaluate:
+        t = time.perf_counter()
+        stage_evaluate(run_dir, cfg, log=log)
+        times["evaluate"] = round(time.perf_counter() - t, 2)
+    times["total"] = round(time.perf_counter() - t0, 2)
+    save_json(times, run_dir / "logs" / "timings.json")
+    log(f"done in {times['total']:.1f} s: {run_dir}")
+    return run_dir

@@ -1,0 +1,81 @@
+"""Does PrivImage's pre-training help? The held-out denoising loss of three DP fine-tunes at the same ε.
+
+Starting points: (a) pre-trained on public images of the classes the semantic query selects, relabelled to
+the sensitive classes; (b) pre-trained on the same number of RANDOM public images (random labels); (c) no
+pre-training. All three then get the identical DP fine-tune (same σ, q, steps, seeds), and each is scored by
+the EDM loss on held-out sensitive images at fixed noise levels and fixed noise (lower is better). This is
+the measurement behind PrivImage's claim (arXiv 2311.12850 Table 3) at toy scale, used by the test suite
+and by ``bench/train_step.py``-style notes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from privimage.diffusion import EDMDenoiser, EDMLoss, to_model_range
+from privimage.engine import PrivacyBudget
+from privimage.models import UNet, UNetConfig
+from privimage.train.common import load_checkpoint
+from privimage.train.finetune import finetune
+from privimage.train.pretrain import pretrain
+
+EVAL_SIGMAS = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+@torch.no_grad()
+def heldout_loss(unet: UNetConfig, state: dict, images: torch.Tensor, labels: torch.Tensor, *, seed: int = 0) -> float:
+    """Mean EDM loss over held-out images at :data:`EVAL_SIGMAS`, fixed noise, labels kept (no dropout)."""
+    den = EDMDenoiser(UNet(unet))
+    den.load_state_dict(state)
+    den.eval()
+    loss = EDMLoss(num_noise=1, label_dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    x = to_model_range(images)
+    total = 0.0
+    for s in EVAL_SIGMAS:
+        noise = torch.randn(x.shape, generator=g)
+        total += float(loss.compute(den, x, labels, torch.full((len(x),), s), noise).mean())
+    return total / len(EVAL_SIGMAS)
+
+
+def compare_starting_points(*, public, sensitive, heldout, selected: list[int], unet: UNetConfig,
+                            pretrain_steps: int = 200, pretrain_batch: int = 32, pretrain_lr: float = 2e-3,
+                            epsilon: float = 10.0, delta: float = 1e-4, sample_rate: float = 0.1,
+                            finetune_steps: int = 10, physical_batch_size: int = 64, num_noise: int = 2,
+                            max_grad_norm: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0,
+                            log=None) -> dict[str, float]:
+    """Held-out loss after the DP fine-tune for the "subset", "random" and "none" starting points.
+
+    ``selected`` are the public labels of the sensitive classes, in sensitive-label order (what the query
+    selects); the subset keeps public images of those labels, relabelled 0..C-1.
+    """
+    quiet = log or (lambda *_: None)
+    remap = torch.full((public.num_classes,), -1, dtype=torch.long)
+    remap[torch.as_tensor(selected)] = torch.arange(len(selected))
+    keep = torch.nonzero(remap[public.labels] >= 0).flatten()
+    g = torch.Generator().manual_seed(seed + 1)
+    rand = torch.randperm(len(public), generator=g)[:len(keep)]
+    starts = {"subset": (public.images[keep], remap[public.labels[keep]]),
+              "random": (public.images[rand], torch.randint(len(selected), (len(rand),), generator=g)),
+              "none": None}
+    results = {}
+    for name, data in starts.items():
+        with tempfile.TemporaryDirectory() as d:
+            init = None
+            if data is not None:
+                path = pretrain(d, images=data[0], labels=data[1], unet=unet, steps=pretrain_steps,
+                                batch_size=pretrain_batch, lr=pretrain_lr, ema_decay=0.0, seed=seed,
+                                checkpoint_every=10**9, log_every=10**9, log=quiet)
+                init = load_checkpoint(path)["model"]
+            budget = PrivacyBudget.for_privimage(epsilon=epsilon, delta=delta, sample_rate=sample_rate,
+                                                 steps=finetune_steps)
+            budget.spend("query")
+            path = finetune(d, images=sensitive.images, labels=sensitive.labels, unet=unet, budget=budget,
+                            init_state=init, physical_batch_size=physical_batch_size, num_noise=num_noise,
+                            max_grad_norm=max_grad_norm, lr=finetune_lr, ema_decay=0.0, seed=seed,
+                            checkpoint_every=10**9, log_every=10**9, log=quiet)
+            state = load_checkpoint(path)["ema"]["module"]
+            results[name] = heldout_loss(unet, state, heldout.images, heldout.labels, seed=seed)
+    return results
