@@ -1,0 +1,67 @@
+"""`privimage run` end to end on the smallest config, then the stage subcommands on its run directory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from privimage.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_end_to_end_then_stages(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["run", "--config", "test", "--out", str(tmp_path / "runs")]) == 0
+    run_dir = tmp_path / "runs" / "00000-test"
+    for rel in ("config.json", "budget.json", "plan.json", "query/classifier.pt", "query/histogram.npy",
+                "query/selected_labels.json", "query/subset.npz", "checkpoints/pretrain.pt",
+                "checkpoints/finetune.pt", "logs/pretrain.csv", "logs/finetune.csv", "samples/samples.npz",
+                "samples/grid.png"):
+        assert (run_dir / rel).is_file(), rel
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["name"] == "embedded" and config["name"] == "test"
+    budget = json.loads((run_dir / "budget.json").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert budget["spent"] == {"query": 1, "finetune": plan["finetune_steps"]}
+    with np.load(run_dir / "samples" / "samples.npz") as z:
+        assert z["images"].dtype == np.uint8 and z["images"].shape == (10, 3, 8, 8)
+        assert z["labels"].tolist() == [i % 5 for i in range(10)]
+    selected = json.loads((run_dir / "query" / "selected_labels.json").read_text())
+    assert len(selected["label_map"]) == 5 and selected["per_class"]
+    assert np.load(run_dir / "query" / "histogram.npy").shape == (5, 60)
+
+    # A finished fine-tune resumed spends nothing more; sampling again is free and reproducible.
+    assert main(["finetune", str(run_dir), "--resume"]) == 0
+    assert json.loads((run_dir / "budget.json").read_text())["spent"] == budget["spent"]
+    first = np.load(run_dir / "samples" / "samples.npz")["images"]
+    assert main(["sample", str(run_dir), "--batch-size", "3"]) == 0
+    assert np.array_equal(np.load(run_dir / "samples" / "samples.npz")["images"], first)
+
+    # The next run gets the next number; a bad option names the value.
+    assert main(["run", "--config", "nope", "--out", str(tmp_path / "runs")]) == 2
+    assert "'nope'" in capsys.readouterr().err
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    from privimage.config import CONFIGS, load_config
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"base": "test", "epsilon": 3.0, "finetune": {"num_noise": 4}}))
+    cfg = load_config(str(path))
+    assert cfg.epsilon == 3.0 and cfg.finetune.num_noise == 4 and cfg.model == CONFIGS["test"].model
+    path.write_text(json.dumps({"finetune": {"noise": 4}}))
+    with pytest.raises(ValueError, match="noise"):
+        load_config(str(path))
+    path.write_text(json.dumps({"epsilon": -1}))
+    with pytest.raises(ValueError, match="epsilon=-1"):
+        load_config(str(path))
+    with pytest.raises(ValueError, match="batch_size=100000"):
+        CONFIGS["test"].finetune.__class__(batch_size=100000).sample_rate(64)
