@@ -17,8 +17,9 @@ Methods (one interface, ``method=``):
   (:mod:`privimage.engine.layers`) take norms from (A, G) and form the clipped weight gradients directly.
 * ``"ghost"``: Opacus-style ghost clipping: norms as above (ghost where a rule has one), then a second,
   reweighted backward Σ c_i loss_i through autograd (Li et al. arXiv 2110.05679).
-* ``"vmap"``: materialised per-sample gradients of every parameter from one vmapped backward
-  (``is_grads_batched``); memory O(B · params).
+* ``"vmap"``: materialised per-sample gradients of every parameter by torch.func: each layer alone, vmap
+  over rows of a vjp of the layer with its recorded input and output gradient (the same probes, one
+  backward); memory O(B · params). Also the fallback, per layer, for modules without a rule.
 * ``"loop"``: one backward per sample; slow and obviously right.
 
 Public vs private: ``max_grad_norm``, ``noise_multiplier`` and ``expected_batch_size`` are public mechanism
@@ -116,7 +117,7 @@ class DPEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("The model has no trainable parameters (all have requires_grad=False).")
-        self._layers = self._find_layers(model)
+        self._layers = self._find_layers(model, every_layer_by_vmap=method == "vmap")
         self._rules = {m: (name, rule) for name, m, rule in self._layers}
         self._logged: set = set()
         self._grouping = None
@@ -134,7 +135,7 @@ class DPEngine:
     # ---- set-up --------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _find_layers(model: nn.Module):
+    def _find_layers(model: nn.Module, every_layer_by_vmap: bool):
         """(name, module, rule) for every module owning trainable parameters; shared parameters refused."""
         owner: dict[int, str] = {}
         layers = []
@@ -150,7 +151,8 @@ class DPEngine:
                 owner[id(p)] = name
             if any(m is module for _, m, _ in layers):
                 continue  # the same module reached twice (registered under two names): hook it once
-            layers.append((name or type(model).__name__, module, rule_for(module) or VMAP_RULE))
+            rule = VMAP_RULE if every_layer_by_vmap else rule_for(module) or VMAP_RULE
+            layers.append((name or type(model).__name__, module, rule))
         return layers
 
     def _reset(self):
@@ -173,8 +175,6 @@ class DPEngine:
         Returns:
             :class:`StepStats` for this physical batch (tensors; nothing is synchronised to the host).
         """
-        if self.method == "vmap":
-            return self._accumulate_vmap(loss_fn, is_padding, groups)
         if self.method == "loop":
             return self._accumulate_loop(loss_fn, is_padding, groups)
         return self._accumulate_bk(loss_fn, is_padding, groups)
@@ -331,7 +331,7 @@ class DPEngine:
         """Backward hook: store G; a single-call layer whose plan keeps per-sample grads is reduced at once,
         so its G is freed during the backward pass instead of living until the clip factors are known."""
         rec.calls[index][1] = g
-        if len(rec.calls) == 1 and self.method == "bk-mixed":
+        if len(rec.calls) == 1 and self.method in ("bk-mixed", "vmap"):
             calls = [(rec.calls[0][0], g)]
             with torch.autocast(g.device.type, enabled=False):
                 rec.plan = self._plan(rec.name, rec.module, rec.rule, calls, self._grouping)
@@ -410,26 +410,6 @@ class DPEngine:
                          losses=losses.detach(), norms=norms, clip_factors=c)
 
     # ---- vmap and loop -------------------------------------------------------------------------------------
-
-    def _accumulate_vmap(self, loss_fn, is_padding, groups):
-        losses = self._run_loss(loss_fn)
-        R = losses.shape[0]
-        pad = self._row_mask(is_padding, R, losses.device)
-        grouping = Grouping(groups.to(losses.device) if groups is not None else None, R)
-        masked = losses if pad is None else torch.where(pad, torch.zeros_like(losses), losses)
-        eye = torch.eye(R, dtype=losses.dtype, device=losses.device)
-        per_row = torch.autograd.grad(masked, self.params, grad_outputs=(eye,), is_grads_batched=True,
-                                      allow_unused=True)
-        per_row = [g if g is not None else torch.zeros((R,) + p.shape, dtype=p.dtype, device=p.device)
-                   for p, g in zip(self.params, per_row)]
-        sq = sum(ops.sq_norms_of(grouping.to_samples(g)) for g in per_row)
-        norms, c, finite = self._clip(sq, grouping, pad)
-        row_ok = grouping.to_rows(finite)
-        c_row = grouping.to_rows(c)
-        for p, g in zip(self.params, per_row):
-            self._add(p, torch.tensordot(c_row.to(g.dtype), _zero_rows(g, row_ok), dims=1))
-        return StepStats(num_samples=self._num_samples, num_nonfinite=self._num_nonfinite,
-                         losses=losses.detach(), norms=norms, clip_factors=c)
 
     def _accumulate_loop(self, loss_fn, is_padding, groups):
         losses = self._run_loss(loss_fn)
