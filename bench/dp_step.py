@@ -2,12 +2,14 @@
 
 Methods: ``nonprivate`` (per-sample losses summed, one backward), the engine's ``bk-mixed``, ``ghost`` and
 ``vmap``, and Opacus 1.6's ``opacus-hooks`` (GradSampleModule + DPOptimizer) and ``opacus-ghost``
-(GradSampleModuleFastGradientClipping with ghost clipping). Each method runs in a fresh subprocess so its
-peak memory is its own: memory is the growth of the process's peak resident set size
-(``resource.getrusage(...).ru_maxrss``) from just before the first step to the end, i.e. activations,
-gradients and temporaries of the step (the model and batch are allocated before). Time is the median over
-``--repeats`` steps after ``--warmup`` steps (p20/p80 alongside), as wall-clock time and as the process's CPU
-time (``time.process_time``), which is steadier on a CPU shared with other jobs.
+(GradSampleModuleFastGradientClipping with ghost clipping); each step includes the optimizer step.
+
+Memory: each method runs one step in a fresh subprocess; the number is the growth of the process's peak
+resident set size (``resource.getrusage(...).ru_maxrss``) over that step, i.e. activations, gradients and
+temporaries (model and batch are allocated before). Time: all methods in one process, round-robin (each
+round runs every method once), ``--warmup`` rounds then ``--repeats`` timed rounds; the median wall time
+(p20/p80 alongside), the median CPU time (``time.process_time``), and ratios taken per round against the
+non-private step of the same round, so load from other jobs on a shared CPU falls on all methods alike.
 
 The model is a stand-in UNet of the PrivImage "s" shape (DDPM++-like: nf 32, ch_mult (1, 2, 2), 2 res blocks
 per level, attention at 16×16, GroupNorm, class embedding, 32×32 inputs, ~1.75M parameters) until the real
@@ -172,7 +174,8 @@ def _current_rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_method(method, batch, warmup, repeats, compile_step=False):
+def make_step(method, batch):
+    """A function doing one full training step of ``method`` on a fresh stand-in UNet and a fixed batch."""
     from privimage.engine import DPEngine
 
     torch.manual_seed(0)
@@ -220,21 +223,44 @@ def run_method(method, batch, warmup, repeats, compile_step=False):
             dp_opt.zero_grad(set_to_none=True)
     else:
         raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+    return step, sum(p.numel() for p in model.parameters())
 
+
+def measure_memory(method, batch):
+    """Peak RSS growth (MB) over one step, in this (fresh) process."""
+    step, params = make_step(method, batch)
     rss_before = _current_rss_mb()
-    times, cpu = [], []
+    step()
+    return {"method": method, "peak_mem_mb": _rss_mb() - rss_before, "params": params}
+
+
+def measure_times(methods, batch, warmup, repeats):
+    """Round-robin timing in one process: every round runs each method once, so load from other jobs on a
+    shared machine falls on all methods alike. Returns per method the wall and CPU times of the timed rounds
+    and the per-round ratio to the non-private step of the same round."""
+    steps = {m: make_step(m, batch)[0] for m in methods}
+    wall = {m: [] for m in methods}
+    cpu = {m: [] for m in methods}
     for i in range(warmup + repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    times.sort()
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"method": method, "median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[0],
-            "p80_ms": 1e3 * q[3], "cpu_median_ms": 1e3 * statistics.median(cpu),
-            "peak_mem_mb": _rss_mb() - rss_before,
-            "params": sum(p.numel() for p in model.parameters())}
+        for m in methods:
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[m]()
+            if i >= warmup:
+                wall[m].append(time.perf_counter() - t0)
+                cpu[m].append(time.process_time() - c0)
+        print(f"round {i + 1}/{warmup + repeats}: " + ", ".join(
+            f"{m} {1e3 * (wall[m][-1] if i >= warmup else 0):.0f} ms" for m in methods), file=sys.stderr, flush=True)
+    out = {}
+    for m in methods:
+        w = sorted(wall[m])
+        q = statistics.quantiles(w, n=5) if len(w) > 1 else [w[0]] * 4
+        row = {"median_ms": 1e3 * statistics.median(w), "p20_ms": 1e3 * q[0], "p80_ms": 1e3 * q[3],
+               "cpu_median_ms": 1e3 * statistics.median(cpu[m])}
+        if "nonprivate" in methods:
+            row["time_ratio"] = statistics.median(a / b for a, b in zip(wall[m], wall["nonprivate"]))
+            row["cpu_ratio"] = statistics.median(a / b for a, b in zip(cpu[m], cpu["nonprivate"]))
+        out[m] = row
+    return out
 
 
 # ---- driver ------------------------------------------------------------------------------------------------
@@ -280,38 +306,39 @@ def main(argv=None):
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_method(args.worker, args.batch, args.warmup, args.repeats)))
+        print(json.dumps(measure_memory(args.worker, args.batch)))
         return 0
 
     rows = []
-    for method in args.methods:
-        cmd = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--warmup",
-               str(args.warmup), "--repeats", str(args.repeats)]
+    for method in args.methods:  # memory: a fresh process per method, so each peak is its own
+        cmd = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{method}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             rows.append({"method": method, "error": proc.stderr.strip().splitlines()[-1][:300]})
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{method:>13}: {rows[-1]['median_ms']:9.1f} ms  peak +{rows[-1]['peak_mem_mb']:7.1f} MB", flush=True)
-
+        print(f"{method:>13}: peak +{rows[-1]['peak_mem_mb']:7.1f} MB", flush=True)
+    ok = [r["method"] for r in rows if "error" not in r]
+    times = measure_times(ok, args.batch, args.warmup, args.repeats)
     base = next((r for r in rows if r["method"] == "nonprivate" and "error" not in r), None)
-    best_opacus = min((r["median_ms"] for r in rows if r["method"].startswith("opacus") and "error" not in r),
-                      default=None)
     for r in rows:
         if "error" in r:
             continue
+        r.update(times[r["method"]])
         if base:
-            r["time_ratio"] = r["median_ms"] / base["median_ms"]
-            r["cpu_ratio"] = r["cpu_median_ms"] / base["cpu_median_ms"]
             r["mem_ratio"] = r["peak_mem_mb"] / base["peak_mem_mb"]
-        if best_opacus:
+    best_opacus = min((r["median_ms"] for r in rows if r["method"].startswith("opacus") and "error" not in r),
+                      default=None)
+    for r in rows:
+        if best_opacus and "error" not in r:
             r["speedup_vs_best_opacus"] = best_opacus / r["median_ms"]
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_sha": _git_sha(), "device": _device(), "threads": torch.get_num_threads(),
             "versions": _versions(), "batch": args.batch, "resolution": 32, "warmup": args.warmup,
             "repeats": args.repeats, "model": "StandInUNet nf32 ch_mult(1,2,2) 2 res blocks attn@16",
-            "memory": "peak RSS growth (ru_maxrss) from before the first step, fresh process per method"}
+            "memory": "peak RSS growth (ru_maxrss) over one step after set-up, fresh process per method",
+            "timing": "round-robin in one process; ratios are medians of per-round ratios to non-private"}
     print(f"\n{'method':>13} {'median ms':>10} {'x nonpriv':>9} {'cpu x':>6} {'mem MB':>8} {'mem x':>6} "
           f"{'vs opacus':>9}")
     for r in rows:
