@@ -21,7 +21,9 @@ from privimage.train.common import load_checkpoint
 from privimage.train.finetune import finetune
 from privimage.train.pretrain import pretrain
 
-EVAL_SIGMAS = (0.1, 0.25, 0.5, 1.0, 2.0)
+# Mid-to-high noise levels, where denoising needs to know what the class looks like (at small σ it is local
+# and every starting point does about equally well).
+EVAL_SIGMAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @torch.no_grad()
@@ -42,14 +44,14 @@ def heldout_loss(unet: UNetConfig, state: dict, images: torch.Tensor, labels: to
 
 def compare_starting_points(*, public, sensitive, heldout, selected: list[int], unet: UNetConfig,
                             pretrain_steps: int = 200, pretrain_batch: int = 32, pretrain_lr: float = 2e-3,
-                            epsilon: float = 10.0, delta: float = 1e-4, sample_rate: float = 0.1,
-                            finetune_steps: int = 10, physical_batch_size: int = 64, num_noise: int = 2,
+                            budget_state: dict, physical_batch_size: int = 64, num_noise: int = 2,
                             max_grad_norm: float = 1e-2, finetune_lr: float = 1e-3, seed: int = 0,
                             log=None) -> dict[str, float]:
     """Held-out loss after the DP fine-tune for the "subset", "random" and "none" starting points.
 
     ``selected`` are the public labels of the sensitive classes, in sensitive-label order (what the query
-    selects); the subset keeps public images of those labels, relabelled 0..C-1.
+    selects); the subset keeps public images of those labels, relabelled 0..C-1. ``budget_state`` is a
+    planned :class:`PrivacyBudget` state (its fine-tune plan sets σ, q and steps), the same for all three.
     """
     quiet = log or (lambda *_: None)
     remap = torch.full((public.num_classes,), -1, dtype=torch.long)
@@ -69,9 +71,7 @@ def compare_starting_points(*, public, sensitive, heldout, selected: list[int], 
                                 batch_size=pretrain_batch, lr=pretrain_lr, ema_decay=0.0, seed=seed,
                                 checkpoint_every=10**9, log_every=10**9, log=quiet)
                 init = load_checkpoint(path)["model"]
-            budget = PrivacyBudget.for_privimage(epsilon=epsilon, delta=delta, sample_rate=sample_rate,
-                                                 steps=finetune_steps)
-            budget.spend("query")
+            budget = PrivacyBudget.from_state_dict(budget_state)
             path = finetune(d, images=sensitive.images, labels=sensitive.labels, unet=unet, budget=budget,
                             init_state=init, physical_batch_size=physical_batch_size, num_noise=num_noise,
                             max_grad_norm=max_grad_norm, lr=finetune_lr, ema_decay=0.0, seed=seed,
