@@ -302,9 +302,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 gives steadier ratios on a CPU shared with other jobs")
     ap.add_argument("--no-save", action="store_true", help="print only (default when --batch is not 64)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(measure_memory(args.worker, args.batch)))
         return 0
@@ -312,6 +316,7 @@ def main(argv=None):
     rows = []
     for method in args.methods:  # memory: a fresh process per method, so each peak is its own
         cmd = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch)]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"{method}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -352,18 +357,20 @@ def main(argv=None):
     if args.no_save or args.batch != 64:
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _write_atomic(RESULTS / "dp_step.json", json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    fields = ["date", "git_sha", "device", "torch", "opacus", "batch", "method", "median_ms", "p20_ms", "p80_ms",
+    json_path = RESULTS / (f"dp_step_threads{args.threads}.json" if args.threads else "dp_step.json")
+    _write_atomic(json_path, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    fields = ["date", "git_sha", "device", "threads", "torch", "opacus", "batch", "method", "median_ms", "p20_ms", "p80_ms",
               "cpu_median_ms", "peak_mem_mb", "time_ratio", "cpu_ratio", "mem_ratio", "speedup_vs_best_opacus", "error"]
     csv_path = RESULTS / "dp_step.csv"
     old = csv_path.read_text() if csv_path.exists() else ""
     lines = [] if old else [",".join(fields)]
     for r in rows:
         flat = {**r, "date": meta["date"], "git_sha": meta["git_sha"], "device": meta["device"],
+                "threads": meta["threads"],
                 "torch": meta["versions"]["torch"], "opacus": meta["versions"]["opacus"], "batch": args.batch}
         lines.append(",".join(_csv_cell(flat.get(k)) for k in fields))
     _write_atomic(csv_path, old + "\n".join(lines) + "\n")
-    print(f"wrote {RESULTS / 'dp_step.json'} and {csv_path}")
+    print(f"wrote {json_path} and {csv_path}")
     return 0
 
 
