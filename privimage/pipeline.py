@@ -41,7 +41,7 @@ __all__ = ["load_run_config", "new_run_dir", "plan_budget", "run_pipeline", "sta
            "stage_query", "stage_sample", "stage_evaluate"]
 
 # Sizes of well-known training splits, so --dry-run can report σ and steps without reading the files.
-KNOWN_SIZES = {("cifar10", "train"): 50_000, ("celeba", "train"): 162_770, ("fmnist", "sensitive"): 18_000}
+KNOWN_SIZES = {("cifar10", "train"): 50_000, ("celeba", "train"): 162_770}
 
 
 def _log(msg: str) -> None:
