@@ -97,18 +97,23 @@ def _trainable(module: nn.Module, name: str):
     return p if isinstance(p, nn.Parameter) and p.requires_grad else None
 
 
-# Keep a layer's per-sample gradients when they are at most KEEP_FACTOR times the activations and output
-# gradients the layer holds anyway (G is then freed during the backward pass). Larger ones (wide layers at
-# 4×4 and below) are not kept: their clipped sum is recomputed as one weight-gradient GEMM with the clip
-# factors folded into G, and their norm comes from ghost norms when those are cheaper. Measured on the
-# stand-in UNet at batch 64 (bench/dp_step.py, 2-core CPU): keeping everything costs +14% peak memory over
-# non-private training and saves a second weight-gradient GEMM per layer; 8 keeps every layer of that UNet.
+# Keeping a layer's per-sample gradients (R·P numbers) saves recomputing its clipped sum as a second
+# weight-gradient GEMM (R·T·P multiply-adds), so the saving per byte kept grows with the positions T. Rule:
+# keep when they are no larger than the activations and output gradients the layer holds anyway (A + G; G is
+# then freed during the backward pass), or, up to KEEP_FACTOR times that, when T >= KEEP_MIN_POSITIONS.
+# Otherwise the clipped sum is one GEMM with the clip factors folded into G, and the norm comes from ghost
+# norms where those are cheaper. Measured on the stand-in UNet at batch 64 (bench/dp_step.py, 1 thread of
+# the 2-core CPU): keeping every layer: 1.19x non-private time, 1.31x memory; not keeping the 8×8 layers
+# (T=64): 1.20x time, 1.08x memory.
 KEEP_FACTOR = 8.0
+KEEP_MIN_POSITIONS = 256
 
 
-def _small_enough(per_row_numel: int, calls) -> bool:
+def _small_enough(per_row_numel: int, calls, positions: int) -> bool:
     held = sum(a.numel() + g.numel() for a, g in calls if isinstance(a, torch.Tensor))
-    return per_row_numel <= KEEP_FACTOR * held
+    if per_row_numel <= held:
+        return True
+    return positions >= KEEP_MIN_POSITIONS and per_row_numel <= KEEP_FACTOR * held
 
 
 # ---- Linear ------------------------------------------------------------------------------------------------
@@ -130,7 +135,7 @@ class LinearRule:
         ghost_cost, mat_cost = T * T * (d + p), T * d * p
         if w is not None and grouping.foldable and ghost_cost < mat_cost:
             return Plan("ghost", False, f"T={T} d={d} p={p}")
-        keep = w is None or not grouping.foldable or (mode != "ghost" and _small_enough(R * d * p, calls))
+        keep = w is None or not grouping.foldable or (mode != "ghost" and _small_enough(R * d * p, calls, T))
         return Plan("materialized", keep, f"T={T} d={d} p={p}")
 
     def sq_norms(self, module, calls, grouping, plan: Plan):
@@ -199,7 +204,7 @@ class Conv2dRule:
         if w is not None and len(calls) == 1 and grouping.trivial:
             if T * T * (d + p) < T * d * p:
                 return Plan("ghost", False, detail)
-        keep = w is None or _small_enough(R * w.numel(), calls)
+        keep = w is None or _small_enough(R * w.numel(), calls, T)
         return Plan("materialized", keep and mode != "ghost", detail)
 
     def sq_norms(self, module, calls, grouping, plan: Plan):
