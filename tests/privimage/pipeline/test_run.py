@@ -65,3 +65,14 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(str(path))
     with pytest.raises(ValueError, match="batch_size=100000"):
         CONFIGS["test"].finetune.__class__(batch_size=100000).sample_rate(64)
+
+
+def test_dry_run_prints_config_and_calibrated_noise(tmp_path, capsys):
+    assert main(["run", "--config", "test", "--dry-run", "--epsilon", "5", "--out", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["epsilon"] == 5.0 and out["config"]["name"] == "test"
+    privacy = out["privacy"]
+    # test config: 64 sensitive images, expected batch 16 -> q = 0.25, 2 epochs -> 8 steps
+    assert privacy["finetune_sample_rate"] == 0.25 and privacy["finetune_steps"] == 8
+    assert privacy["finetune_noise_multiplier"] > 0 and privacy["epsilon_planned"] <= 5.0
+    assert not any(tmp_path.iterdir())  # nothing written
