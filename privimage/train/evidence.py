@@ -74,7 +74,7 @@ def compare_starting_points(*, public, sensitive, heldout, selected: list[int], 
             budget = PrivacyBudget.from_state_dict(budget_state)
             path = finetune(d, images=sensitive.images, labels=sensitive.labels, unet=unet, budget=budget,
                             init_state=init, physical_batch_size=physical_batch_size, num_noise=num_noise,
-                            max_grad_norm=max_grad_norm, lr=finetune_lr, ema_decay=0.0, seed=seed,
+                            max_grad_norm=max_grad_norm, lr=finetune_lr, ema_decay=0.0, seed=seed, secure_noise=False,
                             checkpoint_every=10**9, log_every=10**9, log=quiet)
             state = load_checkpoint(path)["ema"]["module"]
             results[name] = heldout_loss(unet, state, heldout.images, heldout.labels, seed=seed)

@@ -43,7 +43,8 @@ def _timeless(rows):
 def _finetune(run_dir, data, budget_state, **kw):
     budget = PrivacyBudget.from_state_dict(budget_state)
     path = finetune(run_dir, images=data.images, labels=data.labels, unet=UNET, budget=budget, init_state=None,
-                    physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, seed=5, checkpoint_every=1,
+                    physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, seed=5, secure_noise=False,
+                    checkpoint_every=1,
                     log_every=4, log=lambda *_: None, **kw)
     return budget, load_checkpoint(path)
 
@@ -114,3 +115,18 @@ def test_pretrain_resume_is_exact_and_learns(tmp_path, data):
     assert _timeless(resumed["log"]) == _timeless(full["log"]) and len(full["log"]) == 6
     assert (tmp_path / "a" / "samples" / "pretrain.png").is_file()
     assert not any(k.startswith("_orig_mod.") for k in full["model"])
+
+
+def test_secure_mode_resumes_exactly_from_the_saved_noise_and_sampler_state(tmp_path, data, budget_state):
+    kw = dict(images=data.images, labels=data.labels, unet=UNET, init_state=None, physical_batch_size=8,
+              num_noise=1, seed=5, checkpoint_every=1, log_every=4, log=lambda *_: None)
+    first, second = tmp_path / "a", tmp_path / "b"
+    finetune(first, budget=PrivacyBudget.from_state_dict(budget_state), stop_at_step=2, **kw)
+    part = load_checkpoint(first / "checkpoints" / "finetune.pt")
+    assert part["sampler"]["secure"] and part["sampler"]["seed"] != 5
+    import shutil
+    shutil.copytree(first, second)
+    a = load_checkpoint(finetune(first, budget=PrivacyBudget.from_state_dict(budget_state), resume=True, **kw))
+    b = load_checkpoint(finetune(second, budget=PrivacyBudget.from_state_dict(budget_state), resume=True, **kw))
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], value), key
