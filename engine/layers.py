@@ -100,7 +100,8 @@ def _trainable(module: nn.Module, name: str):
 # Keeping a layer's per-sample gradients (R·P numbers) saves recomputing its clipped sum as a second
 # weight-gradient GEMM (R·T·P multiply-adds), so the saving per byte kept grows with the positions T. Rule:
 # keep when they are no larger than the activations and output gradients the layer holds anyway (A + G; G is
-# then freed during the backward pass), or, up to KEEP_FACTOR times that, when T >= KEEP_MIN_POSITIONS.
+# then freed during the backward pass), or, up to KEEP_FACTOR times that, when T >= KEEP_MIN_POSITIONS
+# (KEEP_FACTOR = 0 keeps nothing: every layer then uses the kernels' norm and clipped-sum ops).
 # Otherwise the clipped sum is one GEMM with the clip factors folded into G, and the norm comes from ghost
 # norms where those are cheaper. Measured on the stand-in UNet at batch 64 (bench/dp_step.py, 1 thread of
 # the 2-core CPU): keeping every layer: 1.19x non-private time, 1.31x memory; not keeping the 8×8 layers
@@ -111,9 +112,8 @@ KEEP_MIN_POSITIONS = 256
 
 def _small_enough(per_row_numel: int, calls, positions: int) -> bool:
     held = sum(a.numel() + g.numel() for a, g in calls if isinstance(a, torch.Tensor))
-    if per_row_numel <= held:
-        return True
-    return positions >= KEEP_MIN_POSITIONS and per_row_numel <= KEEP_FACTOR * held
+    limit = KEEP_FACTOR if positions >= KEEP_MIN_POSITIONS else min(KEEP_FACTOR, 1.0)  # 0: never keep
+    return per_row_numel <= limit * held
 
 
 # ---- Linear ------------------------------------------------------------------------------------------------
