@@ -13,7 +13,7 @@ Presets (``privimage run --config NAME``):
   padded to 32×32 grayscale.
 * ``cifar10-eps{1,5,10}``, ``celeba32-eps{1,5,10}``, ``celeba64-eps{1,5,10}``: the official PrivImage settings
   (logical batch 16384 × K = 8 noise draws, C = 1e-3, Adam 3e-4, 50 epochs, EMA 0.999). They need the real
-  files: ``--sensitive-root`` and ``--public-root`` on the command line.
+  files: ``--sensitive-root`` and ``--public-root`` on the command line (see :meth:`RunConfig.with_roots`).
 
 A JSON file with the same nested keys (any subset: missing keys take the ``base`` preset's values, default
 ``demo``) is accepted wherever a name is.
@@ -179,6 +179,30 @@ class RunConfig:
         over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_overrides.items()}
         return replace(UNET_PRESETS[self.model], **{**over, "resolution": self.data.resolution,
                                                      "in_channels": channels, "num_classes": num_classes})
+
+    def with_roots(self, *, sensitive: str | Path | None = None, public: str | Path | None = None) -> "RunConfig":
+        """This config with ``root=`` (made absolute) in the data specs: ``sensitive`` for the sensitive and
+        sensitive_test splits, ``public`` for the public one.
+
+        The command line's ``--sensitive-root``/``--public-root`` go into the config this way, so every stage
+        and ``privimage evaluate`` (which reads config.json) find the same files. A root already in a spec
+        is replaced.
+
+        Example:
+            >>> CONFIGS["cifar10-eps10"].with_roots(sensitive="/data/cifar").data.sensitive_test
+            'cifar10:test,root=/data/cifar'
+        """
+        def rooted(spec: str, root: str | Path | None) -> str:
+            if root is None:
+                return spec
+            root = str(Path(root).expanduser().absolute())
+            _check("," not in root, f"Data root {root!r} contains a comma, which the data specs use as separator.")
+            return ",".join([p for p in spec.split(",") if not p.startswith("root=")] + [f"root={root}"])
+
+        d = self.data
+        return replace(self, data=replace(d, sensitive=rooted(d.sensitive, sensitive),
+                                          sensitive_test=rooted(d.sensitive_test, sensitive),
+                                          public=rooted(d.public, public)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

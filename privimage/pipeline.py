@@ -13,22 +13,19 @@ evaluate. Each stage reads what the previous one wrote into ``runs/NNNNN-<config
     samples/               samples.npz (images uint8 (N,C,H,W), labels), grid.png, intermediate grids
     report.json, report.md the evaluation (when privimage.evaluate is available)
 
-The per-class query. The official code asks the query classifier about each sensitive class separately:
-every sensitive image votes for its top-k public classes in ITS OWN class's histogram. Adding or removing one
-image changes k entries of one row of the (classes × public classes) histogram matrix by 1, so the whole
-matrix has L2 sensitivity √k, exactly as one pooled histogram does: releasing it with Gaussian noise
-σ·√k is one Gaussian mechanism with noise multiplier σ (the budget's "query" entry). Each selected public
-class is then labelled with the sensitive class whose noisy row chose it (post-processing), so the
-conditional pre-trained model already maps "sensitive class c" to public images that look like it.
+The query stage is a thin caller of :meth:`privimage.query.SemanticQuery.run_per_class` (the per-class
+mechanism, its sensitivity and its ledger entry are documented there).
+
+Data roots. ``--sensitive-root``/``--public-root`` are written into the config's data specs
+(:meth:`RunConfig.with_roots`) before config.json is saved, so every stage, ``privimage finetune --resume``
+and ``privimage evaluate`` read the same files.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +106,21 @@ def load_split(cfg: RunConfig, which: str, *, root: str | None = None):
     return ds
 
 
-def sensitive_size(cfg: RunConfig, root: str | None = None) -> int:
-    """The number of sensitive images (from the spec's size=, a table of known splits, or by loading)."""
+def sensitive_size(cfg: RunConfig) -> tuple[int, str]:
+    """The number of sensitive images for ``--dry-run``, and where it came from.
+
+    The spec's ``size=``, else the standard size of a well-known split (without reading the files), else
+    the loaded data. ``run_pipeline`` itself always plans with the loaded data's size.
+    """
     from privimage.data import parse_spec
 
     spec = parse_spec(cfg.data.sensitive)
     if "size" in spec:
-        return int(spec["size"])
+        return int(spec["size"]), "size= in the data spec"
     split = spec.get("split", "sensitive")
     if (spec["name"], split) in KNOWN_SIZES:
-        return KNOWN_SIZES[(spec["name"], split)]
-    return len(load_split(cfg, "sensitive", root=root))
+        return KNOWN_SIZES[(spec["name"], split)], f"the standard size of {spec['name']}:{split}"
+    return len(load_split(cfg, "sensitive")), "the loaded data"
 
 
 def plan_budget(cfg: RunConfig, num_sensitive: int):
@@ -149,11 +150,16 @@ def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:
 # Stages
 
 
-def stage_query(run_dir: Path, cfg: RunConfig, *, public_root=None, sensitive_root=None, log=_log) -> dict:
-    """Query classifier on public data, the per-class DP query, and the relabelled subset (query/)."""
-    from privimage.engine import ClippedSum, PrivacyBudget, add_gaussian_noise, secure_generator
+def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=None, sensitive_root=None,
+                log=_log) -> dict[int, int]:
+    """Query classifier on public data, the per-class DP query, and the relabelled subset (query/).
+
+    ``sensitive``: the already loaded sensitive split (default: load it). Returns the label map (selected
+    public label -> sensitive class).
+    """
+    from privimage.engine import PrivacyBudget, secure_generator
     from privimage.engine.budget import QUERY
-    from privimage.io import atomic_write, save_json, save_npz
+    from privimage.io import save_json, save_npz
     from privimage.query import ClassifierConfig, SemanticQuery, train_classifier
     from privimage.query.subset import subset_indices
 
@@ -161,51 +167,27 @@ def stage_query(run_dir: Path, cfg: RunConfig, *, public_root=None, sensitive_ro
     if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
         raise ValueError(f"{run_dir}/budget.json: the query was already spent; a second one would cost more "
                          f"privacy. Start a new run directory.")
-    sensitive = load_split(cfg, "sensitive", root=sensitive_root)
+    sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     public = load_split(cfg, "public", root=public_root)
     qc = cfg.query
-    num_classes = sensitive.num_classes
-    if qc.top_k > public.num_classes or qc.top_n > public.num_classes:
-        raise ValueError(f"query.top_k={qc.top_k} / query.top_n={qc.top_n} exceed the {public.num_classes} "
-                         f"public classes.")
+    if qc.top_k > public.num_classes:
+        raise ValueError(f"query.top_k={qc.top_k} exceeds the {public.num_classes} public classes.")
     classifier = train_classifier(public, resolution=sensitive.resolution,
                                   config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
                                                           seed=cfg.seed), log=log)
     out = run_dir / "query"
     classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
-    query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=max(qc.top_n, qc.top_k))
-    logits = classifier.predict_logits(sensitive.images)
-    hist = torch.stack([query.votes(logits[sensitive.labels == c]) if (sensitive.labels == c).any()
-                        else torch.zeros(public.num_classes, dtype=torch.float64) for c in range(num_classes)])
-    budget.spend(QUERY)  # in the ledger before anything is released
-    save_json(budget.state_dict(), run_dir / "budget.json")
-    (noisy,) = add_gaussian_noise(ClippedSum((hist,), l2_sensitivity=query.l2_sensitivity),
-                                  noise_multiplier=query.sigma,
-                                  generator=secure_generator() if cfg.finetune.secure_noise else
-                                  torch.Generator().manual_seed(cfg.seed + 11))
-    del hist, logits
-    # Post-processing: each class gets top_n // C public classes, greedily by noisy count, no class reused.
-    quota = max(1, qc.top_n // num_classes)
-    order = torch.argsort(noisy.flatten(), descending=True).tolist()
-    label_map: dict[int, int] = {}
-    taken = [0] * num_classes
-    for flat in order:
-        c, j = divmod(flat, public.num_classes)
-        if j in label_map or taken[c] >= quota:
-            continue
-        label_map[j] = c
-        taken[c] += 1
-        if len(label_map) == quota * num_classes:
-            break
-    with atomic_write(out / "histogram.npy") as f:
-        np.save(f, noisy.numpy())
-    selected = list(label_map)
-    save_json({"selected_labels": selected, "selected_names": [public.class_names[j] for j in selected],
-               "label_map": {str(j): c for j, c in label_map.items()},
-               "sensitive_class_names": sensitive.class_names, "top_k": query.top_k, "top_n": qc.top_n,
-               "per_class": True, "sigma": query.sigma, "noise_std": query.noise_std,
-               "l2_sensitivity": query.l2_sensitivity}, out / "selected_labels.json")
-    idx = subset_indices(public.labels, selected, max_per_label=qc.max_per_label, seed=cfg.seed)
+    query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=qc.top_n)
+    result = query.run_per_class(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
+                                 budget=budget, generator=secure_generator() if cfg.finetune.secure_noise else
+                                 torch.Generator().manual_seed(cfg.seed + 11))
+    save_json(budget.state_dict(), run_dir / "budget.json")  # the spend is on disk before anything is written
+    result.save(out, class_names=public.class_names, sensitive_class_names=sensitive.class_names)
+    label_map = result.label_map
+    idx = subset_indices(public.labels, result.selected, max_per_label=qc.max_per_label, seed=cfg.seed)
+    if len(idx) == 0:
+        raise ValueError(f"The public data ({cfg.data.public}) holds no images of the selected classes "
+                         f"{result.selected}; nothing to pre-train on.")
     remap = torch.full((public.num_classes,), -1, dtype=torch.long)
     for j, c in label_map.items():
         remap[j] = c
@@ -245,13 +227,14 @@ def stage_pretrain(run_dir: Path, cfg: RunConfig, *, resume: bool = False, log=_
                     sample_every=p.sample_every, resume=resume, config=cfg.to_dict(), log=log)
 
 
-def stage_finetune(run_dir: Path, cfg: RunConfig, *, resume: bool = False, sensitive_root=None,
+def stage_finetune(run_dir: Path, cfg: RunConfig, *, resume: bool = False, sensitive=None, sensitive_root=None,
                    stop_at_step: int | None = None, log=_log) -> Path:
+    """DP fine-tune on the sensitive split (``sensitive``: already loaded; default: load it)."""
     from privimage.engine import PrivacyBudget
     from privimage.train import finetune, load_checkpoint, resolve_device
 
     budget = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text()))
-    sensitive = load_split(cfg, "sensitive", root=sensitive_root)
+    sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     pre = run_dir / "checkpoints" / "pretrain.pt"
     init = load_checkpoint(pre)["model"] if cfg.pretrain.steps > 0 and pre.is_file() else None
     if cfg.pretrain.steps > 0 and init is None:
@@ -325,11 +308,17 @@ def stage_evaluate(run_dir: Path, cfg: RunConfig, *, log=_log) -> dict | None:
 
 def run_pipeline(cfg: RunConfig, *, out: str | Path = "runs", sensitive_root=None, public_root=None,
                  log=_log) -> Path:
-    """The whole job into a new run directory; returns its path."""
+    """The whole job into a new run directory; returns its path.
+
+    The roots go into the config (:meth:`RunConfig.with_roots`); the budget is planned with the loaded
+    sensitive split's size, and that split is loaded once for the query and the fine-tune.
+    """
     from privimage.io import save_json
 
     t0 = time.perf_counter()
-    n = sensitive_size(cfg, sensitive_root)
+    cfg = cfg.with_roots(sensitive=sensitive_root, public=public_root)
+    sensitive = load_split(cfg, "sensitive")
+    n = len(sensitive)
     budget = plan_budget(cfg, n)
     run_dir = new_run_dir(out, cfg.name)
     log(f"run directory: {run_dir}")
@@ -337,10 +326,9 @@ def run_pipeline(cfg: RunConfig, *, out: str | Path = "runs", sensitive_root=Non
     save_json(budget.state_dict(), run_dir / "budget.json")
     save_json(describe_plan(cfg, budget, n), run_dir / "plan.json")
     times = {}
-    for name, fn in (("query", lambda: stage_query(run_dir, cfg, public_root=public_root,
-                                                   sensitive_root=sensitive_root, log=log)),
+    for name, fn in (("query", lambda: stage_query(run_dir, cfg, sensitive=sensitive, log=log)),
                      ("pretrain", lambda: stage_pretrain(run_dir, cfg, log=log) if cfg.pretrain.steps else None),
-                     ("finetune", lambda: stage_finetune(run_dir, cfg, sensitive_root=sensitive_root, log=log)),
+                     ("finetune", lambda: stage_finetune(run_dir, cfg, sensitive=sensitive, log=log)),
                      ("sample", lambda: stage_sample(run_dir, cfg, log=log))):
         t = time.perf_counter()
         fn()

@@ -15,7 +15,8 @@ Everything in the config is public; only the data are private.
 
 Configs: a preset name (demo, test, fmnist, cifar10-eps{1,5,10}, celeba32-eps{1,5,10}, celeba64-eps{1,5,10})
 or a JSON file with the same nested keys (partial is fine; "base": PRESET picks what the rest defaults to).
-The official presets need the real files: --sensitive-root DIR and --public-root DIR.
+The official presets need the real files: --sensitive-root DIR and --public-root DIR. The roots are written
+into the run's config.json, so later stages and `privimage evaluate` find the same files.
 
 Output (runs/NNNNN-NAME/): config.json, budget.json, plan.json, query/, checkpoints/, logs/*.csv,
 samples/samples.npz and samples/grid.png, report.json/report.md.
@@ -23,6 +24,7 @@ samples/samples.npz and samples/grid.png, report.json/report.md.
 Examples:
   privimage run                                # the embedded demo: offline, a few minutes on a laptop CPU
   privimage run --config demo --dry-run        # print the resolved config, sigma and steps; do nothing
+                                               # (official presets: sized by the standard split, files unread)
   privimage run --config cifar10-eps10 --sensitive-root ~/data/cifar10 --public-root ~/data/imagenet32
 """
 
@@ -59,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve(args: argparse.Namespace):
+    """The config the command line asks for: preset or file, overrides, and the data roots in its specs."""
     from privimage.config import load_config
 
     cfg = load_config(args.config)
@@ -71,7 +74,11 @@ def resolve(args: argparse.Namespace):
         over["device"] = args.device
     if getattr(args, "no_evaluate", False):
         over["evaluate"] = False
-    return replace(cfg, **over) if over else cfg
+    cfg = replace(cfg, **over) if over else cfg
+    for flag, root in (("--sensitive-root", args.sensitive_root), ("--public-root", args.public_root)):
+        if root is not None and not Path(root).expanduser().is_dir():
+            raise FileNotFoundError(f"{flag} {root}: no such directory.")
+    return cfg.with_roots(sensitive=args.sensitive_root, public=args.public_root)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve(args)
     if args.dry_run:
-        n = sensitive_size(cfg, args.sensitive_root)
+        n, source = sensitive_size(cfg)
         budget = plan_budget(cfg, n)
-        print(json.dumps({"config": config_json(cfg), "privacy": describe_plan(cfg, budget, n)}, indent=2))
+        privacy = {**describe_plan(cfg, budget, n), "num_sensitive_from": source}
+        print(json.dumps({"config": config_json(cfg), "privacy": privacy}, indent=2))
         return 0
-    run_pipeline(cfg, out=args.out, sensitive_root=args.sensitive_root, public_root=args.public_root)
+    run_pipeline(cfg, out=args.out)
     return 0

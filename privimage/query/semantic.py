@@ -14,6 +14,14 @@ mechanism with noise multiplier ``sigma`` (sample rate 1, one step) is what the
 records it in the ledger before anything is released. Choosing the top-N of the noisy histogram is
 post-processing and costs nothing more.
 
+Per-class form (:meth:`SemanticQuery.run_per_class`, what ``privimage run`` uses). The official code asks
+the classifier about each sensitive class separately: every sensitive image votes for its top-k public
+classes in ITS OWN class's row of a (sensitive classes × public classes) histogram. Adding or removing one
+image still changes k entries of one row by 1, so the whole matrix has L2 sensitivity √k and its release
+is the same single Gaussian mechanism with noise multiplier ``sigma``. Each selected public class is then
+labelled with the sensitive class whose noisy row chose it (:func:`assign_per_class`, post-processing), so a
+conditional model pre-trained on the subset already maps "sensitive class c" to public images like it.
+
 Following jax_privacy's split of public and sensitive information, :class:`SemanticQuery` holds only public
 settings (k, N, sigma); the sensitive images are an argument of :meth:`SemanticQuery.run`.
 """
@@ -61,6 +69,69 @@ class QueryResult:
 
 
 @dataclass(frozen=True)
+class PerClassResult:
+    """What the per-class query releases (all of it differentially private).
+
+    Attributes:
+        noisy_histogram: float64 (C, M): row c holds the votes of sensitive class c's images plus noise.
+        label_map: selected public label -> the sensitive class it stands for, highest noisy count first.
+        query: the settings used.
+    """
+
+    noisy_histogram: torch.Tensor
+    label_map: dict[int, int]
+    query: "SemanticQuery"
+
+    @property
+    def selected(self) -> list[int]:
+        return list(self.label_map)
+
+    def save(self, directory: str | os.PathLike, *, class_names: list[str],
+             sensitive_class_names: list[str]) -> None:
+        """Write ``histogram.npy`` (the noisy (C, M) matrix) and ``selected_labels.json`` atomically."""
+        from privimage.io import atomic_write, save_json
+
+        directory = Path(directory)
+        with atomic_write(directory / "histogram.npy") as f:
+            np.save(f, self.noisy_histogram.numpy())
+        save_json({"selected_labels": self.selected, "selected_names": [class_names[j] for j in self.selected],
+                   "label_map": {str(j): c for j, c in self.label_map.items()},
+                   "sensitive_class_names": list(sensitive_class_names), "per_class": True,
+                   **asdict(self.query), "l2_sensitivity": self.query.l2_sensitivity,
+                   "noise_std": self.query.noise_std}, directory / "selected_labels.json")
+
+
+def assign_per_class(noisy_histogram: torch.Tensor, per_class: int) -> dict[int, int]:
+    """Give each sensitive class (row) ``per_class`` public classes (columns), greedily by noisy count.
+
+    The largest remaining entry of the whole matrix wins: its public class goes to its row unless that class
+    is already taken or the row is full. Only the noisy histogram goes in, so this is post-processing.
+
+    Example:
+        >>> assign_per_class(torch.tensor([[5., 9., 1.], [0., 8., 7.]]), 1)
+        {1: 0, 2: 1}
+    """
+    if noisy_histogram.ndim != 2 or per_class < 1:
+        raise ValueError(f"Expected a (C, M) histogram and per_class >= 1, got {tuple(noisy_histogram.shape)} "
+                         f"and {per_class}.")
+    num_classes, num_public = noisy_histogram.shape
+    if per_class * num_classes > num_public:
+        raise ValueError(f"{num_classes} sensitive classes x {per_class} public classes each exceed the "
+                         f"{num_public} public classes.")
+    label_map: dict[int, int] = {}
+    taken = [0] * num_classes
+    for flat in torch.argsort(noisy_histogram.flatten(), descending=True, stable=True).tolist():
+        c, j = divmod(flat, num_public)
+        if j in label_map or taken[c] >= per_class:
+            continue
+        label_map[j] = c
+        taken[c] += 1
+        if len(label_map) == per_class * num_classes:
+            break
+    return label_map
+
+
+@dataclass(frozen=True)
 class SemanticQuery:
     """Public settings of the DP semantic query.
 
@@ -101,6 +172,16 @@ class SemanticQuery:
     def noise_std(self) -> float:
         return self.sigma * self.l2_sensitivity
 
+    def _spend(self, budget: PrivacyBudget | None) -> None:
+        """Record one "query" release in ``budget``'s ledger (before any noise exists); refuse a foreign sigma."""
+        if budget is None:
+            return
+        planned = budget.noise_multiplier(QUERY)
+        if not math.isclose(planned, self.sigma, rel_tol=1e-9):
+            raise ValueError(f"The budget planned the query with noise multiplier {planned:.6g}, but this "
+                             f"query uses sigma={self.sigma:.6g}; build it with SemanticQuery.from_budget.")
+        budget.spend(QUERY)
+
     def votes(self, logits: torch.Tensor) -> torch.Tensor:
         """The exact (NOT private) vote histogram: each row's top-k classes get one vote each (float64 (M,))."""
         if logits.ndim != 2 or logits.shape[1] < max(self.top_k, self.top_n):
@@ -124,12 +205,7 @@ class SemanticQuery:
             The returned histogram and labels are (ε, δ)-DP with ε = ε(sigma) of one Gaussian release of
             sensitivity √k (add/remove one sensitive image).
         """
-        if budget is not None:
-            planned = budget.noise_multiplier(QUERY)
-            if not math.isclose(planned, self.sigma, rel_tol=1e-9):
-                raise ValueError(f"The budget planned the query with noise multiplier {planned:.6g}, but this "
-                                 f"query uses sigma={self.sigma:.6g}; build it with SemanticQuery.from_budget.")
-            budget.spend(QUERY)
+        self._spend(budget)
         (noisy,) = add_gaussian_noise(ClippedSum((histogram.to(torch.float64),), l2_sensitivity=self.l2_sensitivity),
                                       noise_multiplier=self.sigma, generator=generator)
         selected = noisy.topk(min(self.top_n, len(noisy))).indices.tolist()
@@ -145,6 +221,54 @@ class SemanticQuery:
         """
         logits = classifier.predict_logits(sensitive_images, batch_size=batch_size)
         return self.release(self.votes(logits), budget=budget, generator=generator)
+
+
+    def votes_per_class(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The exact (NOT private) per-class histogram (float64 (C, M)): image i's top-k votes go to row labels[i]."""
+        if logits.ndim != 2 or logits.shape[1] < self.top_k or labels.shape != logits.shape[:1]:
+            raise ValueError(f"Expected logits (N, M) with M >= top_k={self.top_k} and labels (N,), got "
+                             f"{tuple(logits.shape)} and {tuple(labels.shape)}.")
+        labels = labels.long().cpu()
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"Expected sensitive labels in [0, {num_classes}).")
+        num_public = logits.shape[1]
+        top = logits.topk(self.top_k, dim=1).indices.cpu()
+        cells = (labels[:, None] * num_public + top).reshape(-1)
+        return torch.bincount(cells, minlength=num_classes * num_public).reshape(num_classes, num_public).double()
+
+    def per_class_quota(self, num_classes: int) -> int:
+        """Public classes per sensitive class: ``top_n`` split evenly, at least one each."""
+        return max(1, self.top_n // num_classes)
+
+    def release_per_class(self, histogram: torch.Tensor, *, budget: PrivacyBudget | None = None,
+                          generator: torch.Generator | None = None) -> PerClassResult:
+        """Add the Gaussian noise to an exact (C, M) histogram and give each class its public classes.
+
+        ``budget`` and ``generator`` as in :meth:`release`: one "query" release is recorded before the noise is
+        drawn. The whole matrix is one release of sensitivity √k (one image touches k entries of one row).
+        """
+        if histogram.ndim != 2:
+            raise ValueError(f"Expected a (C, M) per-class histogram, got shape {tuple(histogram.shape)}.")
+        # Checked before the spend, so a bad setting costs no privacy.
+        quota = self.per_class_quota(histogram.shape[0])
+        if quota * histogram.shape[0] > histogram.shape[1]:
+            raise ValueError(f"{histogram.shape[0]} sensitive classes x {quota} public classes each exceed the "
+                             f"{histogram.shape[1]} public classes.")
+        self._spend(budget)
+        (noisy,) = add_gaussian_noise(ClippedSum((histogram.to(torch.float64),), l2_sensitivity=self.l2_sensitivity),
+                                      noise_multiplier=self.sigma, generator=generator)
+        return PerClassResult(noisy, assign_per_class(noisy, quota), self)
+
+    def run_per_class(self, classifier: torch.nn.Module, sensitive_images: torch.Tensor,
+                      sensitive_labels: torch.Tensor, *, num_classes: int, budget: PrivacyBudget | None = None,
+                      generator: torch.Generator | None = None, batch_size: int = 512) -> PerClassResult:
+        """Classify the sensitive images, vote per class, release the noisy matrix and the class assignment.
+
+        The exact histogram never leaves this function.
+        """
+        logits = classifier.predict_logits(sensitive_images, batch_size=batch_size)
+        return self.release_per_class(self.votes_per_class(logits, sensitive_labels, num_classes), budget=budget,
+                                      generator=generator)
 
 
 def query_budget(*, epsilon: float, delta: float) -> PrivacyBudget:
