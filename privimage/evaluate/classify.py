@@ -11,7 +11,9 @@ Two protocols:
   result is the mean and standard deviation over classifiers. Selection is Report Noisy Max with Laplace
   noise of scale 1/epsilon_sel on the number of correct validation predictions of each epoch (a counting
   query of sensitivity 1, monotone), which is epsilon_sel-DP per classifier (Dwork & Roth 2014, Claim 3.9);
-  it spends privacy *in addition to* the training budget and the report says so.
+  it spends privacy *in addition to* the training budget. ``selection_epsilon`` has no default, so no caller
+  spends it without naming it; :mod:`privimage.evaluate.report` enters it in the run's evaluation ledger and
+  adds it to the total ε it reports.
 
 Selecting the epoch (or the classifier) on the real test set reports the best of many test accuracies: it
 both overestimates utility and is not DP (DPImageBench, Sec. 5). It is not offered.
@@ -273,7 +275,7 @@ def _laplace(scale: float, generator: torch.Generator) -> float:
 
 def dpimagebench_accuracy(train_images, train_labels, val_images, val_labels, test_images, test_labels, *,
                           num_classes: int, archs: tuple[str, ...] = ("resnet9", "wrn", "cnn"),
-                          config: CAConfig = OFFICIAL, selection_epsilon: float = 1.0,
+                          selection_epsilon: float, config: CAConfig = OFFICIAL,
                           generator: torch.Generator | None = None,
                           device: str | torch.device = "cpu") -> dict:
     """DPImageBench's CA: per classifier, pick the epoch by Report Noisy Max on the sensitive validation
@@ -283,9 +285,12 @@ def dpimagebench_accuracy(train_images, train_labels, val_images, val_labels, te
         The validation data are touched only through the argmax over epochs of (correct count + Laplace(
         1/selection_epsilon)): selection_epsilon-DP per classifier, len(archs) * selection_epsilon in all
         (basic composition), on top of whatever produced the synthetic data. Test accuracies of unselected
-        epochs are never reported.
+        epochs and the noisy counts are never reported. The validation and test sets must be disjoint, or the
+        selection picks epochs by their test accuracy (the caller's duty; the report checks it).
 
     Args:
+        selection_epsilon: ε of the noisy selection per classifier (pure ε-DP, δ = 0); required, because it
+            is privacy spent on the sensitive data on top of the training budget.
         generator: source of the Laplace noise; default ``privimage.engine.secure_generator()`` (OS-seeded);
             a fixed seed only in tests.
     """
@@ -317,6 +322,6 @@ def dpimagebench_accuracy(train_images, train_labels, val_images, val_labels, te
     accs = np.array([a["accuracy"] for a in per_arch])
     return {"protocol": "dpimagebench", "accuracy": float(accs.mean()), "std": float(accs.std()),
             "per_classifier": per_arch, "selection_epsilon_per_classifier": selection_epsilon,
-            "selection_epsilon_total": selection_epsilon * len(archs),
+            "selection_epsilon_total": selection_epsilon * len(archs), "selection_delta": 0.0,
             "num_train": int(torch.as_tensor(train_labels).numel()), "num_val": int(val_images.shape[0]),
             "num_test": int(test_images.shape[0]), "config": asdict(config)}

@@ -19,6 +19,7 @@ DPImageBench write, so precomputed reference statistics can be brought in.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,19 +53,53 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, **meta: str) -> Non
              **{k: np.array(str(v)) for k, v in meta.items()})
 
 
-def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict[str, str]]:
-    """Read a statistics ``.npz`` (ours or another FID tool's); returns the stats and any string metadata."""
+def read_npz(path: str | os.PathLike, *, what: str) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, read eagerly; errors name the file and say what it was meant to be.
+
+    ``np.load`` reports a truncated or non-zip file as ``BadZipFile``, ``EOFError``, ``OSError`` or a pickle
+    ``ValueError`` without the file's name, and may only fail when a member is read; reading every member
+    inside one ``try`` turns all of these into one message a user can act on. Pickled (object) arrays are
+    refused: loading them would run code from the file.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Statistics file {path} does not exist.")
-    with np.load(path, allow_pickle=False) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"Statistics file {path} lacks 'mu' and/or 'sigma' (has {sorted(data.files)}).")
+        raise FileNotFoundError(f"{what} {path} does not exist.")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("it holds one unnamed array (.npy), not named arrays")
+        with data:
+            return {name: data[name] for name in data.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{what} {path} is not a readable .npz file ({type(err).__name__}: {err}).") from err
+
+
+def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict[str, str]]:
+    """Read a statistics ``.npz`` (ours or another FID tool's); returns the stats and any string metadata.
+
+    Raises:
+        ValueError naming the file: unreadable or corrupt, ``mu``/``sigma`` missing, shapes other than (D,)
+        and (D, D), non-finite values, or a ``sigma`` that is not symmetric (not a covariance matrix).
+    """
+    return stats_from_arrays(read_npz(path, what="Statistics file"), path)
+
+
+def stats_from_arrays(data: dict[str, np.ndarray], path: str | os.PathLike) -> tuple[FeatureStats, dict[str, str]]:
+    """:func:`load_stats` on arrays already read from ``path`` (named in the errors)."""
+    if "mu" not in data or "sigma" not in data:
+        raise ValueError(f"Statistics file {path} lacks 'mu' and/or 'sigma' (has {sorted(data)}).")
+    try:
         mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        num = int(data["num"]) if "num" in data else -1
-        meta = {k: str(data[k]) for k in data.files if k not in ("mu", "sigma", "num") and data[k].ndim == 0}
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"Statistics file {path}: 'mu' and 'sigma' must be numeric ({err}).") from err
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"Statistics file {path}: mu {mu.shape} and sigma {sigma.shape} do not fit (D,), (D, D).")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"Statistics file {path}: mu or sigma contains NaN or inf.")
+    if np.abs(sigma - sigma.T).max(initial=0.0) > 1e-6 * max(np.abs(sigma).max(initial=0.0), 1e-300):
+        raise ValueError(f"Statistics file {path}: sigma is not symmetric, so it is not a covariance matrix.")
+    num = int(data["num"]) if "num" in data and data["num"].ndim == 0 else -1
+    meta = {k: str(v) for k, v in data.items() if k not in ("mu", "sigma", "num") and v.ndim == 0}
     return FeatureStats(mu, sigma, num), meta
 
 

@@ -4,8 +4,12 @@ Reads the run directory that ``privimage run`` writes (``config.json``, ``budget
 ``samples/samples.npz``, ``logs/*.csv``, ``query/classifier.pt``) and writes beside them:
 
 * ``report.json``: every metric under a name that is its kind (``fid`` or ``proxy_fid``, never both from one
-  network), sample counts, the privacy ledger and ε/δ spent, the config hash, library versions, timings;
+  network), sample counts, the privacy section (the generator's ledger and ε/δ from ``budget.json``, every
+  evaluation release that touched sensitive data, and the total by composition), the config hash, library
+  versions, timings;
 * ``report.md``: the same as tables a person reads;
+* ``evaluation_ledger.json``: append-only record of the evaluation's own privacy releases (the DPImageBench
+  noisy selection), see :func:`privacy_summary`;
 * ``evaluate/samples_vs_real.png``: per class, generated samples beside real test images of that class;
 * ``evaluate/loss_<log>.png``, ``evaluate/epsilon_<log>.png``: the training curves.
 
@@ -39,7 +43,7 @@ from privimage.evaluate.features import (
     load_proxy_classifier,
     proxy_feature_net,
 )
-from privimage.evaluate.fid import FeatureStats, fid_from_stats, load_stats
+from privimage.evaluate.fid import FeatureStats, fid_from_stats, load_stats, read_npz, stats_from_arrays
 from privimage.evaluate.inception import WEIGHTS_ENV, WEIGHTS_FILE_NAME, find_inception_weights
 from privimage.evaluate.metrics import inception_score, precision_recall
 from privimage.evaluate.plots import save_line_plot
@@ -67,7 +71,8 @@ class EvaluateOptions:
     ca_protocol: str = "official"            # "official", "dpimagebench" or "none"
     ca: classify.CAConfig = field(default_factory=lambda: classify.OFFICIAL)
     ca_archs: tuple[str, ...] = ("resnet9", "wrn", "cnn")
-    selection_epsilon: float = 1.0           # DPImageBench's noisy selection, per classifier
+    selection_epsilon: float | None = None   # ε of DPImageBench's noisy selection per classifier, spent on the
+                                             # sensitive validation data: required with that protocol
     val_size: int = 1000
     batch_size: int = 200
     device: str = "cpu"
@@ -75,6 +80,25 @@ class EvaluateOptions:
     cache_dir: str | None = None             # None: $PRIVIMAGE_CACHE_DIR, else ~/.cache/privimage/fid
     grid_per_class: int = 8
     max_grid_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if self.ca_protocol not in ("official", "dpimagebench", "none"):
+            raise ValueError(f"Unknown CA protocol {self.ca_protocol!r}; use official, dpimagebench or none.")
+        if self.ca_protocol == "dpimagebench":
+            if self.selection_epsilon is None:
+                raise ValueError("The dpimagebench CA protocol selects epochs on sensitive validation data and "
+                                 "spends privacy on top of the training budget: give its epsilon per classifier "
+                                 f"explicitly (--selection-epsilon; {len(self.ca_archs)} classifiers spend "
+                                 f"{len(self.ca_archs)} x that).")
+            if not self.selection_epsilon > 0:
+                raise ValueError(f"Expected selection_epsilon={self.selection_epsilon} > 0.")
+
+    @property
+    def selection_epsilon_total(self) -> float:
+        """ε the evaluation spends on sensitive data: 0 unless the DPImageBench protocol is chosen."""
+        if self.ca_protocol != "dpimagebench":
+            return 0.0
+        return self.selection_epsilon * len(self.ca_archs)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -90,17 +114,15 @@ def _read_json(path: Path) -> dict:
 
 def load_npz_images(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """Read ``images`` (uint8 (N, C, H, W)) and ``labels`` (N,) from an ``.npz``; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file {path} does not exist.")
-    with np.load(path, allow_pickle=False) as data:
-        if "images" not in data or "labels" not in data:
-            raise ValueError(f"{path} must hold arrays 'images' and 'labels' (has {sorted(data.files)}).")
-        images, labels = data["images"], data["labels"]
+    data = read_npz(path, what="Image file")
+    if "images" not in data or "labels" not in data:
+        raise ValueError(f"{path} must hold arrays 'images' and 'labels' (has {sorted(data)}).")
+    images, labels = data["images"], data["labels"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"{path}: 'images' must be uint8 (N, 1|3, H, W), got {images.dtype} {images.shape}.")
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"{path}: 'labels' has shape {labels.shape}, expected ({images.shape[0]},).")
+    if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: 'labels' must be integers of shape ({images.shape[0]},), got {labels.dtype} "
+                         f"{labels.shape}.")
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -179,10 +201,10 @@ def reference_features(net: FeatureNet, images: torch.Tensor, opts: EvaluateOpti
     digest.update(images.contiguous().numpy().tobytes())
     path = _cache_dir(opts) / f"{net.kind}-{digest.hexdigest()[:24]}.npz"
     if path.is_file():
-        stats, _ = load_stats(path)
-        with np.load(path) as data:
-            if "pr_features" in data:
-                return stats, data["pr_features"], f"cache {path}"
+        cached = read_npz(path, what="Cached reference statistics")
+        stats, _ = stats_from_arrays(cached, path)
+        if "pr_features" in cached:
+            return stats, cached["pr_features"], f"cache {path}"
     feats, _ = extract_features(net, images, batch_size=opts.batch_size, device=opts.device, bf16=opts.bf16,
                                 desc="reference features")
     stats = FeatureStats.from_features(feats)
@@ -320,7 +342,13 @@ def training_plots(run_dir: Path, out_dir: Path) -> list[str]:
 # Privacy, provenance
 
 
-def privacy_block(run_dir: Path) -> dict | None:
+EVALUATION_LEDGER = "evaluation_ledger.json"
+COMPOSITION = ("basic composition (Dwork & Roth 2014, Thm 3.16): the generator's (epsilon, delta) plus each "
+               "pure epsilon-DP evaluation release on the same sensitive data gives (sum of epsilons, delta)")
+
+
+def generator_privacy(run_dir: Path) -> dict | None:
+    """What training spent, from ``budget.json`` (the engine's PrivacyBudget state); None if it is absent."""
     path = run_dir / "budget.json"
     if not path.is_file():
         return None
@@ -335,6 +363,72 @@ def privacy_block(run_dir: Path) -> dict | None:
     return {"epsilon_budget": budget.epsilon, "delta": budget.delta, "epsilon_spent": spent.upper,
             "epsilon_spent_estimate": spent.estimate, "ledger": dict(budget.spent),
             "plan": state.get("plan", {})}
+
+
+def load_evaluation_ledger(run_dir: Path) -> list[dict]:
+    """The evaluation releases recorded for ``run_dir`` so far (see :func:`privacy_summary`)."""
+    path = run_dir / EVALUATION_LEDGER
+    if not path.is_file():
+        return []
+    releases = _read_json(path).get("releases")
+    if not (isinstance(releases, list) and all(isinstance(r, dict) and isinstance(r.get("epsilon"), (int, float))
+                                               and r["epsilon"] >= 0 for r in releases)):
+        raise ValueError(f"{path} is not an evaluation ledger (expected {{\"releases\": [{{\"epsilon\": ...}}, ...]}});"
+                         f" it records privacy already spent, so it is not ignored.")
+    return releases
+
+
+def record_evaluation_release(run_dir: Path, release: dict) -> list[dict]:
+    """Append ``release`` to the run's evaluation ledger (atomically) and return all releases."""
+    releases = [*load_evaluation_ledger(run_dir), release]
+    save_json({"about": "privacy spent on sensitive data by `privimage evaluate`, one entry per release; "
+                        "report.json adds these to the generator's epsilon (" + COMPOSITION + ")",
+               "releases": releases}, run_dir / EVALUATION_LEDGER)
+    return releases
+
+
+def privacy_summary(generator: dict | None, releases: list[dict], not_private: list[str]) -> dict:
+    """The report's privacy section: what training spent, what evaluation spent, and their total.
+
+    Why a separate evaluation ledger and not the engine's PrivacyBudget: the budget
+    (:class:`privimage.engine.PrivacyBudget`) plans and composes subsampled *Gaussian* mechanisms (noise
+    multiplier, sample rate, count) in one PRV/RDP accountant, and ``budget.json`` is the training run's
+    resumable state. The DPImageBench selection is Report Noisy Max with *Laplace* noise, a pure ε-DP
+    mechanism it cannot represent, and writing it into the training ledger after the fact would change the
+    state a resumed fine-tune reads. So every evaluation that touches sensitive data appends an entry to
+    ``evaluation_ledger.json`` beside ``budget.json`` (append-only: evaluating again releases again, and the
+    ledger keeps the earlier releases, whose reports may have been read), and the total composes both by
+    basic composition: (ε_gen, δ) followed by ε_i-DP releases is (ε_gen + Σ ε_i, δ)-DP (Dwork & Roth 2014,
+    Thm 3.16). That bound is valid but loose; converting pure ε-DP to ε²/2-zCDP (Bun & Steinke 2016, Prop.
+    1.4) and composing in the engine's accountant would be tighter, and needs an engine change.
+
+    Args:
+        generator: :func:`generator_privacy` (None when the run has no ``budget.json``: the total is unknown).
+        releases: the evaluation ledger, each with ``epsilon`` (pure, δ = 0).
+        not_private: statistics in the report computed from sensitive data *without* noise, said plainly.
+    """
+    evaluation_epsilon = float(sum(r["epsilon"] for r in releases))
+    total = None
+    if generator is not None:
+        total = {"epsilon": generator["epsilon_spent"] + evaluation_epsilon, "delta": generator["delta"],
+                 "within_budget": generator["epsilon_spent"] + evaluation_epsilon <= generator["epsilon_budget"]}
+    return {"generator": generator,
+            "evaluation": {"epsilon": evaluation_epsilon, "delta": 0.0, "releases": releases,
+                           "ledger_file": EVALUATION_LEDGER},
+            "total": total, "composition": COMPOSITION, "not_private": not_private}
+
+
+def _drop_test_copies(val_images: torch.Tensor, val_labels: torch.Tensor, test_images: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Remove validation images that are exact copies of a test image; returns them and how many went.
+
+    Selecting epochs on images that are also in the test set would select on test accuracy (the leak
+    DPImageBench warns about). Dropping by a public rule (equality with a test image) keeps the selection
+    ε-DP: neighbouring validation sets stay neighbouring or become equal.
+    """
+    test_keys = {img.numpy().tobytes() for img in test_images}
+    keep = torch.tensor([img.numpy().tobytes() not in test_keys for img in val_images], dtype=torch.bool)
+    return val_images[keep], val_labels[keep], int((~keep).sum())
 
 
 def config_hash(config: dict) -> str:
@@ -378,7 +472,8 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
                                 "per_class": {str(c): int(n) for c, n in
                                               zip(*np.unique(sample_labels.numpy(), return_counts=True))}}}
     metrics: dict = {}
-    extra_selection_epsilon = 0.0
+    not_private: list[str] = []
+    release: dict | None = None
 
     test_images = test_labels = None
     if opts.real or config:  # the CA test set, also shown beside the samples in the grid
@@ -406,6 +501,10 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
             fid_real = test_images[:opts.num_reference] if opts.num_reference else test_images
         else:
             fid_real, _ = load_real(config, split=opts.fid_split, size=opts.num_reference)
+            if opts.fid_split == "sensitive":
+                not_private.append(f"{net.metric_name('fid')} and {net.metric_name('precision_recall')} compare "
+                                   f"the samples with the sensitive training split without noise: like every "
+                                   f"FID on training data, these values are not covered by epsilon.")
         if opts.reference_stats:
             report["notes"].append("Precision/recall need real features: skipped with --reference-stats.")
         if samples.shape[0] < 5000:
@@ -423,22 +522,29 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
         if opts.ca_protocol == "official":
             ca = classify.classification_accuracy(samples, sample_labels, test_images, test_labels,
                                                   num_classes=num_classes, config=opts.ca, device=opts.device)
-        elif opts.ca_protocol == "dpimagebench":
+        else:
             val_images, val_labels = load_real(config, split="sensitive", override=opts.val, size=opts.val_size)
-            val_images = _match(val_images, samples)
+            val_images, val_labels, dropped = _drop_test_copies(_match(val_images, samples), val_labels,
+                                                                test_images)
+            source = (f"file {opts.val} (given as sensitive data)" if opts.val else
+                      "split 'sensitive' of the run's data set, the generator's training data")
+            if dropped:
+                report["notes"].append(f"{dropped} validation images were exact copies of test images and were "
+                                       f"dropped, so selection and test stay disjoint.")
+            if val_images.shape[0] == 0:
+                raise ValueError(f"Every validation image ({source}) is also in the test set: selecting on it "
+                                 f"would select on the test set. Give a disjoint --val.")
             ca = classify.dpimagebench_accuracy(samples, sample_labels, val_images, val_labels, test_images,
                                                 test_labels, num_classes=num_classes, archs=opts.ca_archs,
                                                 config=opts.ca, selection_epsilon=opts.selection_epsilon,
                                                 device=opts.device)
-            report["notes"].append(
-                f"DPImageBench selection touched {ca['num_val']} sensitive validation images through Report "
-                f"Noisy Max: {ca['selection_epsilon_total']:g}-DP in addition to the training budget (not in "
-                f"the ledger).")
-        else:
-            raise ValueError(f"Unknown CA protocol {opts.ca_protocol!r}; use official, dpimagebench or none.")
+            ca["validation_data"] = source
+            release = {"created": report["created"], "what": "DPImageBench CA epoch selection",
+                       "mechanism": "Report Noisy Max, Laplace(1/epsilon_per_classifier) on validation counts",
+                       "epsilon": ca["selection_epsilon_total"], "delta": 0.0,
+                       "epsilon_per_classifier": opts.selection_epsilon, "classifiers": list(opts.ca_archs),
+                       "data": f"{ca['num_val']} validation images from {source}"}
         ca["kind"] = "classification_accuracy"
-        if "selection_epsilon_total" in ca:
-            extra_selection_epsilon = ca["selection_epsilon_total"]
         metrics["classification_accuracy"] = ca
         timings["classification_accuracy_s"] = time.perf_counter() - t0
 
@@ -450,12 +556,14 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
     figures += training_plots(run_dir, out_dir)
 
     report["metrics"] = metrics
-    report["privacy"] = privacy_block(run_dir)
-    if report["privacy"] is None:
-        report["notes"].append("No budget.json: the privacy spent is unknown.")
-    elif extra_selection_epsilon:
-        # pure epsilon-DP selection on the sensitive validation split composes (basic composition) on top
-        report["privacy"]["evaluation_selection_epsilon"] = extra_selection_epsilon
+    # The release is recorded before anything it produced is written or returned.
+    releases = record_evaluation_release(run_dir, release) if release else load_evaluation_ledger(run_dir)
+    privacy = report["privacy"] = privacy_summary(generator_privacy(run_dir), releases, not_private)
+    if privacy["generator"] is None:
+        report["notes"].append("No budget.json: the privacy spent by training, and so the total, is unknown.")
+    elif not privacy["total"]["within_budget"]:
+        report["notes"].append(f"The total epsilon {privacy['total']['epsilon']:.4g} (training plus evaluation) "
+                               f"exceeds the run's budget epsilon {privacy['generator']['epsilon_budget']:g}.")
     report["figures"] = figures
     report["options"] = asdict(opts)
     timings["total_s"] = time.perf_counter() - t_start
@@ -472,6 +580,29 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
 
 def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def _privacy_markdown(p: dict) -> list[str]:
+    """Who spent what on the sensitive data, one row per release, and the total."""
+    gen, ev, total = p["generator"], p["evaluation"], p["total"]
+    lines = ["| release | ε | δ | on |", "|---|---|---|---|"]
+    if gen:
+        ledger = ", ".join(f"{k}: {n}" for k, n in gen["ledger"].items())
+        lines.append(f"| training (budget.json ledger: {ledger}; budget ε {_fmt(gen['epsilon_budget'])}) | "
+                     f"{_fmt(gen['epsilon_spent'])} | {gen['delta']:g} | sensitive training data |")
+    else:
+        lines.append("| training (no budget.json in the run directory) | unknown | unknown | sensitive training data |")
+    for r in ev["releases"]:
+        lines.append(f"| evaluation: {r.get('what', 'release')}, {r.get('created', '')} ({r.get('mechanism', '')}) | "
+                     f"{_fmt(float(r['epsilon']))} | 0 | {r.get('data', '')} |")
+    if total:
+        lines.append(f"| **total** | **{_fmt(total['epsilon'])}** | **{total['delta']:g}** | |")
+    else:
+        lines.append(f"| **total** | unknown (evaluation alone: {_fmt(ev['epsilon'])}) | unknown | |")
+    lines += ["", f"Composition: {p['composition']}. Evaluation releases are recorded in `{ev['ledger_file']}`."]
+    if p["not_private"]:
+        lines += ["", "Not covered by ε:", ""] + [f"- {n}" for n in p["not_private"]]
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -500,14 +631,7 @@ def render_markdown(report: dict) -> str:
     if ca and ca.get("per_classifier"):
         lines += ["", "| classifier | selected epoch | test accuracy |", "|---|---|---|"]
         lines += [f"| {a['arch']} | {a['selected_epoch']} | {100 * a['accuracy']:.2f}% |" for a in ca["per_classifier"]]
-    p = report.get("privacy")
-    lines += ["", "## Privacy", ""]
-    if p:
-        lines += ["| ε budget | ε spent (upper) | δ | releases |", "|---|---|---|---|",
-                  f"| {_fmt(p['epsilon_budget'])} | {_fmt(p['epsilon_spent'])} | {p['delta']:g} | "
-                  + ", ".join(f"{k}: {n}" for k, n in p["ledger"].items()) + " |"]
-    else:
-        lines.append("No budget.json in the run directory.")
+    lines += ["", "## Privacy", ""] + _privacy_markdown(report["privacy"])
     s = report["samples"]
     lines += ["", "## Samples", "", f"{s['num']} images of shape {tuple(s['shape'])}; per class: "
               + ", ".join(f"{c}: {n}" for c, n in s["per_class"].items()) + "."]

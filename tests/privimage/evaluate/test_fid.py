@@ -93,3 +93,17 @@ def test_bad_inputs_are_named(tmp_path):
         load_stats(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="NaN"):
         FeatureStats.from_features(np.full((3, 2), np.nan))
+
+
+def test_unreadable_statistics_files_are_named(tmp_path):
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"one.npy is not a readable .npz file .*unnamed array"):
+        load_stats(tmp_path / "one.npy")
+    np.savez(tmp_path / "pickled.npz", mu=np.array([object()], dtype=object), sigma=np.eye(1))
+    with pytest.raises(ValueError, match="pickled.npz is not a readable .npz file"):
+        load_stats(tmp_path / "pickled.npz")
+    np.savez(tmp_path / "text.npz", mu=np.array(["a", "b"]), sigma=np.eye(2))
+    with pytest.raises(ValueError, match="text.npz: 'mu' and 'sigma' must be numeric"):
+        load_stats(tmp_path / "text.npz")
+    with pytest.raises(FileNotFoundError, match="missing.npz does not exist"):
+        load_stats(tmp_path / "missing.npz")

@@ -1,6 +1,7 @@
 """privimage evaluate on a fake run directory: report files exist, parse, and label every metric's kind."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -54,8 +55,15 @@ def test_proxy_report_files_exist_parse_and_are_labelled(run_dir, tmp_path):
     assert 0 <= metrics["classification_accuracy"]["accuracy"] <= 1
     assert metrics["classification_accuracy"]["num_test"] == 60
     privacy = report["privacy"]
-    assert privacy["ledger"] == {"query": 1, "finetune": 50} and privacy["delta"] == 1e-5
-    assert 0 < privacy["epsilon_spent"] < 10
+    generator = privacy["generator"]
+    assert generator["ledger"] == {"query": 1, "finetune": 50} and generator["delta"] == 1e-5
+    assert 0 < generator["epsilon_spent"] < 10
+    # the official protocol spends nothing: the total is the training epsilon, and nothing is recorded
+    assert privacy["evaluation"] == {"epsilon": 0.0, "delta": 0.0, "releases": [],
+                                     "ledger_file": "evaluation_ledger.json"}
+    assert privacy["total"] == {"epsilon": generator["epsilon_spent"], "delta": 1e-5, "within_budget": True}
+    assert not (run_dir / "evaluation_ledger.json").exists()
+    assert privacy["not_private"] == []  # the FID reference here is the --real test file, not training data
     assert len(report["config_hash"]) == 16 and report["versions"]["torch"] == torch.__version__
     assert report["samples"]["per_class"] == {str(c): int((np.load(run_dir / "samples/samples.npz")["labels"] == c).sum())
                                               for c in range(5) if (np.load(run_dir / "samples/samples.npz")["labels"] == c).any()}
@@ -127,19 +135,188 @@ def test_cli_evaluate(run_dir, tmp_path, capsys):
     assert code == 2 and "no-such-run does not exist" in capsys.readouterr().err
 
 
-def test_dpimagebench_protocol_through_the_report_counts_its_selection_epsilon(run_dir, tmp_path):
+@pytest.mark.parametrize("content, message", [
+    (b"not a zip file at all", "is not a readable .npz file"),
+    ("truncated", "is not a readable .npz file"),
+    ({"mu": np.zeros(3), "sigma": np.eye(2)}, r"mu \(3,\) and sigma \(2, 2\) do not fit"),
+    ({"mu": np.zeros(2), "sigma": np.array([[1.0, np.nan], [np.nan, 1.0]])}, "NaN or inf"),
+    ({"mu": np.zeros(2), "sigma": np.array([[1.0, 0.5], [0.0, 1.0]])}, "not symmetric"),
+    ({"mu": np.zeros(7), "sigma": np.eye(7), "kind": np.array("proxy")}, "dimension 7"),
+])
+def test_bad_reference_stats_files_are_named_by_the_cli(run_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "ref.npz"
+    if isinstance(content, dict):
+        np.savez(path, **content)
+    elif content == "truncated":
+        np.savez(path, mu=np.zeros(128), sigma=np.eye(128))
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    code = main(["evaluate", str(run_dir), "--reference-stats", str(path), "--real", str(tmp_path / "real.npz"),
+                 "--ca-protocol", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(path) in err and re.search(message, err), err
+
+
+def _sensitive_val(tmp_path, size=30):
+    """Validation images drawn from the sensitive training split (disjoint from the sensitive_test file)."""
+    val = load_dataset("embedded", split="sensitive", size=size, seed=11)
+    np.savez(tmp_path / "val.npz", images=val.images.numpy(), labels=val.labels.numpy())
+    return str(tmp_path / "val.npz")
+
+
+def test_dpimagebench_selection_epsilon_enters_the_total_and_the_ledger(run_dir, tmp_path):
     real = np.load(tmp_path / "real.npz")
     small = torch.nn.functional.interpolate(torch.from_numpy(real["images"]).float(), size=16).byte().numpy()
     np.savez(tmp_path / "real16.npz", images=small, labels=real["labels"])  # other resolution: matched to samples
     (run_dir / "query" / "classifier.pt").unlink()
-    report = evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real16.npz"), val=str(tmp_path / "real.npz"),
-                                                   ca_protocol="dpimagebench", ca=TINY_CA, ca_archs=("cnn",),
-                                                   selection_epsilon=0.5), log=lambda _: None)
+    opts = EvaluateOptions(real=str(tmp_path / "real16.npz"), val=_sensitive_val(tmp_path), ca_protocol="dpimagebench",
+                           ca=TINY_CA, ca_archs=("cnn", "cnn"), selection_epsilon=0.25)
+    report = evaluate_run(run_dir, opts, log=lambda _: None)
     ca = report["metrics"]["classification_accuracy"]
-    assert ca["protocol"] == "dpimagebench" and [a["arch"] for a in ca["per_classifier"]] == ["cnn"]
-    assert report["privacy"]["evaluation_selection_epsilon"] == 0.5
-    assert any("were resized" in n for n in report["notes"]) and any("Report Noisy Max" in n for n in report["notes"])
-    assert "| cnn |" in (run_dir / "report.md").read_text()
+    assert ca["protocol"] == "dpimagebench" and [a["arch"] for a in ca["per_classifier"]] == ["cnn", "cnn"]
+    assert ca["num_val"] == 30 and "val.npz" in ca["validation_data"]
+    assert any("were resized" in n for n in report["notes"])
+
+    privacy = report["privacy"]
+    training = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text())).epsilon_spent().upper
+    assert privacy["generator"]["epsilon_spent"] == training
+    (release,) = privacy["evaluation"]["releases"]
+    assert release["epsilon"] == 0.5 and release["delta"] == 0.0 and release["epsilon_per_classifier"] == 0.25
+    assert privacy["evaluation"]["epsilon"] == 0.5
+    assert privacy["total"]["epsilon"] == pytest.approx(training + 0.5) and privacy["total"]["delta"] == 1e-5
+    markdown = (run_dir / "report.md").read_text()
+    assert "| **total** | **" + f"{training + 0.5:.4g}" + "** | **1e-05** |" in markdown
+    assert "DPImageBench CA epoch selection" in markdown and "| cnn |" in markdown
+
+    # evaluating again releases again: the ledger keeps both, and the total counts both
+    again = evaluate_run(run_dir, opts, log=lambda _: None)
+    assert [r["epsilon"] for r in again["privacy"]["evaluation"]["releases"]] == [0.5, 0.5]
+    assert again["privacy"]["total"]["epsilon"] == pytest.approx(training + 1.0)
+    assert len(json.loads((run_dir / "evaluation_ledger.json").read_text())["releases"]) == 2
+    # ... and an evaluation that spends nothing still reports what was spent before
+    third = evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real16.npz"), ca_protocol="none"),
+                         log=lambda _: None)
+    assert third["privacy"]["total"]["epsilon"] == pytest.approx(training + 1.0)
+
+
+def test_selection_beyond_the_budget_and_without_budget_json_is_said(run_dir, tmp_path):
+    (run_dir / "query" / "classifier.pt").unlink()
+    opts = EvaluateOptions(real=str(tmp_path / "real.npz"), val=_sensitive_val(tmp_path), ca_protocol="dpimagebench",
+                           ca=TINY_CA, ca_archs=("cnn",), selection_epsilon=20.0)
+    report = evaluate_run(run_dir, opts, log=lambda _: None)
+    assert report["privacy"]["total"]["within_budget"] is False
+    assert any("exceeds the run's budget epsilon 10" in n for n in report["notes"])
+    (run_dir / "budget.json").unlink()
+    report = evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real.npz"), ca_protocol="none"),
+                          log=lambda _: None)
+    assert report["privacy"]["generator"] is None and report["privacy"]["total"] is None
+    assert report["privacy"]["evaluation"]["epsilon"] == 20.0  # still on record
+    assert "unknown (evaluation alone: 20)" in (run_dir / "report.md").read_text()
+    (run_dir / "evaluation_ledger.json").write_text('{"releases": [{"epsilon": "a lot"}]}')
+    with pytest.raises(ValueError, match="evaluation_ledger.json is not an evaluation ledger"):
+        evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real.npz"), ca_protocol="none"), log=lambda _: None)
+
+
+def test_selection_epsilon_must_be_given_and_validation_must_not_be_test_data(run_dir, tmp_path):
+    with pytest.raises(ValueError, match="give its epsilon per classifier explicitly"):
+        EvaluateOptions(ca_protocol="dpimagebench")
+    with pytest.raises(ValueError, match="selection_epsilon=0"):
+        EvaluateOptions(ca_protocol="dpimagebench", selection_epsilon=0)
+    assert EvaluateOptions(ca_protocol="official", selection_epsilon=1.0).selection_epsilon_total == 0.0
+    assert EvaluateOptions(ca_protocol="dpimagebench", selection_epsilon=0.5).selection_epsilon_total == 1.5
+
+    (run_dir / "query" / "classifier.pt").unlink()
+    real = str(tmp_path / "real.npz")
+    opts = dict(real=real, ca_protocol="dpimagebench", ca=TINY_CA, ca_archs=("cnn",), selection_epsilon=1.0)
+    with pytest.raises(ValueError, match="is also in the test set"):
+        evaluate_run(run_dir, EvaluateOptions(val=real, **opts), log=lambda _: None)
+    assert not (run_dir / "evaluation_ledger.json").exists()  # nothing was released
+    test, val = np.load(real), np.load(_sensitive_val(tmp_path, size=20))
+    np.savez(tmp_path / "mixed.npz", images=np.concatenate([test["images"][:7], val["images"]]),
+             labels=np.concatenate([test["labels"][:7], val["labels"]]))
+    report = evaluate_run(run_dir, EvaluateOptions(val=str(tmp_path / "mixed.npz"), **opts), log=lambda _: None)
+    assert report["metrics"]["classification_accuracy"]["num_val"] == 20
+    assert any("7 validation images were exact copies of test images" in n for n in report["notes"])
+
+
+def test_fid_against_sensitive_training_data_is_labelled_not_private(run_dir, tmp_path):
+    save_json({"data": {"sensitive": "embedded:sensitive,size=30",
+                        "sensitive_test": "embedded:sensitive_test,size=20"}}, run_dir / "config.json")
+    report = evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", cache_dir=str(tmp_path / "cache"),
+                                                   is_splits=2), log=lambda _: None)
+    (note,) = report["privacy"]["not_private"]
+    assert "proxy_fid" in note and "sensitive training split" in note
+    assert "Not covered by ε:" in (run_dir / "report.md").read_text()
+
+
+def test_cli_shows_the_selection_epsilon_in_help_and_output(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "--selection-epsilon E" in helptext and "ON TOP of the training budget" in helptext
+    assert "total epsilon = training epsilon + all evaluation epsilons" in helptext
+
+    common = ["evaluate", str(run_dir), "--real", str(tmp_path / "real.npz"), "--ca-protocol", "dpimagebench",
+              "--ca-archs", "cnn,cnn", "--ca-preset", "small", "--ca-epochs", "1", "--val", _sensitive_val(tmp_path)]
+    assert main(common) == 2
+    assert "--selection-epsilon" in capsys.readouterr().err
+    assert main([*common, "--selection-epsilon", "0.3", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["selection_epsilon_total"] == pytest.approx(0.6)
+    (run_dir / "query" / "classifier.pt").unlink()
+    assert main([*common, "--selection-epsilon", "0.3"]) == 0
+    out = capsys.readouterr().out
+    training = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text())).epsilon_spent().upper
+    assert "evaluation epsilon 0.6 (1 release(s) in evaluation_ledger.json" in out
+    assert f"total epsilon {training + 0.6:.4g} at delta 1e-05" in out
+
+
+def test_samples_vs_real_grid_puts_each_class_beside_its_real_images(tmp_path):
+    from privimage.evaluate.report import samples_vs_real_grid
+
+    # sample of class c is filled with 10 + c, real image of class c with 100 + c; class 1 has one sample only
+    sample_labels = torch.tensor([0, 0, 1, 2, 2, 2])
+    real_labels = torch.tensor([2, 0, 1, 1, 0, 2, 2, 2])
+    samples = (10 + sample_labels).byte()[:, None, None, None].expand(-1, 3, 4, 4).contiguous()
+    real = (100 + real_labels).byte()[:, None, None, None].expand(-1, 3, 4, 4).contiguous()
+    samples_vs_real_grid(samples, sample_labels, real, real_labels, tmp_path / "grid.png", per_class=2)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    step = 4 + 2  # tile plus the grid's 2-pixel padding
+    assert grid.shape == (3 * step + 2, 5 * step + 2, 3)  # 3 classes x (2 samples, gap, 2 real)
+
+    def tile(row, col):
+        return int(grid[2 + row * step + 1, 2 + col * step + 1, 0])
+
+    assert [[tile(r, c) for c in range(5)] for r in range(3)] == [
+        [10, 10, 0, 100, 100],
+        [11, 0, 0, 101, 101],
+        [12, 12, 0, 102, 102],
+    ]
+
+
+def test_feature_extraction_and_classifier_training_show_progress(run_dir, tmp_path, monkeypatch):
+    import io
+
+    from privimage.evaluate import classify, features
+    from privimage.progress import Progress
+
+    bars = []
+
+    class Recorded(Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "stream": io.StringIO(), "log_every": 0.0})
+            bars.append(self)
+
+    monkeypatch.setattr(features, "Progress", Recorded)
+    monkeypatch.setattr(classify, "Progress", Recorded)
+    evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real.npz"), ca=TINY_CA, is_splits=2,
+                                          cache_dir=str(tmp_path / "cache")), log=lambda _: None)
+    shown = {bar.desc.split(" (")[0]: bar for bar in bars}
+    assert set(shown) == {"reference features", "sample features", "CA train cnn"}
+    assert shown["sample features"].count == 40 and shown["reference features"].count == 60
+    assert shown["CA train cnn"].count == shown["CA train cnn"].total == 2 * 2  # 2 epochs of 40 images, batch 20
+    for bar in bars:
+        assert bar.stream.getvalue().count("\n") >= 2 and "loss=" in shown["CA train cnn"].stream.getvalue()
 
 
 def test_real_data_comes_from_the_pipeline_config(run_dir, tmp_path):
