@@ -18,7 +18,8 @@ from .clipped_weight_grad import (clipped_weight_grad, clipped_weight_grad_ref, 
                                   conv_clipped_weight_grad_ref)
 from .ghost_sq_norms import conv_ghost_sq_norms, conv_ghost_sq_norms_ref, ghost_sq_norms, ghost_sq_norms_ref
 from .norm_affine import (bias_clipped_grad, bias_clipped_grad_ref, bias_sq_norms, bias_sq_norms_ref,
-                          group_norm_clipped_grads, group_norm_clipped_grads_ref, group_norm_sq_norms,
+                          group_norm_clipped_grads, group_norm_clipped_grads_ref, group_norm_grads,
+                          group_norm_grads_ref, group_norm_sq_norms,
                           group_norm_sq_norms_ref, layer_norm_clipped_grads, layer_norm_clipped_grads_ref,
                           layer_norm_sq_norms, layer_norm_sq_norms_ref)
 from .per_sample_sq_norms import (conv_per_sample_sq_norms, conv_per_sample_sq_norms_ref, per_sample_sq_norms,
@@ -32,7 +33,8 @@ __all__ = [
     "clipped_weight_grad", "clipped_weight_grad_ref", "conv_clipped_weight_grad", "conv_clipped_weight_grad_ref",
     "conv_ghost_sq_norms", "conv_ghost_sq_norms_ref", "conv_per_sample_sq_norms", "conv_per_sample_sq_norms_ref",
     "ghost_sq_norms", "ghost_sq_norms_ref", "native",
-    "group_norm_clipped_grads", "group_norm_clipped_grads_ref", "group_norm_sq_norms", "group_norm_sq_norms_ref",
+    "group_norm_clipped_grads", "group_norm_clipped_grads_ref", "group_norm_grads", "group_norm_grads_ref",
+    "group_norm_sq_norms", "group_norm_sq_norms_ref",
     "layer_norm_clipped_grads", "layer_norm_clipped_grads_ref", "layer_norm_sq_norms", "layer_norm_sq_norms_ref",
     "per_sample_sq_norms", "per_sample_sq_norms_ref",
     "use_triton",

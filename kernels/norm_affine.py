@@ -27,7 +27,8 @@ from . import _common as cm
 from ._triton import jit, tl, triton, use_triton
 
 __all__ = ["bias_clipped_grad", "bias_clipped_grad_ref", "bias_sq_norms", "bias_sq_norms_ref",
-           "group_norm_clipped_grads", "group_norm_clipped_grads_ref", "group_norm_sq_norms",
+           "group_norm_clipped_grads", "group_norm_clipped_grads_ref", "group_norm_grads", "group_norm_grads_ref",
+           "group_norm_sq_norms",
            "group_norm_sq_norms_ref", "layer_norm_clipped_grads", "layer_norm_clipped_grads_ref",
            "layer_norm_sq_norms", "layer_norm_sq_norms_ref"]
 
@@ -235,6 +236,19 @@ def bias_clipped_grad(grad_out: torch.Tensor, c: torch.Tensor, *, channel_dim: i
     return _clipped("bias_clipped_grad", None, grad_out, c, kind, 1, 1, 0.0, sample_index, is_padding)[1]
 
 
+def group_norm_grads(x: torch.Tensor, grad_out: torch.Tensor, num_groups: int, *, eps: float = 1e-5,
+                     sample_index=None, is_padding=None, num_samples=None):
+    """Each sample's GroupNorm affine gradients (∇γ, ∇β), each (S, C) float32; x (R, C, *) the layer's INPUT.
+
+    The per-sample vectors themselves, for callers that keep them for the clipped sum (the engine's
+    book-keeping: C numbers per sample, so keeping them is cheaper than a second pass over x and grad_out).
+    """
+    _check_group_norm("group_norm_grads", x, grad_out, num_groups)
+    out = _per_sample("group_norm_grads", x, grad_out, _GROUP_NORM, num_groups, 1, eps, sample_index,
+                      is_padding, num_samples)
+    return out[:, 0], out[:, 1]
+
+
 def group_norm_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, num_groups: int, *, eps: float = 1e-5,
                         sample_index=None, is_padding=None, num_samples=None) -> torch.Tensor:
     """Each sample's ‖∇γ‖² + ‖∇β‖² for GroupNorm's affine parameters; x (R, C, *) the layer's INPUT."""
@@ -298,6 +312,15 @@ def bias_clipped_grad_ref(grad_out, c, *, channel_dim=-1, sample_index=None, is_
     """Plain-torch reference of :func:`bias_clipped_grad`."""
     kind = _bias_kind("bias_clipped_grad_ref", grad_out, channel_dim)
     return _ref_clipped(None, grad_out, c, kind, 1, 1, 0.0, sample_index, is_padding)[1]
+
+
+def group_norm_grads_ref(x, grad_out, num_groups, *, eps=1e-5, sample_index=None, is_padding=None,
+                         num_samples=None):
+    """Plain-torch reference of :func:`group_norm_grads` (x̂ by ``F.group_norm``)."""
+    _check_group_norm("group_norm_grads_ref", x, grad_out, num_groups)
+    out = _ref_rows(x, grad_out, _GROUP_NORM, num_groups, 1, eps, sample_index, is_padding, num_samples,
+                    "group_norm_grads_ref")
+    return out[:, 0], out[:, 1]
 
 
 def group_norm_sq_norms_ref(x, grad_out, num_groups, *, eps=1e-5, sample_index=None, is_padding=None,

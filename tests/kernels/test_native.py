@@ -74,6 +74,25 @@ def test_group_norm(kind):
         H.assert_within(got, same, ref64, 1e-5, "group norm clipped")
 
 
+@pytest.mark.parametrize("kind", H.ROW_KINDS)
+def test_group_norm_grads_dispatch_to_native(monkeypatch, kind):
+    """privimage.kernels.group_norm_grads (the engine's GroupNorm op) runs the native build on CPU."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("PRIVIMAGE_NATIVE", raising=False)
+    calls = []
+    original = native._op
+    monkeypatch.setattr(native, "_op", lambda: calls.append(1) or original())
+    x = torch.randn(7, 6, 5, 3) * 3 + 2
+    g = torch.randn_like(x)
+    kw = H.rows(kind, 7)
+    _poison(kw, g)
+    got = K.group_norm_grads(x, g, 3, **kw)
+    assert calls, "privimage.kernels.group_norm_grads did not use the native build on CPU"
+    for o, same, ref64 in zip(got, K.group_norm_grads_ref(x, g, 3, **kw),
+                              K.group_norm_grads_ref(x.double(), g.double(), 3, **kw)):
+        H.assert_within(o, same, ref64, 1e-5, "group norm grads")
+
+
 def test_empty_batch():
     assert native.conv_per_sample_sq_norms(torch.zeros(0, 3, 5, 4), torch.zeros(0, 2, 5, 4), 3, padding=1).shape == (0,)
     assert native.group_norm_sq_norms(torch.zeros(0, 4, 3), torch.zeros(0, 4, 3), 2).shape == (0,)

@@ -85,6 +85,23 @@ def test_sq_norms_fp32(interpret, name, kind):
     H.assert_within(ours, _call(ref, x32, g32, extra, **kw), _call(ref, x64, g64, extra, **kw), 1e-5, name)
 
 
+@pytest.mark.parametrize("kind", H.ROW_KINDS)
+@pytest.mark.parametrize("name", ["gn", "gn-one-group"])
+def test_group_norm_grads_fp32(interpret, name, kind):
+    """The per-sample (∇γ, ∇β) vectors themselves (what the engine keeps for its clipped sum)."""
+    x, g, extra = CASES[name]()
+    kw = H.rows(kind, g.shape[0])
+    if "is_padding" in kw:
+        g[kw["is_padding"]] = float("nan")
+    x32, g32 = x.float(), g.float()
+    ours = K.group_norm_grads(x32, g32, extra["num_groups"], **kw)
+    same = K.group_norm_grads_ref(x32, g32, extra["num_groups"], **kw)
+    ref64 = K.group_norm_grads_ref(x32.double(), g32.double(), extra["num_groups"], **kw)
+    for o, s, r in zip(ours, same, ref64):
+        assert o.dtype == torch.float32 and o.shape == (ref64[0].shape[0], x.shape[1])
+        H.assert_within(o, s, r, 1e-5, name)
+
+
 @pytest.mark.parametrize("name", ["gn", "ln", "bias-conv"])
 def test_sq_norms_bf16(interpret, name):
     x, g, extra = CASES[name]()
