@@ -255,16 +255,18 @@ class _NormRule:
     def plan(self, module, calls, grouping, mode):
         return Plan("materialized", True, "affine")
 
+    def affine_grads(self, module, a, g):
+        """One call's per-row (∇γ, ∇β): Σ g ∘ x̂ and Σ g over the positions."""
+        return self.reduce(module, g * self.normalized(module, a).to(g.dtype)), self.reduce(module, g)
+
     def sq_norms(self, module, calls, grouping, plan: Plan):
         w, b = _trainable(module, "weight"), _trainable(module, "bias")
+        per_call = [self.affine_grads(module, a, g) for a, g in calls]
         total = 0
-        for param, use_xhat in ((w, True), (b, False)):
+        for i, param in enumerate((w, b)):
             if param is None:
                 continue
-            grad = 0
-            for a, g in calls:
-                prod = g * self.normalized(module, a).to(g.dtype) if use_xhat else g
-                grad = grad + self.reduce(module, prod)
+            grad = sum(grads[i] for grads in per_call)
             plan.kept[param] = grad
             total = total + ops.sq_norms_of(grouping.to_samples(grad))
         return total
@@ -274,11 +276,8 @@ class _NormRule:
 
 
 class GroupNormRule(_NormRule):
-    def normalized(self, module, a):
-        return F.group_norm(a, module.num_groups, eps=module.eps)
-
-    def reduce(self, module, prod):
-        return prod.sum(tuple(range(2, prod.dim()))) if prod.dim() > 2 else prod
+    def affine_grads(self, module, a, g):  # through the ops switch: fused kernels / native CPU build
+        return ops.group_norm_grads(a, g, module.num_groups, eps=module.eps)
 
 
 class LayerNormRule(_NormRule):
