@@ -4,7 +4,7 @@ privimage.engine.ops calls the privimage.kernels op of the same name when TRITON
 counting wrappers prove the kernels ran. The model mixes a layer the engine takes ghost norms of (few
 positions, wide) with one it takes materialised norms of (many positions, narrow), so bk-mixed exercises
 ghost_sq_norms + clipped_weight_grad, and the ghost method (which keeps no per-sample gradients) also
-per_sample_sq_norms.
+per_sample_sq_norms. The native CPU build's counterpart is test_engine_native.py.
 """
 
 import pytest
@@ -35,6 +35,7 @@ def test_dp_step_with_kernels_equals_references(interpret, monkeypatch, method, 
     kw = dict(is_padding=torch.tensor([False, False, True, False, False, False]),
               groups=torch.tensor([0, 1, 2, 1, 0, 2]))
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("PRIVIMAGE_NATIVE", "0")  # the reference is engine.ops' torch code, not the C++ build
     want = _grads(method, x, **kw)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = {name: 0 for name in ops}
@@ -64,16 +65,18 @@ def _conv_grads(x, is_padding):
 
 def test_dp_step_with_conv_kernels_equals_references(interpret, monkeypatch):
     """Convolutions: materialised norms (first conv, T=20), ghost norms (second, T=6, wide) and the clipped
-    weight gradient, with per-sample gradients not kept (KEEP_FACTOR=0) so every conv op goes to a kernel."""
+    weight gradient, with per-sample gradients not kept (KEEP_FACTOR=0) so every conv op goes to a kernel;
+    GroupNorm's per-sample affine gradients by its fused kernel."""
     from privimage.engine import layers
 
     monkeypatch.setattr(layers, "KEEP_FACTOR", 0.0)
     x = torch.randn(3, 3, 5, 4)
     is_padding = torch.tensor([False, True, False])
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("PRIVIMAGE_NATIVE", "0")  # the reference is engine.ops' torch code, not the C++ build
     want = _conv_grads(x, is_padding)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ops = ["conv_per_sample_sq_norms", "conv_ghost_sq_norms", "conv_clipped_weight_grad"]
+    ops = ["conv_per_sample_sq_norms", "conv_ghost_sq_norms", "conv_clipped_weight_grad", "group_norm_grads"]
     calls = {name: 0 for name in ops}
     for name in ops:
         def counting(*args, _original=getattr(K, name), _name=name, **kwargs):
