@@ -423,8 +423,9 @@ def _drop_test_copies(val_images: torch.Tensor, val_labels: torch.Tensor, test_i
     """Remove validation images that are exact copies of a test image; returns them and how many went.
 
     Selecting epochs on images that are also in the test set would select on test accuracy (the leak
-    DPImageBench warns about). Dropping by a public rule (equality with a test image) keeps the selection
-    ε-DP: neighbouring validation sets stay neighbouring or become equal.
+    DPImageBench warns about). Dropping by a fixed rule (equality with a test image) keeps the selection
+    ε-DP: neighbouring validation sets stay neighbouring or become equal. The number dropped is itself a
+    count on the sensitive data, so it goes to the operator's log, never into the report.
     """
     test_keys = {img.numpy().tobytes() for img in test_images}
     keep = torch.tensor([img.numpy().tobytes() not in test_keys for img in val_images], dtype=torch.bool)
@@ -524,21 +525,23 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
                                                   num_classes=num_classes, config=opts.ca, device=opts.device)
         else:
             val_images, val_labels = load_real(config, split="sensitive", override=opts.val, size=opts.val_size)
+            num_val = int(val_images.shape[0])
             val_images, val_labels, dropped = _drop_test_copies(_match(val_images, samples), val_labels,
                                                                 test_images)
             source = (f"file {opts.val} (given as sensitive data)" if opts.val else
                       "split 'sensitive' of the run's data set, the generator's training data")
-            if dropped:
-                report["notes"].append(f"{dropped} validation images were exact copies of test images and were "
-                                       f"dropped, so selection and test stay disjoint.")
             if val_images.shape[0] == 0:
                 raise ValueError(f"Every validation image ({source}) is also in the test set: selecting on it "
                                  f"would select on the test set. Give a disjoint --val.")
+            if dropped:  # to the operator only: the count is not DP (see _drop_test_copies)
+                log(f"{dropped} of {num_val} validation images are exact copies of test images; they are left "
+                    f"out of the selection (this count is not written to the report).")
             ca = classify.dpimagebench_accuracy(samples, sample_labels, val_images, val_labels, test_images,
                                                 test_labels, num_classes=num_classes, archs=opts.ca_archs,
                                                 config=opts.ca, selection_epsilon=opts.selection_epsilon,
                                                 device=opts.device)
-            ca["validation_data"] = source
+            ca["num_val"] = num_val  # before dropping test copies: the report does not release that count
+            ca["validation_data"] = f"{source}, less exact copies of test images"
             release = {"created": report["created"], "what": "DPImageBench CA epoch selection",
                        "mechanism": "Report Noisy Max, Laplace(1/epsilon_per_classifier) on validation counts",
                        "epsilon": ca["selection_epsilon_total"], "delta": 0.0,

@@ -218,7 +218,7 @@ def test_selection_beyond_the_budget_and_without_budget_json_is_said(run_dir, tm
         evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real.npz"), ca_protocol="none"), log=lambda _: None)
 
 
-def test_selection_epsilon_must_be_given_and_validation_must_not_be_test_data(run_dir, tmp_path):
+def test_selection_epsilon_must_be_given_and_validation_must_not_be_test_data(run_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="give its epsilon per classifier explicitly"):
         EvaluateOptions(ca_protocol="dpimagebench")
     with pytest.raises(ValueError, match="selection_epsilon=0"):
@@ -235,9 +235,22 @@ def test_selection_epsilon_must_be_given_and_validation_must_not_be_test_data(ru
     test, val = np.load(real), np.load(_sensitive_val(tmp_path, size=20))
     np.savez(tmp_path / "mixed.npz", images=np.concatenate([test["images"][:7], val["images"]]),
              labels=np.concatenate([test["labels"][:7], val["labels"]]))
-    report = evaluate_run(run_dir, EvaluateOptions(val=str(tmp_path / "mixed.npz"), **opts), log=lambda _: None)
-    assert report["metrics"]["classification_accuracy"]["num_val"] == 20
-    assert any("7 validation images were exact copies of test images" in n for n in report["notes"])
+    from privimage.evaluate import classify
+
+    selected_on, real_accuracy = [], classify.dpimagebench_accuracy
+
+    def spy(train, train_labels, val, *args, **kwargs):
+        selected_on.append(val.shape[0])
+        return real_accuracy(train, train_labels, val, *args, **kwargs)
+
+    monkeypatch.setattr(classify, "dpimagebench_accuracy", spy)
+    messages = []
+    report = evaluate_run(run_dir, EvaluateOptions(val=str(tmp_path / "mixed.npz"), **opts), log=messages.append)
+    assert selected_on == [20]
+    assert any("7 of 27 validation images are exact copies of test images" in m for m in messages)
+    # the operator is told; the report is not (that count is a non-private statistic of the sensitive data)
+    assert report["metrics"]["classification_accuracy"]["num_val"] == 27
+    assert "7" not in " ".join(report["notes"]) and "20 validation" not in (run_dir / "report.md").read_text()
 
 
 def test_fid_against_sensitive_training_data_is_labelled_not_private(run_dir, tmp_path):
