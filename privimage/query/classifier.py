@@ -133,7 +133,11 @@ class QueryClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> "QueryClassifier":
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return cls.from_state(torch.load(path, map_location=map_location, weights_only=True)).to(map_location)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "QueryClassifier":
+        """The classifier a :meth:`save` file holds (already loaded with ``torch.load``), in eval mode."""
         model = cls(num_classes=state["num_classes"], channels=state["channels"], resolution=state["resolution"],
                     width=state["width"], blocks=state["blocks"], class_names=state["class_names"])
         model.load_state_dict(state["state_dict"])
@@ -141,13 +145,42 @@ class QueryClassifier(nn.Module):
         return model.eval()
 
 
+# Part of every cache key: bump it when the network or its training changes, so old files are not reused.
+CACHE_VERSION = 1
+
+
 def _fingerprint(public: ImageDataset, resolution: int, config: ClassifierConfig) -> str:
+    """The cache key: everything the trained weights depend on (settings, resolution, the public data's
+    shape, channels, class names, pixel bytes and labels, and :data:`CACHE_VERSION`)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"config": asdict(config), "resolution": resolution, "shape": list(public.images.shape),
-                         "classes": public.class_names}, sort_keys=True).encode())
+    h.update(json.dumps({"version": CACHE_VERSION, "config": asdict(config), "resolution": resolution,
+                         "shape": list(public.images.shape), "classes": public.class_names}, sort_keys=True).encode())
     h.update(public.images.contiguous().numpy().tobytes())
     h.update(public.labels.numpy().tobytes())
     return h.hexdigest()[:20]
+
+
+def _load_cached(path: Path, public: ImageDataset, resolution: int, config: ClassifierConfig,
+                 device: str | torch.device, log) -> "QueryClassifier | None":
+    """The cached classifier at ``path`` if it is exactly the one asked for, else ``None`` (retrain).
+
+    The key already covers the settings; this check also catches a file that is unreadable or that was
+    written for other settings (copied in by hand, or a key collision), so a hit never returns a model that
+    disagrees with ``config``.
+    """
+    try:
+        stored = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable cache file is simply retrained
+        if log:
+            log(f"query classifier: cache file {path} is unreadable ({err}); training afresh")
+        return None
+    expected = {"config": asdict(config), "resolution": resolution, "channels": public.channels,
+                "num_classes": public.num_classes, "class_names": list(public.class_names)}
+    if {key: stored.get(key) for key in expected} != expected:
+        if log:
+            log(f"query classifier: cache file {path} was trained with other settings; training afresh")
+        return None
+    return QueryClassifier.from_state(stored).to(device)
 
 
 def default_cache_dir() -> Path:
@@ -163,8 +196,9 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
         public: the public data set; never pass sensitive data here.
         resolution: the sensitive data's resolution (default: the public one).
         config: architecture and training settings.
-        cache_dir: where classifiers are cached, keyed by a hash of config, resolution and the public data's
-            bytes (default ``$PRIVIMAGE_CACHE_DIR/query`` or ``~/.cache/privimage/query``).
+        cache_dir: where classifiers are cached, keyed by a hash of config, resolution and the public data
+            (shape, channels, class names, bytes, labels) (default ``$PRIVIMAGE_CACHE_DIR/query`` or
+            ``~/.cache/privimage/query``). A cached file is used only if its stored settings match.
         use_cache: ``False`` always trains and stores nothing.
         log: where to report progress and the public accuracy (``None``: silent).
 
@@ -176,12 +210,13 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
     resolution = resolution or public.resolution
     cache = Path(cache_dir or default_cache_dir()) if use_cache else None
     key = _fingerprint(public, resolution, config)
-    if cache is not None and (cache / f"classifier-{key}.pt").is_file():
-        model = QueryClassifier.load(cache / f"classifier-{key}.pt", map_location=device)
-        if log:
-            log(f"query classifier: loaded from cache ({cache / f'classifier-{key}.pt'}), "
-                f"public accuracy {model.public_accuracy:.3f}")
-        return model
+    path = cache / f"classifier-{key}.pt" if cache is not None else None
+    if path is not None and path.is_file():
+        model = _load_cached(path, public, resolution, config, device, log)
+        if model is not None:
+            if log:
+                log(f"query classifier: loaded from cache ({path}), public accuracy {model.public_accuracy:.3f}")
+            return model
 
     gen = torch.Generator().manual_seed(config.seed)
     perm = torch.randperm(len(public), generator=gen)
@@ -226,6 +261,6 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
     if log:
         log(f"query classifier: {config.epochs} epochs on {len(train_idx)} public images in "
             f"{time.perf_counter() - start:.1f} s, held-out public accuracy {accuracy:.3f}")
-    if cache is not None:
-        model.save(cache / f"classifier-{key}.pt", public_accuracy=accuracy, config=asdict(config))
+    if path is not None:
+        model.save(path, public_accuracy=accuracy, config=asdict(config))
     return model

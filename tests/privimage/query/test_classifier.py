@@ -2,6 +2,7 @@
 recovers the true sensitive classes at a generous epsilon but not at a tiny one."""
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -52,10 +53,50 @@ def test_cache_by_config_and_data(trained):
     assert time.perf_counter() - start < 5
     assert again.public_accuracy == model.public_accuracy
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
-    # Other data (a different seed) gets another key, so it would be trained afresh.
-    other = load_dataset("embedded", split="public", size=4000, seed=1)
+
+
+def test_cache_key_covers_everything_the_weights_depend_on():
+    from privimage.data import ImageDataset
     from privimage.query.classifier import _fingerprint
-    assert _fingerprint(other, 32, CONFIG) != _fingerprint(public, 32, CONFIG)
+
+    public = load_dataset("embedded", split="public", size=64, seed=0)
+    key = _fingerprint(public, 32, CONFIG)
+    assert _fingerprint(public, 32, CONFIG) == key
+    other_data = [
+        load_dataset("embedded", split="public", size=64, seed=1),                             # pixels
+        ImageDataset(public.images, public.labels.roll(1), public.class_names),                 # labels
+        ImageDataset(public.images, public.labels, [n + "'" for n in public.class_names]),      # class names
+        ImageDataset(public.images[:, :1].contiguous(), public.labels, public.class_names),     # channels
+    ]
+    assert all(_fingerprint(d, 32, CONFIG) != key for d in other_data)
+    assert _fingerprint(public, 16, CONFIG) != key                                              # resolution
+    changed = dict(width=8, blocks=2, epochs=4, batch_size=16, lr=1e-3, weight_decay=0.0, holdout=0.2, seed=1)
+    assert all(_fingerprint(public, 32, replace(CONFIG, **{k: v})) != key for k, v in changed.items())
+    from dataclasses import fields
+    assert set(changed) == {f.name for f in fields(ClassifierConfig)}  # every setting is covered
+
+
+def test_cache_hit_is_only_a_model_with_the_requested_settings(tmp_path):
+    from privimage.query.classifier import _fingerprint
+
+    public = load_dataset("embedded", split="public", size=64, seed=0)
+    small = ClassifierConfig(width=4, epochs=1, batch_size=16)
+    first = train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=None)
+    (path,) = tmp_path.glob("classifier-*.pt")
+    hit = train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=None)
+    assert (hit.width, hit.resolution, hit.channels) == (4, 16, 3) and hit.public_accuracy == first.public_accuracy
+    assert all(torch.equal(a, b) for a, b in zip(hit.state_dict().values(), first.state_dict().values()))
+    # A file under this key that holds another model (here: width 8) is retrained, not returned.
+    wider = replace(small, width=8)
+    train_classifier(public, resolution=16, config=wider, cache_dir=tmp_path, log=None)
+    (tmp_path / f"classifier-{_fingerprint(public, 16, wider)}.pt").replace(path)
+    messages = []
+    again = train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=messages.append)
+    assert again.width == 4 and any("other settings" in m for m in messages)
+    path.write_bytes(b"not a checkpoint")
+    messages.clear()
+    assert train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=messages.append).width == 4
+    assert any("unreadable" in m for m in messages)
 
 
 def test_save_and_load(trained, tmp_path):
