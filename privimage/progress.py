@@ -12,6 +12,10 @@ from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
+#: Default ``stream``: the ``sys.stderr`` of the moment a bar is made, not of import time, so a redirection
+#: made later (``contextlib.redirect_stderr``, pytest's capture) moves the bars too.
+STDERR = object()
+
 
 class Progress:
     """Wrap an iterable (or call :meth:`update`) and show count, rate, ETA and custom fields.
@@ -25,15 +29,15 @@ class Progress:
     """
 
     def __init__(self, total: int | None = None, *, desc: str = "", unit: str = "it",
-                 stream=sys.stderr, log_every: float = 10.0):
+                 stream=STDERR, log_every: float = 10.0):
         self.total, self.desc, self.unit = total, desc, unit
-        self.stream = stream
+        self.stream = sys.stderr if stream is STDERR else stream
         self.log_every = log_every
         self.count = 0
         self.fields: dict[str, object] = {}
         self._start = time.perf_counter()
         self._last_draw = 0.0
-        self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self._tty = bool(self.stream is not None and getattr(self.stream, "isatty", lambda: False)())
 
     def __call__(self, iterable: Iterable[T]) -> Iterator[T]:
         for item in iterable:
