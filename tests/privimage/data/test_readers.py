@@ -3,7 +3,6 @@ and a named error for each kind of bad input."""
 
 import gzip
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,28 +20,8 @@ def _images(n, c=3, s=32):
 
 # ---- CIFAR ----------------------------------------------------------------------------------------------
 
-def _write_cifar10(root: Path, per_batch=4):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    names = [f"name{i}" for i in range(10)]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names, "num_vis": 3072}, f)
-    all_x, all_y = {}, {}
-    for split, files in {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}.items():
-        xs, ys = [], []
-        for name in files:
-            x, y = _images(per_batch), RNG.integers(0, 10, per_batch).tolist()
-            # The real files pickle with byte keys (Python 2); keep that.
-            with open(folder / name, "wb") as f:
-                pickle.dump({b"batch_label": name.encode(), b"labels": y, b"data": x.reshape(per_batch, -1),
-                             b"filenames": [b"x.png"] * per_batch}, f)
-            xs.append(x), ys.extend(y)
-        all_x[split], all_y[split] = np.concatenate(xs), np.asarray(ys)
-    return folder, names, all_x, all_y
-
-
-def test_cifar10_round_trip(tmp_path):
-    folder, names, xs, ys = _write_cifar10(tmp_path)
+def test_cifar10_round_trip(tmp_path, cifar10_writer):
+    folder, names, xs, ys = cifar10_writer(tmp_path, RNG)
     for split in ("train", "test"):
         data = load_dataset("cifar10", split=split, root=tmp_path)
         assert data.class_names == names
@@ -65,8 +44,8 @@ def test_cifar100_round_trip(tmp_path):
     assert data.class_names[99] == "f99"
 
 
-def test_cifar_errors_name_the_file(tmp_path):
-    folder, *_ = _write_cifar10(tmp_path)
+def test_cifar_errors_name_the_file(tmp_path, cifar10_writer):
+    folder, *_ = cifar10_writer(tmp_path, RNG)
     raw = (folder / "data_batch_3").read_bytes()
     (folder / "data_batch_3").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match=r"data_batch_3: truncated or corrupt pickle"):
@@ -84,8 +63,8 @@ def test_cifar_errors_name_the_file(tmp_path):
         load_dataset("cifar10", split="test", root=tmp_path)
 
 
-def test_cifar_pickle_cannot_run_code(tmp_path):
-    _, _, _, _ = _write_cifar10(tmp_path)
+def test_cifar_pickle_cannot_run_code(tmp_path, cifar10_writer):
+    cifar10_writer(tmp_path, RNG)
 
     class Evil:
         def __reduce__(self):
@@ -189,19 +168,8 @@ def test_imagenet_tree_and_corrupt_jpeg(tmp_path):
     assert len(data) == 4 and data.num_skipped == 1
 
 
-def test_celeba_round_trip(tmp_path):
-    (tmp_path / "img_align_celeba").mkdir()
-    attrs = ["5_o_Clock_Shadow", "Male", "Smiling"]
-    rows, parts, files = [], [], []
-    for i in range(6):
-        name = f"{i + 1:06d}.jpg"
-        Image.fromarray(RNG.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(tmp_path / "img_align_celeba" / name)
-        vals = [RNG.choice([-1, 1]) for _ in attrs]
-        rows.append(f"{name} " + " ".join(f"{v:2d}" for v in vals))
-        parts.append(f"{name} {i % 3}")
-        files.append((name, vals, i % 3))
-    (tmp_path / "list_attr_celeba.txt").write_text(f"6\n{' '.join(attrs)}\n" + "\n".join(rows) + "\n")
-    (tmp_path / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
+def test_celeba_round_trip(tmp_path, celeba_writer):
+    files = celeba_writer(tmp_path, RNG)
     data = load_spec(f"celeba:train,root={tmp_path},attribute=Smiling,resolution=32")
     train = [f for f in files if f[2] == 0]
     assert data.class_names == ["not Smiling", "Smiling"]
@@ -216,13 +184,11 @@ def test_celeba_round_trip(tmp_path):
         load_dataset("celeba", split="train", root=tmp_path)
 
 
-def test_imagenet32_npz_round_trip(tmp_path):
-    xs, ys = [], []
-    for i in (1, 2, 10):  # numeric order, not lexicographic: batch 10 comes last
-        x, y = _images(3), RNG.integers(1, 1001, 3)
-        np.savez(tmp_path / f"train_data_batch_{i}.npz", data=x.reshape(3, -1), labels=y.tolist(),
-                 mean=np.zeros(3072))
-        xs.append(x), ys.append(y - 1)
+def test_imagenet32_npz_round_trip(tmp_path, imagenet_npz_writer):
+    # numeric order, not lexicographic: batch 10 comes last
+    labels = {f"train_data_batch_{i}": RNG.integers(1, 1001, 3).tolist() for i in (1, 2, 10)}
+    written = imagenet_npz_writer(tmp_path, RNG, side=32, labels=labels)
+    xs, ys = list(written.values()), [np.asarray(y) - 1 for y in labels.values()]
     (tmp_path / "map_clsloc.txt").write_text("n02119789 1 kit_fox\nn02100735 2 English_setter\n")
     data = load_dataset("imagenet32", split="train", root=tmp_path)
     assert torch.equal(data.images, torch.from_numpy(np.concatenate(xs)))
