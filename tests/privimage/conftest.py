@@ -1,8 +1,9 @@
-"""Writers of tiny data sets in the publishers' exact file formats (CIFAR-10 python pickles, aligned CelebA,
-downsampled ImageNet npz batches), shared by the reader tests and the official-config pipeline tests.
+"""Shared by the privimage tests: writers of tiny data sets in the publishers' exact file formats (CIFAR-10
+python pickles, aligned CelebA, downsampled ImageNet npz batches), used by the reader tests and the
+official-config pipeline tests, and a one-thread fixture.
 
-Each fixture returns the writer function; a writer takes the folder to write into and a numpy Generator,
-and returns what it wrote so a test can compare the loaded data with it.
+Each writer fixture returns the writer function; a writer takes the folder to write into and a numpy
+Generator, and returns what it wrote so a test can compare the loaded data with it.
 """
 
 import pickle
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CELEBA_ATTRIBUTES = ("5_o_Clock_Shadow", "Male", "Smiling")
@@ -81,3 +83,13 @@ def celeba_writer():
 @pytest.fixture(scope="session")
 def imagenet_npz_writer():
     return write_imagenet_npz
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored afterwards): the pipeline tests' batches are tiny, and two
+    threads per process oversubscribe the shared 2-core CPU. Use with ``pytest.mark.usefixtures``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,13 +23,7 @@ CELEBA_PARTITIONS = (0, 0, 0, 0, 0, 0, 1, 2, 2, 2)  # 6 train, 1 valid, 3 test
 # (sensitive images, sensitive_test images, sensitive classes, resolution) of the tiny files per preset family
 EXPECTED = {"cifar10": (20, 4, 10, 32), "celeba32": (6, 3, 2, 32), "celeba64": (6, 3, 2, 64)}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

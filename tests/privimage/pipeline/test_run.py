@@ -4,17 +4,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from privimage.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_run_end_to_end_then_stages(tmp_path, monkeypatch, capsys):
