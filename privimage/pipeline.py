@@ -162,6 +162,7 @@ def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=No
     from privimage.io import save_json, save_npz
     from privimage.query import ClassifierConfig, SemanticQuery, train_classifier
     from privimage.query.subset import subset_indices
+    from privimage.train import resolve_device
 
     budget = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text()))
     if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
@@ -172,7 +173,7 @@ def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=No
     qc = cfg.query
     if qc.top_k > public.num_classes:
         raise ValueError(f"query.top_k={qc.top_k} exceeds the {public.num_classes} public classes.")
-    classifier = train_classifier(public, resolution=sensitive.resolution,
+    classifier = train_classifier(public, resolution=sensitive.resolution, device=resolve_device(cfg.device),
                                   config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
                                                           seed=cfg.seed), log=log)
     out = run_dir / "query"

@@ -51,7 +51,8 @@ def write_celeba(root: Path, rng: np.random.Generator, *, partitions=(0, 1, 2, 0
         rows.append(f"{name} " + " ".join(f"{v:2d}" for v in values))
         parts.append(f"{name} {part}")
         files.append((name, values, part))
-    (root / "list_attr_celeba.txt").write_text(f"{len(files)}\n{' '.join(CELEBA_ATTRIBUTES)}\n" + "\n".join(rows) + "\n")
+    header = f"{len(files)}\n{' '.join(CELEBA_ATTRIBUTES)}\n"
+    (root / "list_attr_celeba.txt").write_text(header + "\n".join(rows) + "\n")
     (root / "list_eval_partition.txt").write_text("\n".join(parts) + "\n")
     return files
 
