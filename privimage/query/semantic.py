@@ -101,6 +101,14 @@ class PerClassResult:
                    "noise_std": self.query.noise_std}, directory / "selected_labels.json")
 
 
+def _check_assignable(shape: tuple[int, ...], per_class: int) -> None:
+    if len(shape) != 2 or per_class < 1:
+        raise ValueError(f"Expected a (C, M) histogram and per_class >= 1, got {tuple(shape)} and {per_class}.")
+    if per_class * shape[0] > shape[1]:
+        raise ValueError(f"{shape[0]} sensitive classes x {per_class} public classes each exceed the "
+                         f"{shape[1]} public classes.")
+
+
 def assign_per_class(noisy_histogram: torch.Tensor, per_class: int) -> dict[int, int]:
     """Give each sensitive class (row) ``per_class`` public classes (columns), greedily by noisy count.
 
@@ -111,13 +119,8 @@ def assign_per_class(noisy_histogram: torch.Tensor, per_class: int) -> dict[int,
         >>> assign_per_class(torch.tensor([[5., 9., 1.], [0., 8., 7.]]), 1)
         {1: 0, 2: 1}
     """
-    if noisy_histogram.ndim != 2 or per_class < 1:
-        raise ValueError(f"Expected a (C, M) histogram and per_class >= 1, got {tuple(noisy_histogram.shape)} "
-                         f"and {per_class}.")
+    _check_assignable(noisy_histogram.shape, per_class)
     num_classes, num_public = noisy_histogram.shape
-    if per_class * num_classes > num_public:
-        raise ValueError(f"{num_classes} sensitive classes x {per_class} public classes each exceed the "
-                         f"{num_public} public classes.")
     label_map: dict[int, int] = {}
     taken = [0] * num_classes
     for flat in torch.argsort(noisy_histogram.flatten(), descending=True, stable=True).tolist():
@@ -222,7 +225,6 @@ class SemanticQuery:
         logits = classifier.predict_logits(sensitive_images, batch_size=batch_size)
         return self.release(self.votes(logits), budget=budget, generator=generator)
 
-
     def votes_per_class(self, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The exact (NOT private) per-class histogram (float64 (C, M)): image i's top-k votes go to row labels[i]."""
         if logits.ndim != 2 or logits.shape[1] < self.top_k or labels.shape != logits.shape[:1]:
@@ -247,13 +249,8 @@ class SemanticQuery:
         ``budget`` and ``generator`` as in :meth:`release`: one "query" release is recorded before the noise is
         drawn. The whole matrix is one release of sensitivity √k (one image touches k entries of one row).
         """
-        if histogram.ndim != 2:
-            raise ValueError(f"Expected a (C, M) per-class histogram, got shape {tuple(histogram.shape)}.")
-        # Checked before the spend, so a bad setting costs no privacy.
-        quota = self.per_class_quota(histogram.shape[0])
-        if quota * histogram.shape[0] > histogram.shape[1]:
-            raise ValueError(f"{histogram.shape[0]} sensitive classes x {quota} public classes each exceed the "
-                             f"{histogram.shape[1]} public classes.")
+        quota = self.per_class_quota(histogram.shape[0]) if histogram.ndim == 2 else 1
+        _check_assignable(tuple(histogram.shape), quota)  # before the spend: a bad setting costs no privacy
         self._spend(budget)
         (noisy,) = add_gaussian_noise(ClippedSum((histogram.to(torch.float64),), l2_sensitivity=self.l2_sensitivity),
                                       noise_multiplier=self.sigma, generator=generator)
