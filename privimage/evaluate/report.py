@@ -130,7 +130,8 @@ _LOADER_KEYS = ("root", "resolution", "seed", "attribute", "num_sensitive_classe
 
 
 def data_options(config: dict, split: str) -> dict:
-    """Arguments of :func:`privimage.data.load_dataset` for ``split``, from a run's config.json.
+    """Arguments of :func:`privimage.data.load_dataset` (``name``, the reader's ``split``, options) for the
+    pipeline's ``split``, from a run's config.json.
 
     Understands the pipeline's ``data`` section (``privimage.config.DataConfig``: one spec string
     ``name[:split][,key=value...]`` per split, plus ``resolution``, ``pad_to`` and ``seed``), and also a plain
@@ -142,12 +143,15 @@ def data_options(config: dict, split: str) -> dict:
     data = config.get("data") or config.get("dataset") or {}
     if isinstance(data, str):
         data = {"spec": data}
-    spec = data.get(split) if isinstance(data.get(split), str) else data.get("spec")
+    per_split = isinstance(data.get(split), str)
+    spec = data[split] if per_split else data.get("spec")
     args = {k: data[k] for k in _LOADER_KEYS if data.get(k) is not None}
+    args["split"] = split
     if spec:
         parsed = parse_spec(spec)
-        parsed.pop("split", None)  # the split asked for wins over a split written in a shared spec
-        args.update(parsed)
+        if not per_split:
+            parsed.pop("split", None)  # the split asked for wins over a split written in a shared spec
+        args.update(parsed)  # a per-split spec names the reader's own split ("cifar10:test" for sensitive_test)
     elif data.get("name"):
         args["name"] = data["name"]
     if not args.get("name"):
@@ -173,7 +177,7 @@ def load_real(config: dict, *, split: str, override: str | None = None,
 
         args = data_options(config, split)
         pad_to = args.pop("pad_to", None)
-        ds = load_dataset(args.pop("name"), split=split, **args)
+        ds = load_dataset(args.pop("name"), **args)
         images, labels = torch.as_tensor(ds.images), torch.as_tensor(ds.labels).long()
         if pad_to and images.shape[-1] < pad_to:
             lo_h, lo_w = (pad_to - images.shape[-2]) // 2, (pad_to - images.shape[-1]) // 2

@@ -350,6 +350,10 @@ def test_load_real_pads_instead_of_resizing_when_asked():
     images, labels = load_real(config, split="sensitive_test")
     assert images.shape == (4, 3, 16, 16) and labels.shape == (4,)
     assert images[:, :, :2].max() == 0 and images[:, :, :, -2:].max() == 0  # 2-pixel black border
-    assert data_options({"data": "embedded:public,seed=3"}, "sensitive_test") == {"name": "embedded", "seed": 3}
+    # A shared spec: the split asked for wins; a per-split spec keeps the reader's own split name.
+    assert data_options({"data": "embedded:public,seed=3"}, "sensitive_test") == {
+        "name": "embedded", "split": "sensitive_test", "seed": 3}
+    assert data_options({"data": {"sensitive_test": "cifar10:test"}}, "sensitive_test") == {
+        "name": "cifar10", "split": "test"}
     with pytest.raises(ValueError, match="no data set for split 'sensitive_test'"):
         data_options({"data": {"sensitive": "embedded:sensitive"}}, "sensitive_test")

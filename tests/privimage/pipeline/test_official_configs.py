@@ -99,11 +99,7 @@ def test_every_split_loads_for_the_pipeline_and_the_resume(name, roots, tmp_path
     assert torch.equal(load_split(load_run_config(tmp_path), "sensitive").images, splits["sensitive"].images)
 
 
-# privimage.evaluate.report.data_options drops the split written in data.sensitive_test ("cifar10:test") and
-# asks the reader for split "sensitive_test", which CIFAR-10 and CelebA do not have. The fix belongs to the
-# evaluation (keep the split of a per-split spec); this test turns into a failure once it is made.
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="evaluate.report.data_options ignores the split of "
-                                                          "data.sensitive_test")
+# The evaluation reads the real test set through its own config.json reader: the same split as the pipeline.
 @pytest.mark.parametrize("name", ["cifar10-eps10", "celeba64-eps10"])
 def test_the_evaluation_reads_the_same_held_out_split(name, roots):
     cfg = _official_config(name, roots)
