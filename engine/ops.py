@@ -8,12 +8,11 @@ the gradients of the loss with respect to the layer's outputs there, so the row'
 
 Dispatch (for the kernels engineer): each function below first asks :func:`_kernel_op` for the op of the
 same name in ``privimage.kernels``. The op is used when the kernels package exports it AND every tensor is
-on CUDA (or ``TRITON_INTERPRET=1`` is set, which runs Triton on CPU for tests), or, on CPU, when the optional
-native C++ build (:mod:`privimage.kernels.native`) is loaded and measured faster than the torch code here
-for that op and shape (per-sample weight norms where :func:`privimage.kernels.native.prefer_for_weight_norms`
-says so; GroupNorm affine gradients always). ``PRIVIMAGE_NATIVE=0`` turns the native build off, so a benchmark
-can compare both in one checkout. Otherwise the torch code here runs. Kernel ops must take the same
-arguments and return the same result as the torch function they replace (which is also a reference for them):
+on CUDA (or ``TRITON_INTERPRET=1`` is set, which runs Triton on CPU for tests); otherwise the torch code
+here runs. On CPU the optional native C++ build (:mod:`privimage.kernels.native`) is opt-in, with
+``PRIVIMAGE_NATIVE=1``, and then used only for ``group_norm_grads``, the one op where it beat the torch code
+here inside a DP step (see :func:`_kernel_op`). Kernel ops must take the same arguments and return the same
+result as the torch function they replace (which is also a reference for them):
 
 * ``per_sample_sq_norms(A, G) -> (R,) float32``: ‖G_rᵀA_r‖²_F without materialising G_rᵀA_r.
 * ``ghost_sq_norms(A, G) -> (R,) float32``: the same value as ⟨A_rA_rᵀ, G_rG_rᵀ⟩_F (Goodfellow 2015,
@@ -38,7 +37,6 @@ privacy-critical quantity and bf16's 8-bit mantissa would make it visibly wrong.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -69,9 +67,13 @@ def _kernels_module():
 def _kernel_op(name: str, *tensors: torch.Tensor, native: bool = False):
     """The ``privimage.kernels`` op called ``name`` if it exists and applies to ``tensors``, else None.
 
-    ``native``: the op's native CPU build measured faster than the torch code here at this shape, so CPU
-    tensors go to it too when the build is loaded and enabled (the kernels op then runs it: a registered
-    custom op, so a compiled step keeps it in its graph).
+    ``native``: CPU tensors go to the op too when ``PRIVIMAGE_NATIVE=1`` and the native build is loaded (the
+    kernels op then runs the C++: a registered custom op, so a compiled step keeps it in its graph). Opt-in,
+    because end to end it did not measurably help: in bench/dp_step.py's bk-mixed step (stand-in UNet, batch
+    64, one thread of a shared 2-core CPU) it cut GroupNorm's share from ~100 to ~57 ms of a ~4 s step, below
+    the run-to-run noise (bench/results/dp_step_native.json). The native per-sample conv norms were no faster
+    than :func:`conv_per_sample_grads` in the same step (per 64→64 8×8 layer 7.0 ms torch, 8.2 ms native;
+    128→64: 16.5 vs 16.2 ms), so the engine does not use them.
     """
     kernels = _kernels_module()
     op = getattr(kernels, name, None) if kernels is not None else None
@@ -79,16 +81,9 @@ def _kernel_op(name: str, *tensors: torch.Tensor, native: bool = False):
         return None
     if all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1":
         return op
-    if native and kernels.native.enabled(*tensors):
+    if native and os.environ.get("PRIVIMAGE_NATIVE") == "1" and kernels.native.enabled(*tensors):
         return op
     return None
-
-
-def _native_faster_for_weight_norms(T: int, K: int, P: int) -> bool:
-    """Whether the native per-sample weight norm beats the torch code here: T positions, K = C_in/groups·k²
-    inputs and P = C_out/groups outputs per group (the measured rule lives with the native build)."""
-    kernels = _kernels_module()
-    return kernels is not None and kernels.native.prefer_for_weight_norms(T, K, P)
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -112,8 +107,7 @@ def sq_norms_of(per_sample: torch.Tensor) -> torch.Tensor:
 
 def per_sample_sq_norms(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """‖G_rᵀ A_r‖²_F per row; A (R, T, d), G (R, T, p). Cost R·T·d·p, memory R·d·p in torch."""
-    op = _kernel_op("per_sample_sq_norms", A, G,
-                    native=_native_faster_for_weight_norms(A.shape[1], A.shape[2], G.shape[2]))
+    op = _kernel_op("per_sample_sq_norms", A, G)
     if op is not None:
         return op(A, G)
     A, G = _common(A, G)
@@ -178,9 +172,7 @@ def conv_per_sample_grads(A: torch.Tensor, G: torch.Tensor, weight_shape, *, str
 def conv_per_sample_sq_norms(A: torch.Tensor, G: torch.Tensor, weight_shape, *, stride, padding, dilation,
                              groups: int) -> torch.Tensor:
     """Per-row ‖∇W_r‖² of a convolution (R,); the kernel never writes the per-row gradients to memory."""
-    T = G.shape[2] * G.shape[3]
-    op = _kernel_op("conv_per_sample_sq_norms", A, G,
-                    native=_native_faster_for_weight_norms(T, math.prod(weight_shape[1:]), G.shape[1] // groups))
+    op = _kernel_op("conv_per_sample_sq_norms", A, G)
     if op is not None:
         return op(A, G, tuple(weight_shape[2:]), stride=stride, padding=padding, dilation=dilation, groups=groups)
     return sq_norms_of(conv_per_sample_grads(A, G, weight_shape, stride=stride, padding=padding,
@@ -225,7 +217,7 @@ def group_norm_grads(x: torch.Tensor, G: torch.Tensor, num_groups: int, *, eps: 
     """Each row's GroupNorm affine gradients (∇γ_r, ∇β_r), each (R, C): Σ_positions G_r ∘ x̂_r and Σ G_r.
 
     x (R, C, *) is the layer's input; torch forms x̂ (a full copy of the activations) and then reduces, the
-    kernels (and the native CPU build, 1.5-3× faster at the UNet's shapes) reduce while normalising.
+    kernels (and the opt-in native CPU build, 1.5-3× faster at the UNet's shapes) reduce while normalising.
     """
     op = _kernel_op("group_norm_grads", x, G, native=True)
     if op is not None:

@@ -35,7 +35,7 @@ def test_dp_step_with_kernels_equals_references(interpret, monkeypatch, method, 
     kw = dict(is_padding=torch.tensor([False, False, True, False, False, False]),
               groups=torch.tensor([0, 1, 2, 1, 0, 2]))
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("PRIVIMAGE_NATIVE", "0")  # the reference is engine.ops' torch code, not the C++ build
+    monkeypatch.delenv("PRIVIMAGE_NATIVE", raising=False)  # the reference is engine.ops' torch code
     want = _grads(method, x, **kw)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     calls = {name: 0 for name in ops}
@@ -73,7 +73,7 @@ def test_dp_step_with_conv_kernels_equals_references(interpret, monkeypatch):
     x = torch.randn(3, 3, 5, 4)
     is_padding = torch.tensor([False, True, False])
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setenv("PRIVIMAGE_NATIVE", "0")  # the reference is engine.ops' torch code, not the C++ build
+    monkeypatch.delenv("PRIVIMAGE_NATIVE", raising=False)  # the reference is engine.ops' torch code
     want = _conv_grads(x, is_padding)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     ops = ["conv_per_sample_sq_norms", "conv_ghost_sq_norms", "conv_clipped_weight_grad", "group_norm_grads"]
