@@ -22,6 +22,37 @@ Methods (one interface, ``method=``):
   backward); memory O(B · params). Also the fallback, per layer, for modules without a rule.
 * ``"loop"``: one backward per sample; slow and obviously right.
 
+Compile (``compile=True``; default on CUDA for bk-mixed, off on CPU where a UNet's Inductor build takes
+minutes and the step is dominated by convolutions Inductor leaves to oneDNN anyway): the step becomes three
+``torch.compile(fullgraph=True, dynamic=False)`` graphs joined by short eager code.
+
+1. The forward: ``loss_fn`` receives the compiled model, with the engine's hooks traced into the graph (the
+   probes are graph inputs; AOTAutograd compiles the matching backward, which ``torch.autograd.grad`` runs).
+2. Norms and clip factors: every layer's per-sample squared norms from (A, G), their sum, c_i.
+3. Clipped sums: every layer's Σ_i c_i g_i (the book-keeping weight gradients).
+
+Precision: under bf16 autocast the layers run in bf16 and A, G arrive in bf16; regions 2 and 3 run with
+autocast off and accumulate norms and sums in float32 (:func:`privimage.engine.ops._acc`).
+What stays eager, i.e. the graph breaks a whole-step ``torch._dynamo.explain`` finds, and why:
+
+* the probes' leaf scalars: a graph cannot create tensors that require grad;
+* ``torch.autograd.grad`` over the probes (Dynamo does not trace it unless ``trace_autograd_ops``); the
+  backward it runs is the compiled one;
+* the per-layer plans (a cost model on shapes, logged once: ``logging`` breaks a graph) and
+  :class:`Grouping` (``int(groups.max())``, ``bincount``: data-dependent sizes);
+* between regions 2 and 3, ``bool(finite.all())``: a sample with a NaN/inf gradient needs its rows zeroed
+  before the clipped sums (0·NaN = NaN), a data-dependent branch and one host sync per step;
+* the noise, drawn in :meth:`DPEngine.finalize` from the engine's generator: a compiler backend may replace
+  a ``generator=`` draw by its own RNG stream, and the guarantee (and secure mode, and an exact resume from
+  the saved generator state) must not depend on that;
+* the per-parameter accumulation over micro-batches and writing ``.grad``.
+
+Each region is a closure over the step's static structure (per layer: rule, plan, number of calls), taking
+only tensors, so nothing per-step is guarded on: steps with the same physical batch size (Poisson batches
+are padded to it) reuse the compiled code whatever their drawn size (tested with ``error_on_recompile``).
+Fallback layers (no rule of their own: torch.func per-sample gradients) stay eager and enter region 2 as
+finished norms.
+
 Public vs private: ``max_grad_norm``, ``noise_multiplier`` and ``expected_batch_size`` are public mechanism
 parameters; the drawn batch size is private and is never used as the divisor (a Poisson batch's size leaks
 membership).
@@ -38,7 +69,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 
-from privimage.engine.layers import VMAP_RULE, Grouping, rule_for
+from privimage.engine.layers import VMAP_RULE, Grouping, Plan, rule_for
 from privimage.engine.noise import ClippedSum, add_gaussian_noise
 from privimage.engine import ops
 
@@ -85,6 +116,10 @@ class DPEngine:
         expected_batch_size: the public expected logical batch size (e.g. sample_rate · N), the divisor.
         method: "bk-mixed" (default), "ghost", "vmap" or "loop" (module docstring).
         generator: source of the noise (pass :func:`privimage.engine.secure_generator` for secure mode).
+        compile: compile the forward and the post-backward work (module docstring); bk-mixed only.
+            ``None``: on for bk-mixed on CUDA, off on CPU. The first step compiles (minutes for a UNet);
+            keep the physical batch size fixed (pad Poisson batches) or every new size recompiles.
+        compile_backend: the ``torch.compile`` backend ("inductor"; tests use "aot_eager").
 
     Example:
         >>> import torch, torch.nn as nn
@@ -98,7 +133,8 @@ class DPEngine:
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, noise_multiplier: float,
                  expected_batch_size: float, method: str = "bk-mixed",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, compile: bool | None = None,
+                 compile_backend: str = "inductor"):
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"Expected max_grad_norm={max_grad_norm} finite and > 0.")
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
@@ -107,6 +143,9 @@ class DPEngine:
             raise ValueError(f"Expected expected_batch_size={expected_batch_size} > 0.")
         if method not in METHODS:
             raise ValueError(f"Expected method={method!r} to be one of {METHODS}.")
+        if compile and method != "bk-mixed":
+            raise ValueError(f"compile=True needs method='bk-mixed' (got {method!r}): the other methods run "
+                             f"torch.func or a second backward pass, which the compiled regions do not cover.")
         _refuse_batchnorm(model)
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
@@ -130,6 +169,13 @@ class DPEngine:
         self._probe_pos = 0
         self._stale = False
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m, _ in self._layers]
+        if compile is None:
+            compile = method == "bk-mixed" and self.params[0].is_cuda
+        self.compile = bool(compile)
+        # The model loss_fn receives: compiled (with the engine's hooks traced into its graph) or the model.
+        self._forward_model = (torch.compile(model, backend=compile_backend, fullgraph=True, dynamic=False)
+                               if self.compile else model)
+        self._regions = _CompiledRegions(compile_backend) if self.compile else None
         self._reset()
 
     # ---- set-up --------------------------------------------------------------------------------------------
@@ -207,8 +253,8 @@ class DPEngine:
 
     # ---- shared pieces -------------------------------------------------------------------------------------
 
-    def _run_loss(self, loss_fn):
-        losses = loss_fn(self.model)
+    def _run_loss(self, loss_fn, model=None):
+        losses = loss_fn(self.model if model is None else model)
         if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
             raise ValueError(f"loss_fn must return per-row losses of shape (R,), got "
                              f"{type(losses).__name__} of shape {tuple(getattr(losses, 'shape', ()))}; do not "
@@ -225,20 +271,10 @@ class DPEngine:
         return is_padding.to(device)
 
     def _clip(self, sq_norms, grouping: Grouping, pad):
-        """Norms (S,) -> per-sample clip factors, with padding and non-finite samples set to 0."""
-        norms = sq_norms.sqrt()
-        c = (self.max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
-        finite = torch.isfinite(norms)
-        if pad is not None:
-            real = grouping.to_samples((~pad).to(norms.dtype)) > 0
-        elif grouping.trivial:
-            real = torch.ones_like(finite)
-        else:
-            real = grouping.to_samples(torch.ones(grouping.num_rows, device=norms.device)) > 0
-        c = torch.where(finite & real, c, torch.zeros_like(c))
-        num_nonfinite = (~finite & real).sum()
+        """Norms (S,) -> per-sample clip factors (padding and non-finite samples: 0); counts the samples."""
+        norms, c, finite, real = _clip_factors(sq_norms, grouping, pad, self.max_grad_norm)
         self._num_samples = self._num_samples + real.sum()
-        self._num_nonfinite = self._num_nonfinite + num_nonfinite
+        self._num_nonfinite = self._num_nonfinite + (~finite & real).sum()
         return norms, c, finite
 
     def _add(self, param, tensor):
@@ -305,6 +341,20 @@ class DPEngine:
         would promote it), created here because a compiled region cannot create tensors requiring grad.
         """
         device = self.params[0].device
+        # The parameters' own gradients are never asked for (bk-mixed and vmap form them from A and G), so
+        # they are frozen while loss_fn runs. Eager autograd would skip those GEMMs anyway, but a compiled
+        # forward's backward graph (AOTAutograd) computes a gradient for every input that requires one,
+        # whether or not autograd.grad asks for it: that would be a full non-private backward, thrown away.
+        frozen = [p for p in self.params if p.requires_grad] if self.method != "ghost" else []
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            return self._capture_probes(loss_fn, records, device)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def _capture_probes(self, loss_fn, records, device):
         for _attempt in range(2):
             self._bases = {dt: torch.zeros((), dtype=dt, device=device, requires_grad=True)
                            for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16)}
@@ -312,7 +362,7 @@ class DPEngine:
             records.clear()
             self._records, self._unhooked, self._seen, self._probe_pos, self._stale = records, [], [], 0, False
             try:
-                losses = self._run_loss(loss_fn)
+                losses = self._run_loss(loss_fn, self._forward_model)
             finally:
                 self._records = None
             self._probe_shapes = self._seen
@@ -374,9 +424,8 @@ class DPEngine:
         finally:
             self._grouping = None
         dtype = torch.promote_types(losses.dtype, torch.float32)
-        sq = torch.zeros(grouping.num_samples, dtype=dtype, device=losses.device)
-        work = []
         with torch.autocast(losses.device.type, enabled=False):
+            layers = []
             for rec in records.values():
                 if rec.sq is None:
                     rec.calls = [(a, g) for a, g in rec.calls if g is not None]
@@ -384,27 +433,35 @@ class DPEngine:
                         continue  # the layer's output did not reach the loss: no gradient
                     if rec.plan is None:
                         rec.plan = self._plan(rec.name, rec.module, rec.rule, rec.calls, grouping)
-                    rec.sq = rec.rule.sq_norms(rec.module, rec.calls, grouping, rec.plan)
-                sq = sq + rec.sq
-                work.append(rec)
-            norms, c, finite = self._clip(sq, grouping, pad)
+                    if self._regions is not None and rec.rule is VMAP_RULE:
+                        # torch.func inside a compiled region is not worth its trace: fallback layers
+                        # (no rule of their own) stay eager and enter the region as finished norms.
+                        rec.sq = rec.rule.sq_norms(rec.module, rec.calls, grouping, rec.plan)
+                        rec.calls = None
+                layers.append(_Layer(rec.module, rec.rule, rec.plan, rec.calls or [], rec.sq))
+            if self._regions is None:
+                norms, c, finite, num_real, num_nonfinite = _norms_and_clip(
+                    layers, grouping, pad, self.max_grad_norm, dtype, losses.device)
+            else:
+                norms, c, finite, num_real, num_nonfinite = self._regions.norms_and_clip(
+                    layers, grouping, pad, self.max_grad_norm, dtype, losses.device)
+            self._num_samples = self._num_samples + num_real
+            self._num_nonfinite = self._num_nonfinite + num_nonfinite
             c_row = grouping.to_rows(c)
             # A NaN/inf row times a zero clip factor is still NaN: zero such rows' A, G and kept grads first.
-            # (A data-dependent branch: one host sync per step, and a graph break under torch.compile.)
+            # (A data-dependent branch: one host sync per step, and the break between the compiled regions.)
             sanitize = not bool(finite.all())
             row_ok = grouping.to_rows(finite) if sanitize else None
             if self.method == "ghost" and not sanitize:
                 weighted = self._masked_total(losses * c_row.to(losses.dtype), pad)
-                for p, g in zip(self.params, torch.autograd.grad(weighted, self.params, allow_unused=True)):
-                    if g is not None:
-                        self._add(p, g)
+                sums = [dict(zip(self.params, torch.autograd.grad(weighted, self.params, allow_unused=True)))]
+            elif self._regions is None:
+                sums = _clipped_sums(layers, c_row, row_ok)
             else:
-                for rec in work:
-                    calls = rec.calls or []
-                    if sanitize:
-                        calls = [(_zero_rows(a, row_ok), _zero_rows(g, row_ok)) for a, g in calls]
-                        rec.plan.kept = {p: _zero_rows(g, row_ok) for p, g in rec.plan.kept.items()}
-                    for p, g in rec.rule.clipped(rec.module, calls, c_row, rec.plan).items():
+                sums = self._regions.clipped_sums(layers, c_row, row_ok)
+            for clipped in sums:
+                for p, g in clipped.items():
+                    if g is not None:
                         self._add(p, g)
         return StepStats(num_samples=self._num_samples, num_nonfinite=self._num_nonfinite,
                          losses=losses.detach(), norms=norms, clip_factors=c)
@@ -464,6 +521,130 @@ def _zero_rows(x, row_ok):
         return x
     return torch.where(row_ok.view((-1,) + (1,) * (x.dim() - 1)), x, torch.zeros((), dtype=x.dtype,
                                                                                  device=x.device))
+
+
+# ---- the post-backward work: norms, clip factors, clipped sums (eager, or as compiled regions) --------------
+
+class _Layer(NamedTuple):
+    """One parameterised module's share of a step: its rule's plan, calls [(A, G)] and finished norms if any."""
+
+    module: nn.Module
+    rule: object
+    plan: Plan
+    calls: list
+    sq: torch.Tensor | None  # squared norms already taken (during the backward pass, or eagerly), else None
+
+
+def _clip_factors(sq_norms, grouping: Grouping, pad, max_grad_norm: float):
+    """Squared norms (S,) -> norms, clip factors c (0 for padding and non-finite samples), finite, real."""
+    norms = sq_norms.sqrt()
+    c = (max_grad_norm / (norms + _CLIP_EPS)).clamp(max=1.0)
+    finite = torch.isfinite(norms)
+    if pad is not None:
+        real = grouping.to_samples((~pad).to(norms.dtype)) > 0
+    elif grouping.trivial:
+        real = torch.ones_like(finite)
+    else:
+        real = grouping.to_samples(torch.ones(grouping.num_rows, device=norms.device)) > 0
+    c = torch.where(finite & real, c, torch.zeros_like(c))
+    return norms, c, finite, real
+
+
+def _norms_and_clip(layers, grouping, pad, max_grad_norm, dtype, device):
+    """Every layer's per-sample squared norms, summed over layers; then the clip factors.
+
+    Returns norms (S,), c (S,), finite (S,) and the counts of real and of dropped (non-finite) samples.
+    """
+    sq = torch.zeros(grouping.num_samples, dtype=dtype, device=device)
+    for layer in layers:
+        sq = sq + (layer.sq if layer.sq is not None else
+                   layer.rule.sq_norms(layer.module, layer.calls, grouping, layer.plan))
+    norms, c, finite, real = _clip_factors(sq, grouping, pad, max_grad_norm)
+    return norms, c, finite, real.sum(), (~finite & real).sum()
+
+
+def _clipped_sums(layers, c_row, row_ok):
+    """Each layer's {param: Σ_r c_r g_r}; ``row_ok`` (R,) bool, if given, zeroes the other rows first."""
+    sums = []
+    for layer in layers:
+        calls, plan = layer.calls, layer.plan
+        if row_ok is not None:
+            calls = [(_zero_rows(a, row_ok), _zero_rows(g, row_ok)) for a, g in calls]
+            plan = Plan(plan.norm, plan.keep, plan.detail, {p: _zero_rows(g, row_ok) for p, g in plan.kept.items()})
+        sums.append(layer.rule.clipped(layer.module, calls, c_row, plan))
+    return sums
+
+
+class _CompiledRegions:
+    """:func:`_norms_and_clip` and :func:`_clipped_sums` as two ``torch.compile(fullgraph=True)`` regions.
+
+    Each region is a closure over the step's static structure (per layer: module, rule, the plan's choices,
+    the number of calls, the kept parameters) that takes only tensors and the :class:`Grouping`. Plans are
+    rebuilt inside from that structure, so no per-step Python object is guarded on: a new step with the same
+    structure and shapes reuses the compiled code (``dynamic=False``: Poisson batches are padded to a fixed
+    physical size, so shapes do not change, and a changed shape is a recompile, never a silent fallback).
+    The regions are split at the one data-dependent branch (non-finite samples, see ``_accumulate_bk``).
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self._cache: dict = {}
+
+    def _compiled(self, key, make):
+        """The compiled region for ``key``; its first call runs eagerly, so one-time set-up in the code it
+        reaches (the kernels' dispatch loads the native library, reads the file system) is done before
+        Dynamo traces it, and the trace sees only the settled state."""
+        fn = self._cache.get(key)
+        if fn is None:
+            self._cache[key] = torch.compile(make(), backend=self.backend, fullgraph=True, dynamic=False)
+            return make()
+        return fn
+
+    @staticmethod
+    def _structure(layers):
+        return tuple((l.module, l.rule, l.plan.norm, l.plan.keep, l.plan.detail, len(l.calls), tuple(l.plan.kept),
+                      l.sq is not None) for l in layers)
+
+    @staticmethod
+    def _tensors(layers):
+        return [([t for call in l.calls for t in call], list(l.plan.kept.values()), l.sq) for l in layers]
+
+    @staticmethod
+    def _rebuild(structure, tensors):
+        layers = []
+        for (module, rule, norm, keep, detail, n, kept_keys, _), (flat, kept, sq) in zip(structure, tensors):
+            plan = Plan(norm, keep, detail, dict(zip(kept_keys, kept)))
+            layers.append(_Layer(module, rule, plan, [(flat[2 * i], flat[2 * i + 1]) for i in range(n)], sq))
+        return layers
+
+    def norms_and_clip(self, layers, grouping, pad, max_grad_norm, dtype, device):
+        structure = self._structure(layers)
+
+        def make():
+            def region(tensors, grouping, pad):
+                inner = self._rebuild(structure, tensors)
+                out = _norms_and_clip(inner, grouping, pad, max_grad_norm, dtype, device)
+                return out, [dict(l.plan.kept) for l in inner]
+            return region
+
+        fn = self._compiled(("norms", structure, max_grad_norm, dtype, device), make)
+        with torch.no_grad():
+            out, kept = fn(self._tensors(layers), grouping, pad)
+        for layer, k in zip(layers, kept):  # the per-row grads the norms materialised, for the clipped sums
+            layer.plan.kept.update(k)
+        return out
+
+    def clipped_sums(self, layers, c_row, row_ok):
+        structure = self._structure(layers)
+
+        def make():
+            def region(tensors, c_row, row_ok):
+                return _clipped_sums(self._rebuild(structure, tensors), c_row, row_ok)
+            return region
+
+        fn = self._compiled(("sums", structure, row_ok is None), make)
+        with torch.no_grad():
+            return fn(self._tensors(layers), c_row, row_ok)
 
 
 # ---- make_private -------------------------------------------------------------------------------------------
