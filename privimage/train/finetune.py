@@ -41,15 +41,18 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
              budget: PrivacyBudget, init_state: dict | None, physical_batch_size: int = 64, num_noise: int = 8,
              max_grad_norm: float = 1e-3, lr: float = 3e-4, ema_decay: float = 0.999, label_dropout: float = 0.1,
              method: str = "bk-mixed", seed: int = 0, device: torch.device | str = "cpu",
-             secure_noise: bool = True, checkpoint_every: int = 10, log_every: int = 1, sample_every: int = 0,
-             resume: bool = False, stop_at_step: int | None = None, config: dict | None = None,
-             log=print) -> Path:
+             compile: bool | None = None, secure_noise: bool = True, checkpoint_every: int = 10,
+             log_every: int = 1, sample_every: int = 0, resume: bool = False, stop_at_step: int | None = None,
+             config: dict | None = None, log=print) -> Path:
     """DP fine-tune on the sensitive uint8 ``images``/``labels``; writes checkpoints/finetune.pt and logs.
 
     Args:
         budget: the run's budget; its FINETUNE plan gives σ, q and the number of steps. Updated in place
             and written to ``run_dir/budget.json`` after every checkpoint.
         init_state: the pre-trained UNet state dict (``None``: train from scratch, DPDM-style).
+        compile: run the DP step compiled (the UNet's forward, the per-sample norms, clip factors and clipped
+            sums; :class:`~privimage.engine.DPEngine` ``compile``); ``None``: on CUDA only, where the
+            minutes of compilation pay. Needs ``method="bk-mixed"``. The noise is drawn eagerly either way.
         secure_noise: the Poisson sampler's seed and the DP noise come from the OS's cryptographic source
             (default). ``False`` derives both from ``seed``: reproducible for tests, but anyone who knows the
             seed knows the noise and the batches, so there is NO privacy.
@@ -89,7 +92,7 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
                          f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
     engine = DPEngine(denoiser, max_grad_norm=max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=method, generator=noise_gen)
+                      method=method, generator=noise_gen, compile=compile)
     loss = EDMLoss(num_noise=num_noise, label_dropout=label_dropout)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     num_classes = unet.num_classes
