@@ -70,7 +70,7 @@ def _kernel_op(name: str, *tensors: torch.Tensor, native: bool = False):
     ``native``: CPU tensors go to the op too when ``PRIVIMAGE_NATIVE=1`` and the native build is loaded (the
     kernels op then runs the C++: a registered custom op, so a compiled step keeps it in its graph). Opt-in,
     because end to end it did not measurably help: in bench/dp_step.py's bk-mixed step (stand-in UNet, batch
-    64, one thread of a shared 2-core CPU) it cut GroupNorm's share from ~100 to ~57 ms of a ~4 s step, below
+    64, one thread of a shared 2-core CPU) it cut GroupNorm's share from ~80-100 to ~60 ms of a ~4 s step, below
     the run-to-run noise (bench/results/dp_step_native.json). The native per-sample conv norms were no faster
     than :func:`conv_per_sample_grads` in the same step (per 64→64 8×8 layer 7.0 ms torch, 8.2 ms native;
     128→64: 16.5 vs 16.2 ms), so the engine does not use them.

@@ -21,7 +21,7 @@ goes to the torch reference, the tests' upcast); :func:`enabled` says whether th
 weight norms go native only where it measured faster (:func:`prefer_for_weight_norms`).
 
 The DP engine (``privimage.engine.ops``) uses it only with ``PRIVIMAGE_NATIVE=1``, and then only for GroupNorm:
-inside a bk-mixed step of the stand-in UNet (bench/dp_step.py, one thread) GroupNorm went from ~100 to ~57 ms
+inside a bk-mixed step of the stand-in UNet (bench/dp_step.py, one thread) GroupNorm went from ~80-100 to ~60 ms
 per step, but the per-sample conv norms were no faster than the engine's grouped-convolution path there
 (64→64 at 8×8, tensors captured from the step: 6.5 ms torch, 8.0 ms native), and the whole step did not
 measurably change (bench/results/dp_step_native.json). The same torch path timed alone in a fresh process
