@@ -590,15 +590,16 @@ class _CompiledRegions:
         self.backend = backend
         self._cache: dict = {}
 
-    def _compiled(self, key, make):
-        """The compiled region for ``key``; its first call runs eagerly, so one-time set-up in the code it
-        reaches (the kernels' dispatch loads the native library, reads the file system) is done before
-        Dynamo traces it, and the trace sees only the settled state."""
+    def _run(self, key, make, *args):
+        """Run the compiled region for ``key`` on ``args``. Before its first compilation the region runs once
+        eagerly (result discarded), so one-time set-up in the code it reaches (the kernels' dispatch loads
+        the native library, reads the file system) is done before Dynamo traces it: the trace sees only the
+        settled state."""
         fn = self._cache.get(key)
         if fn is None:
-            self._cache[key] = torch.compile(make(), backend=self.backend, fullgraph=True, dynamic=False)
-            return make()
-        return fn
+            make()(*args)
+            fn = self._cache[key] = torch.compile(make(), backend=self.backend, fullgraph=True, dynamic=False)
+        return fn(*args)
 
     @staticmethod
     def _structure(layers):
@@ -627,9 +628,9 @@ class _CompiledRegions:
                 return out, [dict(l.plan.kept) for l in inner]
             return region
 
-        fn = self._compiled(("norms", structure, max_grad_norm, dtype, device), make)
         with torch.no_grad():
-            out, kept = fn(self._tensors(layers), grouping, pad)
+            out, kept = self._run(("norms", structure, max_grad_norm, dtype, device), make,
+                                  self._tensors(layers), grouping, pad)
         for layer, k in zip(layers, kept):  # the per-row grads the norms materialised, for the clipped sums
             layer.plan.kept.update(k)
         return out
@@ -642,9 +643,8 @@ class _CompiledRegions:
                 return _clipped_sums(self._rebuild(structure, tensors), c_row, row_ok)
             return region
 
-        fn = self._compiled(("sums", structure, row_ok is None), make)
         with torch.no_grad():
-            return fn(self._tensors(layers), c_row, row_ok)
+            return self._run(("sums", structure, row_ok is None), make, self._tensors(layers), c_row, row_ok)
 
 
 # ---- make_private -------------------------------------------------------------------------------------------
