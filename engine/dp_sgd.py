@@ -220,6 +220,9 @@ class DPEngine:
 
         Returns:
             :class:`StepStats` for this physical batch (tensors; nothing is synchronised to the host).
+
+        While ``loss_fn`` runs (bk-mixed, vmap), the trainable parameters have ``requires_grad=False``: their
+        gradients come from the layers' inputs and output gradients, never from autograd.
         """
         if self.method == "loop":
             return self._accumulate_loop(loss_fn, is_padding, groups)
@@ -603,12 +606,13 @@ class _CompiledRegions:
 
     @staticmethod
     def _structure(layers):
-        return tuple((l.module, l.rule, l.plan.norm, l.plan.keep, l.plan.detail, len(l.calls), tuple(l.plan.kept),
-                      l.sq is not None) for l in layers)
+        return tuple((layer.module, layer.rule, layer.plan.norm, layer.plan.keep, layer.plan.detail,
+                      len(layer.calls), tuple(layer.plan.kept), layer.sq is not None) for layer in layers)
 
     @staticmethod
     def _tensors(layers):
-        return [([t for call in l.calls for t in call], list(l.plan.kept.values()), l.sq) for l in layers]
+        return [([t for call in layer.calls for t in call], list(layer.plan.kept.values()), layer.sq)
+                for layer in layers]
 
     @staticmethod
     def _rebuild(structure, tensors):
@@ -625,7 +629,7 @@ class _CompiledRegions:
             def region(tensors, grouping, pad):
                 inner = self._rebuild(structure, tensors)
                 out = _norms_and_clip(inner, grouping, pad, max_grad_norm, dtype, device)
-                return out, [dict(l.plan.kept) for l in inner]
+                return out, [dict(layer.plan.kept) for layer in inner]
             return region
 
         with torch.no_grad():
