@@ -3,13 +3,19 @@
 Methods: ``nonprivate`` (per-sample losses summed, one backward), the engine's ``bk-mixed``, ``ghost`` and
 ``vmap``, and Opacus 1.6's ``opacus-hooks`` (GradSampleModule + DPOptimizer) and ``opacus-ghost``
 (GradSampleModuleFastGradientClipping with ghost clipping); each step includes the optimizer step.
+``nonprivate-compiled`` runs the non-private step through ``torch.compile(model, fullgraph=True)`` and
+``bk-mixed-compiled`` is ``DPEngine(..., compile=True)`` (compiled forward, and the norms, clip factors and
+clipped sums as compiled regions; Inductor); their compile time is the first step's, reported apart
+(``first_step_s``), never in the step times.
 
-Memory: each method runs one step in a fresh subprocess; the number is the growth of the process's peak
-resident set size (``resource.getrusage(...).ru_maxrss``) over that step, i.e. activations, gradients and
-temporaries (model and batch are allocated before). Time: all methods in one process, round-robin (each
-round runs every method once), ``--warmup`` rounds then ``--repeats`` timed rounds; the median wall time
-(p20/p80 alongside), the median CPU time (``time.process_time``), and ratios taken per round against the
-non-private step of the same round, so load from other jobs on a shared CPU falls on all methods alike.
+Memory: each method runs in a fresh subprocess: one warm-up step (for the compiled methods: compilation),
+then the process's peak resident set size is reset (``/proc/self/clear_refs``, after ``malloc_trim``
+returns the freed heap), and the number is the growth of the peak (``VmHWM``) over one more step, i.e.
+activations, gradients and temporaries (model and batch are allocated before). Time: all methods in one
+process, round-robin (each round runs every method once), ``--warmup`` rounds then ``--repeats`` timed
+rounds; the median wall time (p20/p80 alongside), the median CPU time (``time.process_time``), and ratios
+taken per round against the non-private step of the same round, so load from other jobs on a shared CPU
+falls on all methods alike. ``*_vs_compiled`` ratios are to ``nonprivate-compiled``.
 
 The model is a stand-in UNet of the PrivImage "s" shape (DDPM++-like: nf 32, ch_mult (1, 2, 2), 2 res blocks
 per level, attention at 16×16, GroupNorm, class embedding, 32×32 inputs, ~1.75M parameters) until the real
@@ -23,13 +29,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import csv
 import datetime
 import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["nonprivate", "bk-mixed", "ghost", "vmap", "opacus-hooks", "opacus-ghost"]
+METHODS = ["nonprivate", "bk-mixed", "ghost", "vmap", "opacus-hooks", "opacus-ghost", "nonprivate-compiled",
+           "bk-mixed-compiled"]
 
 
 # ---- stand-in UNet (PrivImage "s" shape) -------------------------------------------------------------------
@@ -165,13 +172,19 @@ class _PerSampleMSE(nn.Module):
 
 # ---- one method, in this process ---------------------------------------------------------------------------
 
-def _rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _current_rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _reset_peak_rss():
+    """Return freed heap pages to the OS, then reset the peak RSS (VmHWM) to the current RSS (Linux)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def make_step(method, batch):
@@ -183,13 +196,17 @@ def make_step(method, batch):
     x, sigma, labels, noise = make_batch(batch)
     B = float(batch)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    if method == "nonprivate":
+    if method in ("nonprivate", "nonprivate-compiled"):
+        net = torch.compile(model, fullgraph=True, dynamic=False) if method == "nonprivate-compiled" else model
+
         def step():
-            (per_sample_loss(model, x, sigma, labels, noise).sum() / B).backward()
+            (per_sample_loss(net, x, sigma, labels, noise).sum() / B).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    elif method in ("bk-mixed", "ghost", "vmap"):
-        engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=B, method=method)
+    elif method in ("bk-mixed", "ghost", "vmap", "bk-mixed-compiled"):
+        compiled = method == "bk-mixed-compiled"
+        engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=B,
+                          method="bk-mixed" if compiled else method, compile=compiled)
 
         def step():
             engine.step(lambda m: per_sample_loss(m, x, sigma, labels, noise))
@@ -226,12 +243,41 @@ def make_step(method, batch):
     return step, sum(p.numel() for p in model.parameters())
 
 
+def compiled_gradient_error(batch):
+    """Max over parameters of max|g_compiled - g_eager| / max|g_eager| after one step at sigma = 0, for the
+    non-private step and for bk-mixed: a timing of compiled code is worth reporting only with its accuracy."""
+    from privimage.engine import DPEngine
+
+    x, sigma, labels, noise = make_batch(batch)
+
+    def grads(method, compiled):
+        torch.manual_seed(0)
+        model = StandInUNet()
+        if method == "nonprivate":
+            net = torch.compile(model, fullgraph=True, dynamic=False) if compiled else model
+            per_sample_loss(net, x, sigma, labels, noise).sum().backward()
+        else:
+            DPEngine(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=batch,
+                     compile=compiled).step(lambda m: per_sample_loss(m, x, sigma, labels, noise))
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    out = {}
+    for method in ("nonprivate", "bk-mixed"):
+        ref, got = grads(method, False), grads(method, True)
+        errs = {n: float((got[n] - ref[n]).abs().max() / ref[n].abs().max().clamp(min=1e-30)) for n in ref}
+        worst = max(errs, key=errs.get)
+        out[f"{method}-compiled"] = {"max_rel_grad_error": errs[worst], "worst_param": worst}
+    return out
+
+
 def measure_memory(method, batch):
-    """Peak RSS growth (MB) over one step, in this (fresh) process."""
+    """Peak RSS growth (MB) over one step after a warm-up step, in this (fresh) process."""
     step, params = make_step(method, batch)
-    rss_before = _current_rss_mb()
     step()
-    return {"method": method, "peak_mem_mb": _rss_mb() - rss_before, "params": params}
+    _reset_peak_rss()
+    rss_before = _status_mb("VmRSS")
+    step()
+    return {"method": method, "peak_mem_mb": _status_mb("VmHWM") - rss_before, "params": params}
 
 
 def measure_times(methods, batch, warmup, repeats):
@@ -241,10 +287,12 @@ def measure_times(methods, batch, warmup, repeats):
     steps = {m: make_step(m, batch)[0] for m in methods}
     wall = {m: [] for m in methods}
     cpu = {m: [] for m in methods}
+    first = {}
     for i in range(warmup + repeats):
         for m in methods:
             t0, c0 = time.perf_counter(), time.process_time()
             steps[m]()
+            first.setdefault(m, time.perf_counter() - t0)
             if i >= warmup:
                 wall[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
@@ -255,10 +303,13 @@ def measure_times(methods, batch, warmup, repeats):
         w = sorted(wall[m])
         q = statistics.quantiles(w, n=5) if len(w) > 1 else [w[0]] * 4
         row = {"median_ms": 1e3 * statistics.median(w), "p20_ms": 1e3 * q[0], "p80_ms": 1e3 * q[3],
-               "cpu_median_ms": 1e3 * statistics.median(cpu[m])}
+               "cpu_median_ms": 1e3 * statistics.median(cpu[m]), "first_step_s": first[m]}
         if "nonprivate" in methods:
             row["time_ratio"] = statistics.median(a / b for a, b in zip(wall[m], wall["nonprivate"]))
             row["cpu_ratio"] = statistics.median(a / b for a, b in zip(cpu[m], cpu["nonprivate"]))
+        if "nonprivate-compiled" in methods:
+            row["time_ratio_vs_compiled"] = statistics.median(
+                a / b for a, b in zip(wall[m], wall["nonprivate-compiled"]))
         out[m] = row
     return out
 
@@ -305,6 +356,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's); 1 gives steadier ratios on a CPU shared with other jobs")
     ap.add_argument("--no-save", action="store_true", help="print only (default when --batch is not 64)")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the compiled-vs-eager gradient check (two more compilations)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -323,16 +376,26 @@ def main(argv=None):
             rows.append({"method": method, "error": proc.stderr.strip().splitlines()[-1][:300]})
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{method:>13}: peak +{rows[-1]['peak_mem_mb']:7.1f} MB", flush=True)
+        print(f"{method:>19}: peak +{rows[-1]['peak_mem_mb']:7.1f} MB", flush=True)
     ok = [r["method"] for r in rows if "error" not in r]
     times = measure_times(ok, args.batch, args.warmup, args.repeats)
     base = next((r for r in rows if r["method"] == "nonprivate" and "error" not in r), None)
+    base_c = next((r for r in rows if r["method"] == "nonprivate-compiled" and "error" not in r), None)
     for r in rows:
         if "error" in r:
             continue
         r.update(times[r["method"]])
         if base:
             r["mem_ratio"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+        if base_c:
+            r["mem_ratio_vs_compiled"] = r["peak_mem_mb"] / base_c["peak_mem_mb"]
+    if not args.no_check and any(m.endswith("-compiled") for m in ok):
+        for method, check in compiled_gradient_error(args.batch).items():
+            print(f"{method}: max relative gradient error vs eager {check['max_rel_grad_error']:.2e} "
+                  f"({check['worst_param']})", flush=True)
+            for r in rows:
+                if r["method"] == method:
+                    r.update(check)
     best_opacus = min((r["median_ms"] for r in rows if r["method"].startswith("opacus") and "error" not in r),
                       default=None)
     for r in rows:
@@ -342,34 +405,38 @@ def main(argv=None):
             "git_sha": _git_sha(), "device": _device(), "threads": torch.get_num_threads(),
             "versions": _versions(), "batch": args.batch, "resolution": 32, "warmup": args.warmup,
             "repeats": args.repeats, "model": "StandInUNet nf32 ch_mult(1,2,2) 2 res blocks attn@16",
-            "memory": "peak RSS growth (ru_maxrss) over one step after set-up, fresh process per method",
+            "memory": "peak RSS growth (VmHWM, reset after malloc_trim) over the second step, fresh process "
+                      "per method",
             "timing": "round-robin in one process; ratios are medians of per-round ratios to non-private"}
-    print(f"\n{'method':>13} {'median ms':>10} {'x nonpriv':>9} {'cpu x':>6} {'mem MB':>8} {'mem x':>6} "
-          f"{'vs opacus':>9}")
+    nan = float("nan")
+    print(f"\n{'method':>19} {'median ms':>10} {'x nonpriv':>9} {'cpu x':>6} {'mem MB':>8} {'mem x':>6} "
+          f"{'x np-comp':>9} {'mem x np-c':>10} {'vs opacus':>9} {'1st step s':>10}")
     for r in rows:
         if "error" in r:
-            print(f"{r['method']:>13} error: {r['error']}")
+            print(f"{r['method']:>19} error: {r['error']}")
             continue
-        print(f"{r['method']:>13} {r['median_ms']:10.1f} {r.get('time_ratio', float('nan')):9.2f} "
-              f"{r.get('cpu_ratio', float('nan')):6.2f} "
-              f"{r['peak_mem_mb']:8.1f} {r.get('mem_ratio', float('nan')):6.2f} "
-              f"{r.get('speedup_vs_best_opacus', float('nan')):9.2f}")
+        print(f"{r['method']:>19} {r['median_ms']:10.1f} {r.get('time_ratio', nan):9.2f} "
+              f"{r.get('cpu_ratio', nan):6.2f} {r['peak_mem_mb']:8.1f} {r.get('mem_ratio', nan):6.2f} "
+              f"{r.get('time_ratio_vs_compiled', nan):9.2f} {r.get('mem_ratio_vs_compiled', nan):10.2f} "
+              f"{r.get('speedup_vs_best_opacus', nan):9.2f} {r['first_step_s']:10.1f}")
     if args.no_save or args.batch != 64:
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / (f"dp_step_threads{args.threads}.json" if args.threads else "dp_step.json")
     _write_atomic(json_path, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    fields = ["date", "git_sha", "device", "threads", "torch", "opacus", "batch", "method", "median_ms", "p20_ms", "p80_ms",
-              "cpu_median_ms", "peak_mem_mb", "time_ratio", "cpu_ratio", "mem_ratio", "speedup_vs_best_opacus", "error"]
+    fields = ["date", "git_sha", "device", "threads", "torch", "opacus", "batch", "method", "median_ms", "p20_ms",
+              "p80_ms", "cpu_median_ms", "peak_mem_mb", "time_ratio", "cpu_ratio", "mem_ratio", "time_ratio_vs_compiled",
+              "mem_ratio_vs_compiled", "speedup_vs_best_opacus", "first_step_s", "max_rel_grad_error", "error"]
     csv_path = RESULTS / "dp_step.csv"
-    old = csv_path.read_text() if csv_path.exists() else ""
-    lines = [] if old else [",".join(fields)]
+    # Earlier runs' rows are kept; a run that adds columns rewrites the header, old rows leave them empty.
+    old = list(csv.DictReader(csv_path.open())) if csv_path.exists() else []
+    lines = [",".join(fields)] + [",".join(_csv_cell(r.get(k) or None) for k in fields) for r in old]
     for r in rows:
         flat = {**r, "date": meta["date"], "git_sha": meta["git_sha"], "device": meta["device"],
                 "threads": meta["threads"],
                 "torch": meta["versions"]["torch"], "opacus": meta["versions"]["opacus"], "batch": args.batch}
         lines.append(",".join(_csv_cell(flat.get(k)) for k in fields))
-    _write_atomic(csv_path, old + "\n".join(lines) + "\n")
+    _write_atomic(csv_path, "\n".join(lines) + "\n")
     print(f"wrote {json_path} and {csv_path}")
     return 0
 
