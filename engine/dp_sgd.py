@@ -22,9 +22,13 @@ Methods (one interface, ``method=``):
   backward); memory O(B · params). Also the fallback, per layer, for modules without a rule.
 * ``"loop"``: one backward per sample; slow and obviously right.
 
-Compile (``compile=True``; default on CUDA for bk-mixed, off on CPU where a UNet's Inductor build takes
-minutes and the step is dominated by convolutions Inductor leaves to oneDNN anyway): the step becomes three
-``torch.compile(fullgraph=True, dynamic=False)`` graphs joined by short eager code.
+Compile (``compile=True``; default on CUDA for bk-mixed, off on CPU): the step becomes three
+``torch.compile(fullgraph=True, dynamic=False)`` graphs joined by short eager code. Off on CPU because there
+it does not pay and is not trusted: on the 2-core CPU (torch 2.13, batch 64, bench/dp_step.py) the compiled
+step took 1.22x the eager non-private step against eager bk-mixed's 1.20x, after a ~35 s to 2 min build, and
+Inductor's CPU code gave wrong parameter gradients for the stand-in UNet even without DP (the benchmark's
+compiled-vs-eager check). A compiled backward that mixed rows would break per-sample isolation, so check
+compiled against eager at σ = 0 on each new torch version and device before relying on it.
 
 1. The forward: ``loss_fn`` receives the compiled model, with the engine's hooks traced into the graph (the
    probes are graph inputs; AOTAutograd compiles the matching backward, which ``torch.autograd.grad`` runs).
