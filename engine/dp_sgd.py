@@ -27,7 +27,8 @@ Compile (``compile=True``; default on CUDA for bk-mixed, off on CPU): the step b
 it does not pay and is not trusted: on the 2-core CPU (torch 2.13, batch 64, bench/dp_step.py) the compiled
 step took 1.22x the eager non-private step against eager bk-mixed's 1.20x, after a ~35 s to 2 min build, and
 Inductor's CPU code gave wrong parameter gradients for the stand-in UNet even without DP (the benchmark's
-compiled-vs-eager check). A compiled backward that mixed rows would break per-sample isolation, so check
+compiled-vs-eager check; in float64 too, and exact with ``torch._inductor.config.max_fusion_size = 1``, so
+a fusion bug, not rounding). A compiled backward that mixed rows would break per-sample isolation, so check
 compiled against eager at σ = 0 on each new torch version and device before relying on it.
 
 1. The forward: ``loss_fn`` receives the compiled model, with the engine's hooks traced into the graph (the
