@@ -22,14 +22,15 @@ Methods (one interface, ``method=``):
   backward); memory O(B · params). Also the fallback, per layer, for modules without a rule.
 * ``"loop"``: one backward per sample; slow and obviously right.
 
-Compile (``compile=True``; default on CUDA for bk-mixed, off on CPU): the step becomes three
-``torch.compile(fullgraph=True, dynamic=False)`` graphs joined by short eager code. Off on CPU because there
-it does not pay and is not trusted: on the 2-core CPU (torch 2.13, batch 64, bench/dp_step.py) the compiled
+Compile (``compile=True``, bk-mixed only; opt-in on every device): the step becomes three
+``torch.compile(fullgraph=True, dynamic=False)`` graphs joined by short eager code. Opt-in because it is not
+yet trusted and, where measured, does not pay: on the 2-core CPU (torch 2.13, batch 64, bench/dp_step.py) the compiled
 step took 1.22x the eager non-private step against eager bk-mixed's 1.20x, after a ~35 s to 2 min build, and
 Inductor's CPU code gave wrong parameter gradients for the stand-in UNet even without DP (the benchmark's
 compiled-vs-eager check; in float64 too, and exact with ``torch._inductor.config.max_fusion_size = 1``, so
-a fusion bug, not rounding). A compiled backward that mixed rows would break per-sample isolation, so check
-compiled against eager at σ = 0 on each new torch version and device before relying on it.
+a fusion bug, not rounding). A compiled backward that mixed rows would break per-sample isolation, so it
+stays off by default until compiled and eager agree at σ = 0 on the GPU (``bench/dp_step.py`` checks this);
+check again on each new torch version and device before relying on it.
 
 1. The forward: ``loss_fn`` receives the compiled model, with the engine's hooks traced into the graph (the
    probes are graph inputs; AOTAutograd compiles the matching backward, which ``torch.autograd.grad`` runs).
@@ -122,7 +123,7 @@ class DPEngine:
         method: "bk-mixed" (default), "ghost", "vmap" or "loop" (module docstring).
         generator: source of the noise (pass :func:`privimage.engine.secure_generator` for secure mode).
         compile: compile the forward and the post-backward work (module docstring); bk-mixed only.
-            ``None``: on for bk-mixed on CUDA, off on CPU. The first step compiles (minutes for a UNet);
+            Off by default (module docstring: not yet verified on a GPU). The first step compiles (minutes for a UNet);
             keep the physical batch size fixed (pad Poisson batches) or every new size recompiles.
         compile_backend: the ``torch.compile`` backend ("inductor"; tests use "aot_eager").
 
@@ -138,7 +139,7 @@ class DPEngine:
 
     def __init__(self, model: nn.Module, *, max_grad_norm: float, noise_multiplier: float,
                  expected_batch_size: float, method: str = "bk-mixed",
-                 generator: torch.Generator | None = None, compile: bool | None = None,
+                 generator: torch.Generator | None = None, compile: bool = False,
                  compile_backend: str = "inductor"):
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"Expected max_grad_norm={max_grad_norm} finite and > 0.")
@@ -174,8 +175,6 @@ class DPEngine:
         self._probe_pos = 0
         self._stale = False
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m, _ in self._layers]
-        if compile is None:
-            compile = method == "bk-mixed" and self.params[0].is_cuda
         self.compile = bool(compile)
         # The model loss_fn receives: compiled (with the engine's hooks traced into its graph) or the model.
         self._forward_model = (torch.compile(model, backend=compile_backend, fullgraph=True, dynamic=False)

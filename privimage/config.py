@@ -108,7 +108,7 @@ class FinetuneConfig:
     checkpoint_every: int = 10
     sample_every: int = 0
     log_every: int = 1
-    compile: bool | None = None        # torch.compile the DP step (bk-mixed); None: on for CUDA, off on CPU
+    compile: bool = False              # torch.compile the DP step (bk-mixed); opt-in: see privimage.engine.dp_sgd
     # Draw the Poisson sampling seed and the DP noise (query and fine-tune) from the OS's cryptographic source.
     # False derives them from `seed`, which is public (config.json): reproducible, for tests only, NOT private.
     secure_noise: bool = True

@@ -245,7 +245,7 @@ def stage_finetune(run_dir: Path, cfg: RunConfig, *, resume: bool = False, sensi
                     unet=_unet(cfg, run_dir, sensitive.images.shape[1]), budget=budget, init_state=init,
                     physical_batch_size=f.physical_batch_size, num_noise=f.num_noise,
                     max_grad_norm=f.max_grad_norm, lr=f.lr, ema_decay=f.ema_decay, label_dropout=f.label_dropout,
-                    method=f.method, seed=cfg.seed, device=resolve_device(cfg.device), secure_noise=f.secure_noise,
+                    method=f.method, compile=f.compile, seed=cfg.seed, device=resolve_device(cfg.device), secure_noise=f.secure_noise,
                     checkpoint_every=f.checkpoint_every, log_every=f.log_every, sample_every=f.sample_every,
                     resume=resume, stop_at_step=stop_at_step, config=cfg.to_dict(), log=log)
 

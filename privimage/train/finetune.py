@@ -41,7 +41,7 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
              budget: PrivacyBudget, init_state: dict | None, physical_batch_size: int = 64, num_noise: int = 8,
              max_grad_norm: float = 1e-3, lr: float = 3e-4, ema_decay: float = 0.999, label_dropout: float = 0.1,
              method: str = "bk-mixed", seed: int = 0, device: torch.device | str = "cpu",
-             compile: bool | None = None, secure_noise: bool = True, checkpoint_every: int = 10,
+             compile: bool = False, secure_noise: bool = True, checkpoint_every: int = 10,
              log_every: int = 1, sample_every: int = 0, resume: bool = False, stop_at_step: int | None = None,
              config: dict | None = None, log=print) -> Path:
     """DP fine-tune on the sensitive uint8 ``images``/``labels``; writes checkpoints/finetune.pt and logs.
@@ -51,8 +51,8 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
             and written to ``run_dir/budget.json`` after every checkpoint.
         init_state: the pre-trained UNet state dict (``None``: train from scratch, DPDM-style).
         compile: run the DP step compiled (the UNet's forward, the per-sample norms, clip factors and clipped
-            sums; :class:`~privimage.engine.DPEngine` ``compile``); ``None``: on CUDA only, where the
-            minutes of compilation pay. Needs ``method="bk-mixed"``. The noise is drawn eagerly either way.
+            sums; :class:`~privimage.engine.DPEngine` ``compile``); off by default until compiled and eager
+            steps are verified equal on a GPU. Needs ``method="bk-mixed"``. The noise is drawn eagerly either way.
         secure_noise: the Poisson sampler's seed and the DP noise come from the OS's cryptographic source
             (default). ``False`` derives both from ``seed``: reproducible for tests, but anyone who knows the
             seed knows the noise and the batches, so there is NO privacy.

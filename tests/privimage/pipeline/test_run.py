@@ -69,3 +69,21 @@ def test_dry_run_prints_config_and_calibrated_noise(tmp_path, capsys):
     assert privacy["finetune_sample_rate"] == 0.25 and privacy["finetune_steps"] == 8
     assert privacy["finetune_noise_multiplier"] > 0 and privacy["epsilon_planned"] <= 5.0
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_finetune_stage_passes_the_compile_setting(tmp_path, monkeypatch):
+    """`finetune.compile` in a run config reaches the DP fine-tuning loop (and so DPEngine's compile)."""
+    import privimage.pipeline as pipeline
+    import privimage.train as train
+    from privimage.config import RunConfig, load_config
+    from privimage.engine import PrivacyBudget
+
+    cfg = RunConfig.from_dict({"pretrain": {"steps": 0}, "finetune": {"compile": True}}, base=load_config("test"))
+    budget = PrivacyBudget.for_privimage(epsilon=10.0, delta=1e-5, sample_rate=0.1, steps=2,
+                                         query_noise_multiplier=5.0)
+    (tmp_path / "budget.json").write_text(json.dumps(budget.state_dict()))
+    seen = {}
+    monkeypatch.setattr(train, "finetune", lambda run_dir, **kwargs: seen.update(kwargs) or run_dir)
+    monkeypatch.setattr(pipeline, "_unet", lambda *args: None)  # the model needs the query's outputs
+    pipeline.stage_finetune(tmp_path, cfg, log=lambda _: None)
+    assert seen["compile"] is True
