@@ -6,6 +6,12 @@ labels int64 (B,), on ``device``; ``len(loader)`` is the number of batches per e
 normalisation run on the device, on the batch, in :func:`augment`, so the two loaders differ only in where
 the uint8 bytes come from.
 
+``loader.epoch(e, start=b)`` yields batches ``b, b+1, ...`` of epoch ``e``: the order is a permutation
+seeded by (seed, e) only and batch b's flips by (seed, e, b) only, so a training run resumed at any step
+sees exactly the batches an uninterrupted run saw, and skipping b batches costs nothing (no batch before b
+is read). The order is drawn on the CPU for FFCV and on ``device`` for the device loader, so on CPU the
+two stream identical epochs.
+
 - :class:`FFCVLoader` reads a file written once by :func:`write_ffcv` (FFCV, Leclerc et al., arXiv
   2306.12517): pages of raw uint8 arrays, memory-mapped, decoded by JIT-compiled worker threads and
   prefetched ``batches_ahead`` batches ahead. It scales past memory (ImageNet at 64×64 is ~15 GB).
@@ -43,12 +49,67 @@ def augment(images: torch.Tensor, *, flip: bool, normalize: bool, generator: tor
     return x
 
 
-def _device_generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+# Seeding streams (the second part of the seed): distinct from the training loops' own step draws
+# (1: pre-training, 2: fine-tuning), so a loader's flips never reuse the noise a step draws.
+_ORDER_STREAM, _FLIP_STREAM = 3, 4
 
 
-class DeviceLoader:
-    """The uint8 data set held on ``device``; each epoch is a fresh seeded permutation.
+def _generator(seed: int, *parts: int, device: torch.device) -> torch.Generator:
+    # Imported here, not at the top: privimage.train imports this module for pre-training.
+    from privimage.train.common import step_generator
+
+    return step_generator(seed, *parts, device=device)
+
+
+class _Epochs:
+    """The epoch plan both loaders share; subclasses set the attributes below and define ``_gather``.
+
+    ``_gather(order)`` yields the uint8 images and int64 labels of ``order``'s examples, ``batch_size`` at a
+    time, in that order, on ``device``.
+    """
+
+    batch_size: int
+    shuffle: bool
+    flip: bool
+    normalize: bool
+    drop_last: bool
+    seed: int
+    device: torch.device
+    _order_device: torch.device
+    _next_epoch: int
+
+    @property
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        n = self.num_examples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        """The next epoch (0, 1, 2, ... in the order they are iterated)."""
+        epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
+        yield from self.epoch(epoch)
+
+    def epoch(self, epoch: int, *, start: int = 0):
+        """Batches ``start, start + 1, ...`` of epoch ``epoch``; each depends only on (seed, epoch, its index)."""
+        if epoch < 0 or not 0 <= start <= len(self):
+            raise ValueError(f"Expected epoch={epoch} >= 0 and 0 <= start={start} <= {len(self)} batches.")
+        n = self.num_examples
+        order = (torch.randperm(n, generator=_generator(self.seed, _ORDER_STREAM, epoch, device=self._order_device),
+                                device=self._order_device) if self.shuffle
+                 else torch.arange(n, device=self._order_device))
+        order = order[start * self.batch_size:len(self) * self.batch_size]
+        for b, (images, labels) in enumerate(self._gather(order), start):
+            gen = _generator(self.seed, _FLIP_STREAM, epoch, b, device=self.device) if self.flip else None
+            yield augment(images, flip=self.flip, normalize=self.normalize, generator=gen), labels
+
+    def _gather(self, order: torch.Tensor):
+        raise NotImplementedError
+
+
+class DeviceLoader(_Epochs):
+    """The uint8 data set held on ``device``; each epoch is a seeded permutation (see :meth:`epoch`).
 
     Args:
         dataset: the images to stream (uint8, kept as is: a quarter of float32's memory).
@@ -72,27 +133,18 @@ class DeviceLoader:
         n, row = self.images.shape[0], self.images[0].numel()
         rows = self.images.view(n, row)
         self._rows = rows.view(torch.int64) if row % 8 == 0 else rows
-        self.batch_size, self.shuffle, self.flip, self.normalize, self.drop_last = (
-            batch_size, shuffle, flip, normalize, drop_last)
-        self.generator = _device_generator(self.device, seed)
+        self.batch_size, self.shuffle, self.flip, self.normalize, self.drop_last, self.seed = (
+            batch_size, shuffle, flip, normalize, drop_last, seed)
+        self._order_device, self._next_epoch = self.device, 0
 
     @property
     def num_examples(self) -> int:
         return self.images.shape[0]
 
-    def __len__(self) -> int:
-        n = self.num_examples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        n = self.num_examples
-        order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
-                 else torch.arange(n, device=self.device))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            batch = self._rows[idx].view(torch.uint8).view(len(idx), *self.images.shape[1:])
-            yield (augment(batch, flip=self.flip, normalize=self.normalize, generator=self.generator),
-                   self.labels[idx])
+    def _gather(self, order: torch.Tensor):
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self._rows[idx].view(torch.uint8).view(len(idx), *self.images.shape[1:]), self.labels[idx]
 
 
 class _Indexed:
@@ -162,7 +214,21 @@ def write_ffcv(dataset: ImageDataset, path: str | os.PathLike, *, num_workers: i
     return path
 
 
-class FFCVLoader:
+class _PlannedOrder:
+    """An FFCV traversal order that is exactly the index array set in ``plan``.
+
+    FFCV's own random order is seeded by ``seed + epoch`` (so seed 0's epoch 1 is seed 1's epoch 0) and
+    cannot start mid-epoch without decoding the skipped batches; handing FFCV our own order avoids both.
+    """
+
+    def __init__(self, indices: np.ndarray):
+        self.plan = indices
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.plan
+
+
+class FFCVLoader(_Epochs):
     """Stream an FFCV file written by :func:`write_ffcv`; same interface as :class:`DeviceLoader`.
 
     Args:
@@ -191,43 +257,49 @@ class FFCVLoader:
             raise FileNotFoundError(f"{path}: missing (FFCV file; write it with write_ffcv).")
         self.device = torch.device(device)
         to_device = [ToDevice(self.device, non_blocking=True)] if self.device.type == "cuda" else []
-        self.batch_size, self.flip, self.normalize, self.drop_last = batch_size, flip, normalize, drop_last
+        self.batch_size, self.shuffle, self.flip, self.normalize, self.drop_last, self.seed = (
+            batch_size, shuffle, flip, normalize, drop_last, seed)
+        self._order_device, self._next_epoch = torch.device("cpu"), 0
         self._loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
-                              order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL, seed=seed,
-                              drop_last=drop_last, batches_ahead=batches_ahead, os_cache=True,
+                              order=OrderOption.SEQUENTIAL, drop_last=drop_last, batches_ahead=batches_ahead,
+                              os_cache=True,
                               pipelines={"image": [NDArrayDecoder(), ToTensor(), *to_device],
                                          "label": [IntDecoder(), ToTensor(), Squeeze(-1), *to_device]})
-        self.generator = _device_generator(self.device, seed)
+        self._order = _PlannedOrder(self._loader.indices)
+        self._loader.traversal_order = self._order
 
     @property
     def num_examples(self) -> int:
         return len(self._loader.indices)
 
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def __iter__(self):
+    def _gather(self, order: torch.Tensor):
+        self._order.plan = self._loader.indices[order.numpy()]
         threads = torch.get_num_threads()
         for images, labels in self._loader:
             if torch.get_num_threads() != threads:  # the epoch's worker thread reset it (see _keep_torch_threads)
                 torch.set_num_threads(threads)
-            images = images.to(self.device, non_blocking=True)
-            yield (augment(images, flip=self.flip, normalize=self.normalize, generator=self.generator),
-                   labels.to(self.device, non_blocking=True).long().clone())
+            # FFCV reuses its batch buffers: the labels are copied here, the images by augment.
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True).long().clone()
+
+
+def loader_kind(dataset: ImageDataset, *, device: str | torch.device = "cpu", kind: str = "auto") -> str:
+    """The loader :func:`make_loader` builds: ``kind``, or for "auto" "device" when the uint8 data fits in a
+    quarter of the device's memory (always on CPU, where the data set is already in RAM), else "ffcv"."""
+    device = torch.device(device)
+    if kind == "auto":
+        budget = torch.cuda.get_device_properties(device).total_memory / 4 if device.type == "cuda" else float("inf")
+        return "device" if dataset.images.numel() <= budget else "ffcv"
+    return kind
 
 
 def make_loader(dataset: ImageDataset, *, batch_size: int, device: str | torch.device = "cpu", kind: str = "auto",
                 ffcv_path: str | os.PathLike | None = None, **kwargs) -> DeviceLoader | FFCVLoader:
-    """A loader for ``dataset``: ``kind`` is "device", "ffcv" or "auto".
+    """A loader for ``dataset``: ``kind`` is "device", "ffcv" or "auto" (see :func:`loader_kind`).
 
-    "auto" takes the device loader when the uint8 data fits in a quarter of the device's memory (always
-    on CPU, where the data set is already in RAM), else FFCV. "ffcv" writes ``ffcv_path`` first if it does
-    not exist yet (written once, then only streamed).
+    "ffcv" writes ``ffcv_path`` first if it does not exist yet (written once, then only streamed).
     """
     device = torch.device(device)
-    if kind == "auto":
-        budget = torch.cuda.get_device_properties(device).total_memory / 4 if device.type == "cuda" else float("inf")
-        kind = "device" if dataset.images.numel() <= budget else "ffcv"
+    kind = loader_kind(dataset, device=device, kind=kind)
     if kind == "device":
         return DeviceLoader(dataset, batch_size=batch_size, device=device, **kwargs)
     if kind == "ffcv":

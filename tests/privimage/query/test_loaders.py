@@ -116,3 +116,40 @@ def test_ffcv_leaves_torch_threads_alone(ffcv_file):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["device", "ffcv"])
+def test_epoch_resumes_mid_epoch_with_the_same_batches(data, tmp_path_factory, kind):
+    if kind == "ffcv" and not ffcv_available():
+        pytest.skip("FFCV not installed")
+    path = tmp_path_factory.mktemp("resume") / "subset.ffcv"
+
+    def fresh():  # a new loader, as a resumed process would build it
+        if kind == "device":
+            return DeviceLoader(data, batch_size=64, seed=7, drop_last=True)
+        return FFCVLoader(path if path.is_file() else write_ffcv(data, path), batch_size=64, seed=7,
+                          drop_last=True, num_workers=1)
+
+    full = list(fresh().epoch(2))
+    resumed = list(fresh().epoch(2, start=3))
+    assert len(full) == 4 and len(resumed) == 1
+    assert torch.equal(resumed[0][0], full[3][0]) and torch.equal(resumed[0][1], full[3][1])
+    assert not torch.equal(full[0][1], next(fresh().epoch(1))[1])  # epochs differ
+    assert list(fresh().epoch(0, start=4)) == []
+    with pytest.raises(ValueError, match="start=5"):
+        next(fresh().epoch(0, start=5))
+
+
+def test_iterating_is_epoch_0_then_1(data):
+    loader = DeviceLoader(data, batch_size=100, seed=1)
+    (x0, y0), (x1, y1) = _epoch(loader), _epoch(loader)
+    (r0, l0), (r1, l1) = _epoch(loader.epoch(0)), _epoch(loader.epoch(1))
+    assert torch.equal(x0, r0) and torch.equal(y0, l0) and torch.equal(x1, r1) and torch.equal(y1, l1)
+
+
+@needs_ffcv
+def test_ffcv_and_device_loaders_stream_the_same_shuffled_flipped_epochs_on_cpu(data, ffcv_file):
+    kwargs = dict(batch_size=64, seed=4, drop_last=True)
+    xf, yf = _epoch(FFCVLoader(ffcv_file, num_workers=1, **kwargs).epoch(3))
+    xd, yd = _epoch(DeviceLoader(data, **kwargs).epoch(3))
+    assert torch.equal(xf, xd) and torch.equal(yf, yd) and not torch.equal(yd, data.labels[:256])
