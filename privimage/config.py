@@ -63,6 +63,8 @@ class QueryConfig:
     epsilon_fraction: float = 0.1     # share of ε the query alone may use; the fine-tune's σ uses the rest
     classifier_width: int = 32
     classifier_epochs: int = 10
+    classifier_style_noise: float = 0.0   # style augmentation of the classifier (privimage.query.ClassifierConfig)
+    classifier_style_gain: float = 0.0
     max_per_label: int | None = None  # cap of public images per selected class
 
     def __post_init__(self) -> None:
@@ -266,7 +268,8 @@ CONFIGS: dict[str, RunConfig] = {
         model_overrides={"ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (8,)},
         data=DataConfig(sensitive="embedded:sensitive,size=4000", sensitive_test="embedded:sensitive_test,size=500",
                         public="embedded:public,size=6000", resolution=16),
-        query=QueryConfig(top_k=1, top_n=5, classifier_width=16, classifier_epochs=10),
+        query=QueryConfig(top_k=1, top_n=5, classifier_width=16, classifier_epochs=10,
+                          classifier_style_noise=0.15, classifier_style_gain=0.3),
         pretrain=PretrainConfig(steps=600, batch_size=32, lr=2e-3, checkpoint_every=200, log_every=50,
                                 ema_decay=0.99),
         finetune=FinetuneConfig(epochs=1, batch_size=200, physical_batch_size=50, num_noise=2, max_grad_norm=1e-2,

@@ -175,7 +175,9 @@ def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=No
         raise ValueError(f"query.top_k={qc.top_k} exceeds the {public.num_classes} public classes.")
     classifier = train_classifier(public, resolution=sensitive.resolution, device=resolve_device(cfg.device),
                                   config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
-                                                          seed=cfg.seed), log=log)
+                                                          style_noise=qc.classifier_style_noise,
+                                                          style_gain=qc.classifier_style_gain, seed=cfg.seed),
+                                  log=log)
     out = run_dir / "query"
     classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
     query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=qc.top_n)

@@ -42,8 +42,18 @@ class ClassifierConfig:
     weight_decay: float = 5e-4
     holdout: float = 0.1       # share of the public data held out to measure accuracy
     seed: int = 0
+    # Style augmentation (public data only, so free of privacy cost): each training image's pixels, in
+    # [-1, 1] units, are scaled by U(1 - style_gain, 1) around black and get N(0, style_noise²) noise, so the
+    # classifier keeps recognising classes under the dimmer, noisier style that sensitive data often has.
+    # Measured on the demo (16x16): 0.15 / 0.3 made the query pick the right public class for 5 of 5
+    # sensitive classes instead of 3 (held-out public accuracy 0.86 instead of 0.91).
+    style_noise: float = 0.0
+    style_gain: float = 0.0
 
     def __post_init__(self) -> None:
+        if not (self.style_noise >= 0 and 0 <= self.style_gain < 1):
+            raise ValueError(f"Expected style_noise={self.style_noise} >= 0 and style_gain={self.style_gain} "
+                             f"in [0, 1).")
         for name in ("width", "blocks", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Expected {name}={getattr(self, name)} >= 1.")
@@ -243,6 +253,10 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
             x = model.prepare(images[idx])
             flip = torch.rand(len(idx), generator=gen).to(x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if config.style_noise or config.style_gain:
+                gain = 1 - config.style_gain * torch.rand(len(idx), 1, 1, 1, generator=gen)
+                noise = config.style_noise * torch.randn(x.shape, generator=gen)
+                x = (x + 1) * gain.to(x.device) - 1 + noise.to(x.device)
             loss = F.cross_entropy(model(x), public.labels[idx].to(x.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

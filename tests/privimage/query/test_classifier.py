@@ -70,7 +70,8 @@ def test_cache_key_covers_everything_the_weights_depend_on():
     ]
     assert all(_fingerprint(d, 32, CONFIG) != key for d in other_data)
     assert _fingerprint(public, 16, CONFIG) != key                                              # resolution
-    changed = dict(width=8, blocks=2, epochs=4, batch_size=16, lr=1e-3, weight_decay=0.0, holdout=0.2, seed=1)
+    changed = dict(width=8, blocks=2, epochs=4, batch_size=16, lr=1e-3, weight_decay=0.0, holdout=0.2, seed=1,
+                   style_noise=0.1, style_gain=0.2)
     assert all(_fingerprint(public, 32, replace(CONFIG, **{k: v})) != key for k, v in changed.items())
     from dataclasses import fields
     assert set(changed) == {f.name for f in fields(ClassifierConfig)}  # every setting is covered
@@ -136,3 +137,24 @@ def test_query_run_spends_the_budget(trained):
     budget = query_budget(epsilon=10.0, delta=1e-5)
     result = SemanticQuery.from_budget(budget, top_k=1, top_n=5).run(model, sensitive.images, budget=budget)
     assert budget.spent[QUERY] == 1 and len(result.selected) == 5 and result.noisy_histogram.shape == (60,)
+
+
+@pytest.mark.parametrize("bad", [dict(style_noise=-0.1), dict(style_gain=1.0), dict(style_gain=-0.5)])
+def test_style_augmentation_settings_are_checked(bad):
+    with pytest.raises(ValueError, match="style_noise"):
+        ClassifierConfig(**bad)
+
+
+def test_style_augmentation_changes_training_but_not_inputs_at_evaluation():
+    """The augmentation acts on training batches only: same seed, other weights; prediction is unaugmented."""
+    public = load_dataset("embedded", split="public", size=96, seed=0, resolution=16)
+    small = ClassifierConfig(width=4, epochs=1, batch_size=32)
+    plain = train_classifier(public, config=small, use_cache=False, log=None)
+    styled = train_classifier(public, config=replace(small, style_noise=0.15, style_gain=0.3), use_cache=False,
+                              log=None)
+    again = train_classifier(public, config=replace(small, style_noise=0.15, style_gain=0.3), use_cache=False,
+                             log=None)
+    weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
+    assert not torch.equal(weights(plain), weights(styled))
+    assert torch.equal(weights(styled), weights(again))  # seeded: the augmentation is reproducible
+    assert torch.equal(styled.predict_logits(public.images[:8]), styled.predict_logits(public.images[:8]))
