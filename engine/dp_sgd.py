@@ -24,9 +24,9 @@ Methods (one interface, ``method=``):
 
 Compile (``compile=True``, bk-mixed only; opt-in on every device): the step becomes three
 ``torch.compile(fullgraph=True, dynamic=False)`` graphs joined by short eager code. Opt-in because it is not
-yet trusted and, where measured, does not pay: on the 2-core CPU (torch 2.13, batch 64, bench/dp_step.py) the compiled
-step took 1.22x the eager non-private step against eager bk-mixed's 1.20x, after a ~35 s to 2 min build, and
-Inductor's CPU code gave wrong parameter gradients for the stand-in UNet even without DP (the benchmark's
+yet trusted and, where measured, does not pay: on the 2-core CPU (torch 2.13, batch 64,
+bench/dp_step.py) the compiled step took 1.22x the eager non-private step against eager bk-mixed's
+1.20x, after a ~35 s to 2 min build, and Inductor's CPU code gave wrong parameter gradients for the stand-in UNet even without DP (the benchmark's
 compiled-vs-eager check; in float64 too, and exact with ``torch._inductor.config.max_fusion_size = 1``, so
 a fusion bug, not rounding). A compiled backward that mixed rows would break per-sample isolation, so it
 stays off by default until compiled and eager agree at σ = 0 on the GPU (``bench/dp_step.py`` checks this);
@@ -39,6 +39,7 @@ check again on each new torch version and device before relying on it.
 
 Precision: under bf16 autocast the layers run in bf16 and A, G arrive in bf16; regions 2 and 3 run with
 autocast off and accumulate norms and sums in float32 (:func:`privimage.engine.ops._acc`).
+
 What stays eager, i.e. the graph breaks a whole-step ``torch._dynamo.explain`` finds, and why:
 
 * the probes' leaf scalars: a graph cannot create tensors that require grad;
@@ -123,8 +124,8 @@ class DPEngine:
         method: "bk-mixed" (default), "ghost", "vmap" or "loop" (module docstring).
         generator: source of the noise (pass :func:`privimage.engine.secure_generator` for secure mode).
         compile: compile the forward and the post-backward work (module docstring); bk-mixed only.
-            Off by default (module docstring: not yet verified on a GPU). The first step compiles (minutes for a UNet);
-            keep the physical batch size fixed (pad Poisson batches) or every new size recompiles.
+            Off by default (module docstring: not yet verified on a GPU). The first step compiles (minutes
+            for a UNet); keep the physical batch size fixed (pad Poisson batches) or every new size recompiles.
         compile_backend: the ``torch.compile`` backend ("inductor"; tests use "aot_eager").
 
     Example:
