@@ -5,7 +5,8 @@ on public images of the classes the semantic query selects denoises held-out sen
 one pre-trained on the same number of random public images, which beats no pre-training. The selected classes
 here are the ones a correct query returns (the embedded data's sensitive classes by name): this test measures
 the pre-training effect; the query's own accuracy is tested with the query (tests/privimage/query). The loss
-is averaged over 5 noise levels (σ from 0.5 to 8) and 200 held-out images with fixed noise; all seeds fixed.
+is averaged over the quartiles of EDM's training σ distribution (``evidence.EVAL_SIGMAS``, where measurement
+shows why) and 200 held-out images with fixed noise; all seeds fixed. Seeds 0-3 all pass, by 0.009-0.017.
 """
 
 from dataclasses import replace
@@ -43,4 +44,4 @@ def test_selected_subset_beats_random_public_beats_no_pretraining():
     assert losses["subset"] < losses["random"] < losses["none"], losses
 
 
-STEPS, PRETRAIN_STEPS = 10, 150
+STEPS, PRETRAIN_STEPS = 10, 300
