@@ -86,9 +86,12 @@ class PretrainConfig:
     sample_every: int = 0             # PNG grid of EMA samples every N steps (0: only at the end)
     log_every: int = 50
     compile: bool | None = None       # torch.compile the step; None: on for CUDA, off on CPU (~20 s compile)
+    loader: str = "auto"              # stream the subset: "device" (uint8 on the device), "ffcv" (file), "auto"
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, f"Expected pretrain.steps={self.steps} >= 0.")
+        _check(self.loader in ("auto", "device", "ffcv"),
+               f"Expected pretrain.loader in ('auto', 'device', 'ffcv'), got {self.loader!r}.")
         _check(self.batch_size >= 1, f"Expected pretrain.batch_size={self.batch_size} >= 1.")
         _check(self.lr > 0, f"Expected pretrain.lr={self.lr} > 0.")
         _check(0 <= self.ema_decay < 1, f"Expected pretrain.ema_decay={self.ema_decay} in [0, 1).")

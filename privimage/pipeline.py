@@ -227,7 +227,8 @@ def stage_pretrain(run_dir: Path, cfg: RunConfig, *, resume: bool = False, log=_
                     steps=p.steps, batch_size=p.batch_size, lr=p.lr, ema_decay=p.ema_decay,
                     label_dropout=p.label_dropout, seed=cfg.seed, device=resolve_device(cfg.device),
                     compile=p.compile, checkpoint_every=p.checkpoint_every, log_every=p.log_every,
-                    sample_every=p.sample_every, resume=resume, config=cfg.to_dict(), log=log)
+                    sample_every=p.sample_every, resume=resume, loader=p.loader,
+                    ffcv_path=run_dir / "query" / "subset.ffcv", config=cfg.to_dict(), log=log)
 
 
 def stage_finetune(run_dir: Path, cfg: RunConfig, *, resume: bool = False, sensitive=None, sensitive_root=None,

@@ -4,9 +4,16 @@ The subset's labels are already mapped to the SENSITIVE classes (each selected p
 sensitive class whose noisy histogram chose it, as the official code does), so the conditional model learns
 "class c looks like these public images" and the DP fine-tune only has to adapt it.
 
+The subset is streamed in epochs through the project's loaders (:mod:`privimage.query.loaders`: the uint8
+subset resident on the device, or an FFCV file written once and prefetched), with random horizontal flips
+and [-1, 1] normalisation on the batch. Step s is batch ``s % B`` of epoch ``s // B`` (B batches per epoch),
+and a loader's batches depend only on (seed, epoch, batch index), so a resumed run streams exactly the
+batches the interrupted one would have.
+
 The step is small and pure (inputs: images, labels, σ, noise), so ``torch.compile`` sees fixed shapes; the
-randomness is drawn outside from a generator seeded by (seed, step), which also makes ``--resume`` exact.
-bf16 autocast is used on CUDA only (CPU bf16 matmuls are slower than fp32 on most CPUs).
+step's randomness (σ, noise, label dropout) is drawn outside from a generator seeded by (seed, step), which
+also keeps ``--resume`` exact. bf16 autocast is used on CUDA only (CPU bf16 matmuls are slower than fp32 on
+most CPUs).
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from privimage.diffusion import EDMDenoiser, EDMLoss, EMA, to_model_range
+from privimage.data import ImageDataset
+from privimage.diffusion import EDMDenoiser, EDMLoss, EMA
 from privimage.models import UNet, UNetConfig
 from privimage.progress import Progress
+from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.train.common import (load_checkpoint, save_checkpoint, save_sample_grid, step_generator, unwrap,
                                     write_csv)
 
@@ -29,15 +38,20 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 64, lr: float = 1e-4, ema_decay: float = 0.999, label_dropout: float = 0.1,
              seed: int = 0, device: torch.device | str = "cpu", compile: bool | None = None,
              checkpoint_every: int = 500, log_every: int = 50, sample_every: int = 0, resume: bool = False,
-             stop_at_step: int | None = None, config: dict | None = None, log=print) -> Path:
+             stop_at_step: int | None = None, loader: str = "auto", ffcv_path: str | Path | None = None,
+             config: dict | None = None, log=print) -> Path:
     """Train ``unet`` on uint8 ``images`` with ``labels`` (sensitive class ids) for ``steps`` Adam steps.
 
     Writes ``checkpoints/pretrain.pt`` (model, EMA, optimizer, step, log rows, config), ``logs/pretrain.csv``
     and ``samples/pretrain-*.png`` into ``run_dir``; returns the checkpoint's path.
 
     Args:
+        batch_size: images per step; a subset smaller than one batch is streamed whole each step.
         resume: continue from ``checkpoints/pretrain.pt``; the result equals an uninterrupted run.
         stop_at_step: stop (after checkpointing) once this many steps are done, as if interrupted.
+        loader: "device", "ffcv" or "auto" (see :func:`privimage.query.loaders.loader_kind`).
+        ffcv_path: the FFCV file of the subset (default ``run_dir/query/subset.ffcv``); a fresh run writes
+            it from ``images``/``labels``, a resumed one streams the file the interrupted run wrote.
         compile: torch.compile the loss step; ``None``: only on CUDA, where the ~20 s compile pays.
     """
     run_dir = Path(run_dir)
@@ -63,10 +77,23 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     compile = device.type == "cuda" if compile is None else compile
     compute = torch.compile(loss.compute, fullgraph=True) if compile else loss.compute
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    images = images.to(device)
-    labels = labels.to(device)
     num_classes = unet.num_classes
     shape = tuple(images.shape[1:])
+    subset = ImageDataset(images, labels.long(), [str(c) for c in range(max(num_classes, int(labels.max()) + 1))])
+    ffcv_path = Path(ffcv_path) if ffcv_path is not None else run_dir / "query" / "subset.ffcv"
+    kind = loader_kind(subset, device=device, kind=loader)
+    if kind == "ffcv" and not (resume and ffcv_path.is_file()):
+        write_ffcv(subset, ffcv_path)  # this subset's bytes, whatever an earlier run left at the path
+    # drop_last keeps every step's batch the same size (one compiled shape, the same loss scale); a subset
+    # smaller than one batch is one short batch per epoch instead.
+    batches = make_loader(subset, batch_size=batch_size, device=device, kind=kind, ffcv_path=ffcv_path, seed=seed,
+                          shuffle=True, flip=True, normalize=True, drop_last=len(subset) >= batch_size)
+    if batches.num_examples != len(subset):
+        raise ValueError(f"{ffcv_path} holds {batches.num_examples} images but the subset has {len(subset)}: "
+                         "it is not this run's subset (delete it, or pre-train without --resume).")
+    if len(subset) < batch_size:
+        log(f"pretrain: the subset has {len(subset)} images, fewer than batch_size={batch_size}; "
+            "each step takes the whole subset")
 
     def checkpoint(step: int) -> None:
         save_checkpoint({"kind": "pretrain", "step": step, "steps": steps, "model": unwrap(net).state_dict(),
@@ -78,22 +105,19 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     bar.count = start
     t_last, n_last = time.perf_counter(), 0
     done = start
-    for step in range(start, steps):
-        if stop_at_step is not None and step >= stop_at_step:
-            break
+    end = steps if stop_at_step is None else max(start, min(steps, stop_at_step))
+    for step, (x, y) in zip(range(start, end), _stream(batches, start)):
+        y = y if num_classes else None
         gen = step_generator(seed, 1, step, device=device)
-        idx = torch.randint(len(images), (batch_size,), generator=gen, device=device)
-        x = to_model_range(images[idx])
-        y = labels[idx] if num_classes else None
         drawn = loss.draw(x, y, num_classes=num_classes, generator=gen)
         with torch.autocast(**amp):
             rows_loss = compute(denoiser, x, *drawn)
-        total = rows_loss.sum() / batch_size
+        total = rows_loss.sum() / x.shape[0]
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         ema.update(denoiser)
-        n_last += batch_size
+        n_last += x.shape[0]
         done = step + 1
         if done % log_every == 0 or done == steps:
             now = time.perf_counter()
@@ -115,3 +139,11 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
         save_sample_grid(ema.module, run_dir / "samples" / "pretrain.png", shape=shape, num_classes=num_classes,
                          seed=seed, device=device)
     return ckpt_path
+
+
+def _stream(batches, step: int):
+    """Batches from step ``step`` on: batch ``step % B`` of epoch ``step // B``, then on, epoch after epoch."""
+    epoch, start = divmod(step, len(batches))
+    while True:
+        yield from batches.epoch(epoch, start=start)
+        epoch, start = epoch + 1, 0

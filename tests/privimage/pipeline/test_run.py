@@ -56,6 +56,9 @@ def test_config_file_overrides_and_errors(tmp_path):
     path.write_text(json.dumps({"epsilon": -1}))
     with pytest.raises(ValueError, match="epsilon=-1"):
         load_config(str(path))
+    path.write_text(json.dumps({"pretrain": {"loader": "mmap"}}))
+    with pytest.raises(ValueError, match="pretrain.loader"):
+        load_config(str(path))
     with pytest.raises(ValueError, match="batch_size=100000"):
         CONFIGS["test"].finetune.__class__(batch_size=100000).sample_rate(64)
 

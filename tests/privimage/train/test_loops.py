@@ -117,6 +117,31 @@ def test_pretrain_resume_is_exact_and_learns(tmp_path, data):
     assert not any(k.startswith("_orig_mod.") for k in full["model"])
 
 
+@pytest.mark.parametrize("loader", ["device", "ffcv"])
+def test_pretrain_streams_the_subset_and_resumes_exactly_mid_epoch(tmp_path, data, loader):
+    from privimage.query import ffcv_available
+
+    if loader == "ffcv" and not ffcv_available():
+        pytest.skip("FFCV not installed (pip install -e '.[ffcv]')")
+    # 20 images, batch 8: 2 batches per epoch (4 dropped); steps 0-2 then 3-4 cross an epoch and resume mid-epoch.
+    kw = dict(images=data.images[:20], labels=data.labels[:20], unet=UNET, steps=5, batch_size=8, lr=2e-3, seed=2,
+              checkpoint_every=100, log_every=1, loader=loader, log=lambda *_: None)
+    full = load_checkpoint(pretrain(tmp_path / "a", **kw))
+    pretrain(tmp_path / "b", stop_at_step=3, **kw)
+    resumed = load_checkpoint(pretrain(tmp_path / "b", resume=True, **kw))
+    for key, value in full["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    assert _timeless(resumed["log"]) == _timeless(full["log"])
+    assert (tmp_path / "b" / "query" / "subset.ffcv").is_file() == (loader == "ffcv")
+
+
+def test_pretrain_on_a_subset_smaller_than_a_batch_uses_it_whole(tmp_path, data):
+    logged = []
+    path = pretrain(tmp_path, images=data.images[:5], labels=data.labels[:5], unet=UNET, steps=2, batch_size=8,
+                    log_every=1, log=logged.append)
+    assert load_checkpoint(path)["step"] == 2 and any("fewer than batch_size=8" in line for line in logged)
+
+
 def test_secure_mode_resumes_exactly_from_the_saved_noise_and_sampler_state(tmp_path, data, budget_state):
     kw = dict(images=data.images, labels=data.labels, unet=UNET, init_state=None, physical_batch_size=8,
               num_noise=1, seed=5, checkpoint_every=1, log_every=4, log=lambda *_: None)
