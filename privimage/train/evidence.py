@@ -9,10 +9,11 @@ the measurement behind PrivImage's claim (arXiv 2311.12850 Table 3) at toy scale
 The noise levels are the quartiles of the log-normal σ distribution EDM trains on (Karras et al. 2022,
 arXiv 2206.00364: ln σ ~ N(-1.2, 1.2²), so σ ≈ 0.13, 0.30, 0.68): the central half of the training
 objective, where the shapes and textures of the class are denoised. Measured on the embedded data (seeds
-0-3, 150-600 pre-training steps), the selected subset's advantage there holds in every run, while at
-σ ≥ 2 the random start is as good or better: the sensitive set's shifted style (dimmer foregrounds, other
-backgrounds) makes a confident public-class prior a worse blurred guess than the 60-class average. An
-earlier version scored σ in 0.5-8 and its ranking of "subset" vs "random" flipped with the seed.
+0-3, 150-600 pre-training steps, two batch samplers), the selected subset's advantage at σ in 0.1-1.5
+holds in every run, while at σ ≥ 2 the ranking flips with the seed, the sampler and the training length
+(random public images were ahead in most runs): the sensitive set's shifted style (dimmer foregrounds,
+other backgrounds) likely makes a confident public-class prior no better a blurred guess than the 60-class
+average. An earlier version scored σ in 0.5-8, and its ranking of "subset" vs "random" followed that noise.
 """
 
 from __future__ import annotations
