@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -126,6 +127,42 @@ class EDMLoss:
         sigma = (torch.randn(B * K, generator=generator, device=dev) * self.p_std + self.p_mean).exp()
         noise = torch.randn((B * K, *x.shape[1:]), generator=generator, device=dev)
         return labels, sigma, noise
+
+    def draw_per_record(self, x: torch.Tensor, labels: torch.Tensor | None, *, num_classes: int = 0,
+                        generators: Iterable[torch.Generator | None]
+                        ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """:meth:`draw`, but image i's draws come from ``generators[i]`` alone (DP training, see below).
+
+        Each image draws, from its own generator and in this order: its label-dropout uniform (conditional
+        models with ``label_dropout > 0`` only), its K standard normals for ln σ, its K noise images. So
+        image i's draws never depend on which other images share its batch or where it sits in it: the
+        property DP-SGD's sensitivity bound needs (:class:`privimage.train.randomness.PerRecordRandomness`).
+        A ``None`` generator marks a padding row: no dropout, σ = exp(p_mean), zero noise (its clip factor is
+        0 anyway). One loop iteration per image, never per row.
+        """
+        B, K = x.shape[0], self.num_noise
+        dev = x.device
+        dropout = labels is not None and bool(num_classes) and self.label_dropout > 0
+        drop = torch.zeros(B, dtype=torch.bool, device=dev)
+        z = torch.zeros(B, K, device=dev)
+        noise = torch.zeros((B, K, *x.shape[1:]), device=dev)
+        count = 0
+        for i, gen in enumerate(generators):
+            count += 1
+            if i >= B:
+                break
+            if gen is None:
+                continue
+            if dropout:
+                drop[i] = torch.rand((), generator=gen, device=dev) < self.label_dropout
+            torch.randn(K, generator=gen, device=dev, out=z[i])
+            torch.randn((K, *x.shape[1:]), generator=gen, device=dev, out=noise[i])
+        if count != B:
+            raise ValueError(f"Expected one generator per image ({B}), got {count if count <= B else 'more'}.")
+        if dropout:
+            labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+        sigma = (z.reshape(B * K) * self.p_std + self.p_mean).exp()
+        return labels, sigma, noise.reshape(B * K, *x.shape[1:])
 
     def compute(self, denoiser: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:

@@ -11,30 +11,92 @@ the EMA follows, and the :class:`~privimage.engine.PrivacyBudget` ledger records
 holds the fine-tune's planned (σ, q, steps), calibrated so that the query and the fine-tune together meet
 the total (ε, δ).
 
-Exact resume: the checkpoint holds the model, EMA, optimizer, the sampler's state (its seed: step t's batch
-is a function of (seed, t)), the DP noise generator's state, the ledger and the log. The loss's σ/noise draws
-come from a generator seeded by (seed, step, micro-batch). A resumed run therefore repeats bit for bit what
-the uninterrupted run does; steps that were computed after the last checkpoint but never saved are recomputed
-with the SAME randomness, so their output is the same release, not a second one (and the ledger in the
-checkpoint never counted them twice). Checkpoints hold the sampler seed and noise state: keep them secret.
+Secret randomness (DESIGN.md "Privacy boundaries"). Three sources touch the sensitive records, all secret at
+a fresh start and all kept in the private checkpoint: the Poisson sampler's seed, the DP noise generator, and
+the loss's diffusion randomness (σ, noise images, label dropout), which :class:`PerRecordRandomness` keys by
+(secret key, step, record index), so adding or removing a record never changes another record's draws.
+``secure_noise=False`` derives all three from the public ``seed``: reproducible, for tests only, NOT private
+(the loop says so in its log, and the release's privacy statement says so).
+
+Order of writes (a spend is durable before anything derived from it exists). At a checkpoint step s, in
+order: ``budget.json`` (the ledger, counting s steps), ``checkpoints/finetune.pt``, ``logs/finetune.csv``,
+then any sample grid due (``samples/finetune-<s>.png``: at the first checkpoint at or after each multiple of
+``sample_every``). Nothing is written between checkpoints. A fresh start refuses a run directory that already
+holds fine-tune outputs or a ledger that counts fine-tune steps: those releases happened and must stay counted
+(resume instead, or use a new run directory).
+
+Exact resume: the checkpoint holds the model, EMA, optimizer, the sampler (its seed), the noise generator's
+state, the loss randomness key, the ledger and the log. A resumed run repeats bit for bit what the
+uninterrupted run does; steps computed after the last checkpoint but never saved are recomputed with the SAME
+randomness, so their output is the same release, not a second one.
+
+What is logged is private: ``logs/finetune.csv`` holds the mean loss over each drawn sensitive batch (no
+noise), a diagnostic for the operator, never published. Throughput is computed from the public expected
+batch size q·N (the drawn size is sensitive), and the progress bar shows only steps, ε and that throughput.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA, to_model_range
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
 from privimage.engine.budget import FINETUNE
+from privimage.engine.sampling import PhysicalBatch
 from privimage.io import save_json
 from privimage.models import UNet, UNetConfig
 from privimage.progress import Progress
-from privimage.train.common import (load_checkpoint, save_checkpoint, save_sample_grid, step_generator, write_csv)
+from privimage.train.common import load_checkpoint, save_checkpoint, save_sample_grid, write_csv
+from privimage.train.randomness import PerRecordRandomness
 
-__all__ = ["finetune"]
+__all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs"]
+
+#: Files a fine-tune derives from the sensitive data (relative to the run directory; globs allowed). A fresh
+#: fine-tune refuses a run directory holding any of them.
+FINETUNE_OUTPUTS = ("checkpoints/finetune.pt", "logs/finetune.csv", "samples/finetune-*.png",
+                    "release/model.safetensors")
+
+INSECURE_WARNING = ("finetune: secure_noise=False: the Poisson sampling, the DP noise and the diffusion "
+                    "randomness are derived from the PUBLIC seed. This run is reproducible and NOT private; "
+                    "use it for tests only.")
+
+
+def finetune_outputs(run_dir: str | Path) -> list[Path]:
+    """The :data:`FINETUNE_OUTPUTS` that exist in ``run_dir``."""
+    run_dir = Path(run_dir)
+    return sorted(p for pattern in FINETUNE_OUTPUTS for p in run_dir.glob(pattern))
+
+
+def accumulate_micro_batch(engine: DPEngine, loss: EDMLoss, randomness: PerRecordRandomness, *,
+                           images: torch.Tensor, labels: torch.Tensor | None, batch: PhysicalBatch, step: int,
+                           num_classes: int, autocast: dict | None = None):
+    """Add one physical micro-batch's clipped per-image gradients to ``engine`` (one ``engine.accumulate``).
+
+    ``images`` (uint8, the whole sensitive set, on the engine's device) and ``labels`` are indexed by
+    ``batch.indices``; image ``batch.indices[j]``'s diffusion randomness comes from ``randomness`` keyed by
+    (``step``, that index), never by ``j``. Returns the engine's :class:`~privimage.engine.StepStats` and the
+    (B·K,) row padding mask.
+    """
+    device = images.device
+    idx = batch.indices.to(device)
+    x = to_model_range(images[idx])
+    y = labels[idx] if labels is not None and num_classes else None
+    records = [None if pad else int(i) for i, pad in zip(batch.indices.tolist(), batch.is_padding.tolist())]
+    drawn = loss.draw_per_record(x, y, num_classes=num_classes,
+                                 generators=randomness.generators(step, records, device))
+    pad_rows = loss.rows(batch.is_padding.to(device))
+    autocast = autocast or {"device_type": device.type, "enabled": False}
+
+    def loss_fn(model):
+        with torch.autocast(**autocast):
+            return loss.compute(model, x, *drawn)
+
+    stats = engine.accumulate(loss_fn, is_padding=pad_rows, groups=loss.groups(len(idx), device))
+    return stats, pad_rows
 
 
 def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor, unet: UNetConfig,
@@ -43,21 +105,35 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
              method: str = "bk-mixed", seed: int = 0, device: torch.device | str = "cpu",
              compile: bool = False, secure_noise: bool = True, checkpoint_every: int = 10,
              log_every: int = 1, sample_every: int = 0, resume: bool = False, stop_at_step: int | None = None,
-             config: dict | None = None, log=print) -> Path:
-    """DP fine-tune on the sensitive uint8 ``images``/``labels``; writes checkpoints/finetune.pt and logs.
+             config: dict | None = None, on_release: Callable[[int, torch.nn.Module], None] | None = None,
+             log=print) -> Path:
+    """DP fine-tune on the sensitive uint8 ``images``/``labels``; returns the path of checkpoints/finetune.pt.
+
+    Writes (module docstring for the order) ``budget.json``, ``checkpoints/finetune.pt`` (private: it holds the
+    secret randomness), ``logs/finetune.csv`` (private) and, with ``sample_every``, ``samples/finetune-*.png``.
+    The published model is made from the checkpoint by :func:`privimage.release.export_release`.
 
     Args:
-        budget: the run's budget; its FINETUNE plan gives σ, q and the number of steps. Updated in place
-            and written to ``run_dir/budget.json`` after every checkpoint.
-        init_state: the pre-trained UNet state dict (``None``: train from scratch, DPDM-style).
-        compile: run the DP step compiled (the UNet's forward, the per-sample norms, clip factors and clipped
-            sums; :class:`~privimage.engine.DPEngine` ``compile``); off by default until compiled and eager
-            steps are verified equal on a GPU. Needs ``method="bk-mixed"``. The noise is drawn eagerly either way.
-        secure_noise: the Poisson sampler's seed and the DP noise come from the OS's cryptographic source
-            (default). ``False`` derives both from ``seed``: reproducible for tests, but anyone who knows the
-            seed knows the noise and the batches, so there is NO privacy.
+        images, labels: the sensitive set, uint8 (N, C, H, W) and long (N,). Record i is ``images[i]``: its
+            diffusion randomness is keyed by i, so keep the order fixed across a resume.
+        unet: the UNet's shape; ``init_state``: the pre-trained UNet state dict (``None``: from scratch).
+        budget: the run's budget; its FINETUNE plan gives σ, q and the number of steps. Updated in place;
+            written to ``run_dir/budget.json`` at every checkpoint, before the checkpoint.
+        physical_batch_size, num_noise (K), max_grad_norm (C), lr, ema_decay, label_dropout, method: the DP
+            step's settings (public); see :class:`~privimage.engine.DPEngine` and :class:`EDMLoss`.
+        seed: the PUBLIC seed (model initialisation, sample grids); secret randomness never comes from it
+            unless ``secure_noise=False``.
+        compile: run the DP step compiled (:class:`~privimage.engine.DPEngine` ``compile``); bk-mixed only.
+        secure_noise: secret sampler seed, DP noise and diffusion randomness from the OS (default). ``False``
+            derives them from ``seed``: reproducible for tests, NO privacy (logged loudly).
+        checkpoint_every, log_every, sample_every: in steps; the last step is always checkpointed and logged.
         resume: continue from ``checkpoints/finetune.pt`` (its ledger replaces ``budget``'s).
         stop_at_step: stop (after checkpointing) once this many steps are done, as if interrupted.
+        config: stored in the checkpoint for provenance (the public run config).
+        on_release: called as ``on_release(step, denoiser)`` right after each step's noisy gradient is made
+            (``p.grad`` of the denoiser's parameters holds it) and before the optimizer uses it: a white-box
+            view of every release, for audits. It must not change the parameters or their gradients.
+        log: one-line messages (default ``print``).
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
@@ -73,21 +149,31 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     denoiser = EDMDenoiser(net)
     ema = EMA(denoiser, ema_decay)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=physical_batch_size,
-                             seed=None if secure_noise else seed, secure=secure_noise)
-    noise_gen = secure_generator(device) if secure_noise else torch.Generator(device).manual_seed(seed + 7)
-    start, rows = 0, []
+    if not secure_noise:
+        log(INSECURE_WARNING)
+    start, rows, nonfinite = 0, [], 0
     if resume:
         state = load_checkpoint(ckpt_path, map_location=device)
+        if "loss_randomness" not in state:
+            raise ValueError(f"{ckpt_path} was written by an older privimage whose fine-tune drew its diffusion "
+                             f"randomness from the public seed; it cannot be resumed privately. Start a new run.")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sampler = PoissonSampler.from_state_dict(state["sampler"])
+        noise_gen = torch.Generator(device)
         noise_gen.set_state(state["noise_generator"].cpu())
+        randomness = PerRecordRandomness.from_state_dict(state["loss_randomness"])
         budget.spent.clear()
         budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
-        start, rows = state["step"], state["log"]
+        start, rows, nonfinite = state["step"], state["log"], state.get("num_nonfinite", 0)
         log(f"finetune: resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
+    else:
+        _refuse_fresh_start(run_dir, budget)
+        sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=physical_batch_size,
+                                 seed=None if secure_noise else seed, secure=secure_noise)
+        noise_gen = secure_generator(device) if secure_noise else torch.Generator(device).manual_seed(seed + 7)
+        randomness = PerRecordRandomness.fresh() if secure_noise else PerRecordRandomness.insecure_from_seed(seed)
     if budget.spent.get(FINETUNE, 0) != start:
         raise ValueError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
                          f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
@@ -98,63 +184,81 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     num_classes = unet.num_classes
     shape = tuple(images.shape[1:])
     images_dev, labels_dev = images.to(device), labels.to(device)
+    # Public description of the mechanism, for the release's privacy statement (privimage.release).
+    mechanism = {"max_grad_norm": max_grad_norm, "noise_multiplier": sigma, "sample_rate": sample_rate,
+                 "steps": steps, "num_noise": num_noise, "expected_batch_size": expected, "num_examples": n,
+                 "method": method, "secure": secure_noise, "label_dropout": label_dropout}
 
-    def checkpoint(step: int) -> None:
+    def save(step: int, last_saved: int) -> None:
+        # The ledger first: once the checkpoint (or anything after it) exists, budget.json already counts it.
+        save_json(budget.state_dict(), run_dir / "budget.json")
         save_checkpoint({"kind": "finetune", "step": step, "steps": steps, "model": net.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
-                         "noise_generator": noise_gen.get_state(), "budget": budget.state_dict(),
-                         "unet": unet.to_dict(), "log": rows, "config": config}, ckpt_path)
-        save_json(budget.state_dict(), run_dir / "budget.json")
+                         "noise_generator": noise_gen.get_state(), "loss_randomness": randomness.state_dict(),
+                         "budget": budget.state_dict(), "unet": unet.to_dict(), "mechanism": mechanism,
+                         "num_nonfinite": nonfinite, "log": rows, "config": config}, ckpt_path)
         write_csv(rows, run_dir / "logs" / "finetune.csv")
+        if sample_every and step // sample_every > last_saved // sample_every:
+            save_sample_grid(ema.module, run_dir / "samples" / f"finetune-{step:06d}.png", shape=shape,
+                             num_classes=num_classes, seed=seed, device=device)
 
     bar = Progress(total=steps, desc=f"DP fine-tune (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step")
     bar.count = start
-    t_last, n_last, done = time.perf_counter(), 0, start
+    t_last, steps_since_log, done, last_saved = time.perf_counter(), 0, start, start
     net.train()
     for batch in sampler.logical_batches(n, start_step=start):
         if stop_at_step is not None and batch.step >= stop_at_step:
             break
         loss_sum = torch.zeros((), device=device)
-        for micro, phys in enumerate(batch.physical):
-            gen = step_generator(seed, 2, batch.step, micro, device=device)
-            idx = phys.indices.to(device)
-            x = to_model_range(images_dev[idx])
-            y = labels_dev[idx] if num_classes else None
-            drawn = loss.draw(x, y, num_classes=num_classes, generator=gen)
-            pad_rows = loss.rows(phys.is_padding.to(device))
-
-            def loss_fn(model, x=x, drawn=drawn):
-                with torch.autocast(**amp):
-                    return loss.compute(model, x, *drawn)
-
-            stats = engine.accumulate(loss_fn, is_padding=pad_rows, groups=loss.groups(len(idx), device))
+        for phys in batch.physical:
+            stats, pad_rows = accumulate_micro_batch(engine, loss, randomness, images=images_dev, labels=labels_dev,
+                                                     batch=phys, step=batch.step, num_classes=num_classes,
+                                                     autocast=amp)
             if stats.losses is not None:
                 loss_sum = loss_sum + torch.where(pad_rows, 0.0, stats.losses.detach().float()).sum()
         budget.spend(FINETUNE)          # recorded (and checked) before the noisy gradient exists
-        engine.finalize()
+        nonfinite += engine.finalize().num_nonfinite
+        if on_release is not None:
+            on_release(batch.step, denoiser)
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(denoiser)
-        done = batch.step + 1
-        n_last += batch.size
+        done, steps_since_log = batch.step + 1, steps_since_log + 1
         if done % log_every == 0 or done == steps:
             now = time.perf_counter()
-            ips = n_last / max(now - t_last, 1e-9)
+            ips = steps_since_log * expected / max(now - t_last, 1e-9)   # public: expected, not drawn, size
             eps = budget.epsilon_spent().upper
-            # The mean loss over the drawn batch is computed from sensitive data: a training diagnostic, like
-            # DPDM's and Opacus' logs; it is not part of the DP release and is not published by the pipeline.
+            # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
             value = float(loss_sum) / max(batch.size, 1)
             rows.append({"step": done, "loss": round(value, 6), "epsilon": round(eps, 4),
                          "images_per_s": round(ips, 2), "sigma": sigma, "lr": lr})
-            bar.set(loss=f"{value:.4f}", eps=f"{eps:.2f}", img_s=f"{ips:.0f}")
-            t_last, n_last = now, 0
+            bar.set(eps=f"{eps:.2f}", img_s=f"{ips:.0f}")
+            t_last, steps_since_log = now, 0
         bar.update()
-        if sample_every and done % sample_every == 0:
-            save_sample_grid(ema.module, run_dir / "samples" / f"finetune-{done:06d}.png", shape=shape,
-                             num_classes=num_classes, seed=seed, device=device)
         if done % checkpoint_every == 0 or done == steps:
-            checkpoint(done)
+            save(done, last_saved)
+            last_saved = done
     bar.close()
     engine.close()
-    checkpoint(done)
+    if done > last_saved:  # stopped between checkpoints (stop_at_step)
+        save(done, last_saved)
+    if nonfinite:
+        log(f"finetune: {nonfinite} sample gradient(s) with NaN/inf were dropped over the run (a count on the "
+            f"sensitive data: keep it private).")
     return ckpt_path
+
+
+def _refuse_fresh_start(run_dir: Path, budget: PrivacyBudget) -> None:
+    """A fresh fine-tune must not overwrite releases that were made (they stay counted, so resume instead)."""
+    counted = budget.spent.get(FINETUNE, 0)
+    if counted:
+        how = ("Resume with --resume, or start a new run directory" if (run_dir / "checkpoints" / "finetune.pt")
+               .is_file() else "No checkpoint is left to resume from: start a new run directory")
+        raise ValueError(f"The budget ledger records {counted} fine-tuning steps but the fine-tune is at step 0; "
+                         f"refusing to start afresh (those steps stay spent). {how}.")
+    found = finetune_outputs(run_dir)
+    if found:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in found)
+        raise ValueError(f"{run_dir} already holds fine-tune outputs ({names}) that its ledger budget.json does "
+                         f"not count; a fresh fine-tune would make new releases beside them. Resume with --resume, "
+                         f"or start a new run directory.")
