@@ -15,6 +15,8 @@ Privacy meaning of the settings:
                the sensitivity to sqrt(K), so the noise grows with it.
   --top-n N    classes selected. Free (post-processing), but the noisy ranking is less reliable deep down.
   Only the noisy histogram and the selected labels leave this command; the exact votes are never written.
+  The noise comes from a cryptographically seeded generator; --insecure-test-noise (tests only) seeds it from
+  the public --seed instead, which makes the histogram NOT private.
 
 Writes into the run directory: query/selected_labels.json, query/histogram.npy (noisy), query/classifier.pt,
 query/subset.ffcv (or query/subset.npz without FFCV), budget.json (the ledger with the query's spend) and,
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -75,8 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="query classifier epochs on the public data (default: %(default)s)")
     parser.add_argument("--no-ffcv", action="store_true", help="write the subset as npz even if FFCV is installed")
     parser.add_argument("--seed", type=int, default=0, help="seed for data subsets and the classifier (public)")
+    parser.add_argument("--insecure-test-noise", action="store_true",
+                        help="FOR TESTS ONLY, NOT PRIVATE: draw the query noise from a generator seeded by --seed "
+                             "(public), so the noisy histogram can be reproduced and its noise subtracted. Without "
+                             "it (the default) the noise comes from a cryptographically seeded generator")
     parser.add_argument("--secure-noise", action="store_true",
-                        help="draw the query noise from a cryptographically seeded generator (production)")
+                        help="deprecated, no effect: secure noise is the default (will be removed)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
 
 
@@ -88,9 +95,25 @@ def _new_run_dir(root: Path, name: str) -> Path:
     return path
 
 
+def _noise_generator(args: argparse.Namespace):
+    """The query noise's source: secure (OS-seeded) unless --insecure-test-noise, which says it is not private."""
+    import torch
+
+    from privimage.engine import secure_generator
+
+    if args.secure_noise:
+        print("privimage query: --secure-noise is deprecated and has no effect: secure noise is the default.",
+              file=sys.stderr)
+    if args.insecure_test_noise:
+        print("privimage query: --insecure-test-noise: the query noise is seeded by the PUBLIC --seed. The released "
+              "histogram is NOT private; use this for tests only.", file=sys.stderr)
+        return torch.Generator().manual_seed(args.seed + 11)
+    return secure_generator()
+
+
 def run(args: argparse.Namespace) -> int:
     from privimage.data import load_spec
-    from privimage.engine import PrivacyBudget, secure_generator
+    from privimage.engine import PrivacyBudget
     from privimage.engine.budget import QUERY
     from privimage.io import save_json, save_npz
     from privimage.query import (ClassifierConfig, SemanticQuery, ffcv_available, query_budget, select_subset,
@@ -129,8 +152,7 @@ def run(args: argparse.Namespace) -> int:
         save_json({"command": "query", **settings}, run_dir / "config.json")
     classifier = train_classifier(public, resolution=sensitive.resolution, config=config)
     classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
-    result = query.run(classifier, sensitive.images, budget=budget,
-                       generator=secure_generator() if args.secure_noise else None)
+    result = query.run(classifier, sensitive.images, budget=budget, generator=_noise_generator(args))
     save_json(budget.state_dict(), run_dir / "budget.json")  # the spend is on disk before anything else
     result.save(out, class_names=public.class_names)
     subset = select_subset(public, result.selected, max_per_label=args.max_per_label,

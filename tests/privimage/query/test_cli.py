@@ -54,3 +54,35 @@ def test_query_uses_a_planned_budget_and_writes_ffcv(tmp_path, monkeypatch):
 def test_missing_epsilon_is_a_clear_error(tmp_path, capsys):
     assert main([*ARGS, "--run-dir", str(tmp_path / "new")]) == 2
     assert "--epsilon-query is required" in capsys.readouterr().err
+
+
+def _released_histograms(tmp_path, monkeypatch, *flags):
+    """Histograms of two runs with the same public settings, and where each run's noise came from."""
+    import privimage.engine as engine
+
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(tmp_path / "cache"))
+    secure_calls = []
+    real = engine.secure_generator
+    monkeypatch.setattr(engine, "secure_generator", lambda *a: secure_calls.append(1) or real(*a))
+    out = []
+    for name in ("a", "b"):
+        run = tmp_path / (name + "".join(flags))
+        assert main([*ARGS, "--epsilon-query", "2", "--run-dir", str(run), "--no-ffcv", *flags]) == 0
+        out.append(np.load(run / "query" / "histogram.npy"))
+    return out, len(secure_calls)
+
+
+def test_query_noise_is_secure_by_default_and_reproducible_only_under_the_loud_test_flag(tmp_path, monkeypatch,
+                                                                                        capsys):
+    (a, b), secure = _released_histograms(tmp_path, monkeypatch)
+    assert secure == 2 and not np.array_equal(a, b)  # fresh OS-seeded noise each time
+    assert "NOT private" not in capsys.readouterr().err
+    (a, b), secure = _released_histograms(tmp_path, monkeypatch, "--insecure-test-noise")
+    assert secure == 0 and np.array_equal(a, b)
+    assert "NOT private" in capsys.readouterr().err
+    (a, b), secure = _released_histograms(tmp_path, monkeypatch, "--secure-noise")
+    assert secure == 2 and not np.array_equal(a, b)
+    assert "--secure-noise is deprecated and has no effect" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["query", "--help"])
+    assert "NOT PRIVATE" in " ".join(capsys.readouterr().out.split())
