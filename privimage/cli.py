@@ -26,7 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("privimage.commands.run", "the whole pipeline (query, pre-train, DP fine-tune, sample, evaluate) into a run dir"),
     "pretrain": ("privimage.commands.pretrain", "pre-train a run directory's UNet on its public subset (--resume)"),
     "finetune": ("privimage.commands.finetune", "DP-SGD fine-tune a run directory's UNet on the sensitive data (--resume)"),
-    "sample": ("privimage.commands.sample", "draw samples and a grid from a run directory's fine-tuned EMA model"),
+    "sample": ("privimage.commands.sample", "draw samples and a grid from a run directory's released EMA model"),
+    "export": ("privimage.commands.export",
+               "write RUN_DIR/release/: the publishable weights, config, privacy statement, samples and report"),
 }
 
 _DESCRIPTION = """\

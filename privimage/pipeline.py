@@ -1,17 +1,21 @@
 """The whole PrivImage job (arXiv 2311.12850) in one run directory, stage by stage.
 
 ``run_pipeline``: plan the budget → train the query classifier (public data only) → DP semantic query per
-sensitive class → public subset relabelled to the sensitive classes → pre-train → DP fine-tune → sample →
-evaluate. Each stage reads what the previous one wrote into ``runs/NNNNN-<config>/``:
+sensitive class → public subset relabelled to the sensitive classes → pre-train → DP fine-tune → sample (from
+the exported release) → evaluate → export (again: the grid and the final privacy statement). Each stage reads
+what the previous one wrote into ``runs/NNNNN-<config>/``:
 
     config.json            the resolved RunConfig (+ data.name/root/resolution for the evaluator)
     budget.json            PrivacyBudget.state_dict(): plan (query σ; fine-tune σ, q, steps) and ledger
     query/                 classifier.pt, histogram.npy (noisy, per sensitive class), selected_labels.json,
                            subset.npz (the relabelled public pre-training subset)
-    checkpoints/           pretrain.pt, finetune.pt (model, EMA, optimizer, sampler, noise RNG, ledger, log)
-    logs/                  pretrain.csv, finetune.csv (step, loss, epsilon, images_per_s, ...)
+    checkpoints/           pretrain.pt, finetune.pt (model, EMA, optimizer, sampler, noise RNG, secret key of the
+                           diffusion randomness, ledger, log): PRIVATE
+    logs/                  pretrain.csv, finetune.csv (step, loss, epsilon, images_per_s, ...): PRIVATE
     samples/               samples.npz (images uint8 (N,C,H,W), labels), grid.png, intermediate grids
-    report.json, report.md the evaluation (when privimage.evaluate is available)
+    private/               the private evaluation report, cached statistics of real images: PRIVATE
+    release/               what may be published (privimage.release): EMA weights (safetensors), public
+                           config, privacy statement, the query's DP outputs, samples grid, public report
 
 The query stage is a thin caller of :meth:`privimage.query.SemanticQuery.run_per_class` (the per-class
 mechanism, its sensitivity and its ledger entry are documented there).
@@ -181,6 +185,9 @@ def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=No
     out = run_dir / "query"
     classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
     query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=qc.top_n)
+    if not cfg.finetune.secure_noise:
+        log("query: finetune.secure_noise=false: the query's noise is derived from the PUBLIC seed. NOT private; "
+            "for tests only.")
     result = query.run_per_class(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
                                  budget=budget, generator=secure_generator() if cfg.finetune.secure_noise else
                                  torch.Generator().manual_seed(cfg.seed + 11))
@@ -253,33 +260,26 @@ def stage_finetune(run_dir: Path, cfg: RunConfig, *, resume: bool = False, sensi
                     resume=resume, stop_at_step=stop_at_step, config=cfg.to_dict(), log=log)
 
 
-def load_denoiser(run_dir: Path, stage: str = "finetune", *, ema: bool = True, device="cpu"):
-    """The EDM denoiser of a stage's checkpoint (EMA weights by default)."""
-    from privimage.diffusion import EDMDenoiser
-    from privimage.models import UNet, UNetConfig
-    from privimage.train import load_checkpoint
-
-    state = load_checkpoint(run_dir / "checkpoints" / f"{stage}.pt", map_location=device)
-    den = EDMDenoiser(UNet(UNetConfig.from_dict(state["unet"]))).to(device)
-    if ema:
-        den.load_state_dict(state["ema"]["module"])
-    else:
-        den.net.load_state_dict(state["model"])
-    return den.eval()
-
-
 def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
-    """samples/samples.npz (balanced labels) and samples/grid.png from the fine-tuned EMA model."""
+    """samples/samples.npz (balanced labels) and samples/grid.png from the RELEASED model.
+
+    Sampling reads ``release/model.safetensors``, never the private checkpoint; a run directory without a
+    release is exported first (:func:`privimage.release.export_release`, which refuses an unfinished fine-tune).
+    """
     from privimage.diffusion import SamplerConfig, sample_in_batches
     from privimage.io import save_npz, save_png_grid
     from privimage.progress import Progress
+    from privimage.release import RELEASE_DIR, export_release, load_release_denoiser
     from privimage.train import resolve_device
 
     device = resolve_device(cfg.device)
-    den = load_denoiser(run_dir, device=device)
+    if not (run_dir / RELEASE_DIR / "model.safetensors").is_file():
+        log(f"no release in {run_dir} yet: exporting it from the finished fine-tune first")
+        export_release(run_dir, log=log)
+    den = load_release_denoiser(run_dir, device=device)
     c = den.net.config
     s = cfg.sample
-    bar = Progress(total=s.num_samples, desc="sampling (EMA model)", unit="img")
+    bar = Progress(total=s.num_samples, desc="sampling (released EMA model)", unit="img")
     images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
                                        num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
                                        config=SamplerConfig(num_steps=s.num_steps, guidance=s.guidance,
@@ -329,19 +329,19 @@ def run_pipeline(cfg: RunConfig, *, out: str | Path = "runs", sensitive_root=Non
     save_json(config_json(cfg), run_dir / "config.json")
     save_json(budget.state_dict(), run_dir / "budget.json")
     save_json(describe_plan(cfg, budget, n), run_dir / "plan.json")
+    from privimage.release import export_release
+
     times = {}
     for name, fn in (("query", lambda: stage_query(run_dir, cfg, sensitive=sensitive, log=log)),
                      ("pretrain", lambda: stage_pretrain(run_dir, cfg, log=log) if cfg.pretrain.steps else None),
                      ("finetune", lambda: stage_finetune(run_dir, cfg, sensitive=sensitive, log=log)),
-                     ("sample", lambda: stage_sample(run_dir, cfg, log=log))):
+                     ("sample", lambda: stage_sample(run_dir, cfg, log=log)),
+                     ("evaluate", lambda: stage_evaluate(run_dir, cfg, log=log) if cfg.evaluate else None),
+                     ("export", lambda: export_release(run_dir, log=log))):
         t = time.perf_counter()
         fn()
         times[name] = round(time.perf_counter() - t, 2)
         log(f"[{name}] done in {times[name]:.1f} s")
-    if cfg.evaluate:
-        t = time.perf_counter()
-        stage_evaluate(run_dir, cfg, log=log)
-        times["evaluate"] = round(time.perf_counter() - t, 2)
     times["total"] = round(time.perf_counter() - t0, 2)
     save_json(times, run_dir / "logs" / "timings.json")
     log(f"done in {times['total']:.1f} s: {run_dir}")

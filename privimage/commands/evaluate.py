@@ -1,14 +1,20 @@
 """Evaluate a run directory: FID (or proxy FID), Inception Score, precision/recall, classification accuracy.
 
-Reads RUN_DIR (config.json, budget.json, samples/samples.npz, logs/*.csv, query/classifier.pt) and writes
-RUN_DIR/report.json, RUN_DIR/report.md and figures under RUN_DIR/evaluate/.
+Reads RUN_DIR (config.json, budget.json, samples/samples.npz drawn from the released model, logs/*.csv,
+query/classifier.pt; never a checkpoint) and writes two reports:
+  RUN_DIR/release/report.{json,md} + figures/   PUBLISHABLE: metrics on the samples, on held-out test images
+                                                 or on reference data you declared public (each metric says
+                                                 what it was computed on), the privacy section, samples grid,
+                                                 epsilon curve
+  RUN_DIR/private/report-private.{json,md} + figures/   PRIVATE: metrics against the sensitive training images,
+                                                 the fine-tune's loss curve, real test images beside samples
 
 FID needs the standard FID Inception-v3 weights, pt_inception-2015-12-05-6726825d.pth, as a LOCAL file
 (nothing is downloaded): --inception-weights PATH or $PRIVIMAGE_INCEPTION_WEIGHTS. Without it, the proxy
 FID is computed on the run's query classifier features and labelled proxy_fid: good for comparing runs on
-one data set, not comparable to published FIDs. Reference statistics are cached (key: network weights +
-real images) under $PRIVIMAGE_CACHE_DIR or ~/.cache/privimage/fid; --reference-stats takes a .npz with mu
-and sigma written by this or another FID tool.
+one data set, not comparable to published FIDs. Reference statistics of real images (mu and sigma only) are
+cached in RUN_DIR/private/fid/ (--cache-dir to move them; they are statistics of your data: keep them
+private); --reference-stats takes a .npz with mu and sigma written by this or another FID tool.
 
 Classification accuracy (CA) trains on the synthetic images and tests on the real test set:
   official      ResNet-9, SGD 0.1, momentum 0.9, wd 5e-4, cosine, 50 epochs, batch 512, flips
@@ -23,7 +29,8 @@ Classification accuracy (CA) trains on the synthetic images and tests on the rea
                 privacy leak and is not offered.
 
 Not covered by epsilon: with the default --fid-split sensitive, (proxy) FID and precision/recall compare the
-samples with the sensitive training images without noise; the report says so.
+samples with the sensitive training images without noise: they go to the private report only.
+--fid-split sensitive_test (held-out test images) or --reference-stats puts them in the publishable report.
 
 Example:
   privimage evaluate runs/00001-demo --ca-preset small
@@ -36,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from pathlib import Path
 
 
 def _positive_int(text: str) -> int:
@@ -89,7 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     run.add_argument("--bf16", action="store_true", help="bfloat16 feature extraction on CUDA")
     run.add_argument("--batch-size", type=_positive_int, default=200, help="feature batch (default: %(default)s)")
-    run.add_argument("--cache-dir", default=None, help="reference statistics cache directory")
+    run.add_argument("--cache-dir", default=None,
+                     help="where reference statistics of real images are cached (default: RUN_DIR/private/fid; "
+                          "they are statistics of your data: keep the folder private)")
     run.add_argument("--dry-run", action="store_true", help="print the resolved options and exit")
 
 
@@ -115,7 +125,7 @@ def options_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from privimage.evaluate.report import evaluate_run
+    from privimage.evaluate.report import PRIVATE_REPORT, PUBLIC_REPORT, evaluate_run
 
     opts = options_from_args(args)
     if args.dry_run:
@@ -123,15 +133,11 @@ def run(args: argparse.Namespace) -> int:
                           "selection_epsilon_total": opts.selection_epsilon_total}, indent=2))
         return 0
     report = evaluate_run(args.run_dir, opts)
-    for name, metric in report["metrics"].items():
-        if "value" in metric:
-            print(f"{name}: {metric['value']:.4g}")
-        elif "mean" in metric:
-            print(f"{name}: {metric['mean']:.4g} ± {metric['std']:.2g}")
-        elif "precision" in metric:
-            print(f"{name}: precision {metric['precision']:.3f}, recall {metric['recall']:.3f}")
-        else:
-            print(f"{name} ({metric['protocol']}): {100 * metric['accuracy']:.2f}%")
+    _print_metrics(report["metrics"])
+    private = json.loads((Path(args.run_dir) / PRIVATE_REPORT).read_text())
+    if private["metrics"]:
+        print(f"PRIVATE (computed on sensitive training data without noise; in {PRIVATE_REPORT} only):")
+        _print_metrics(private["metrics"], indent="  ")
     gen, ev, total = (report["privacy"][k] for k in ("generator", "evaluation", "total"))
     if gen:
         print(f"privacy: training epsilon spent {gen['epsilon_spent']:.4g} of its budget {gen['epsilon_budget']:g} "
@@ -144,5 +150,18 @@ def run(args: argparse.Namespace) -> int:
     if total:
         print(f"privacy: total epsilon {total['epsilon']:.4g} at delta {total['delta']:g} (basic composition)"
               + ("" if total["within_budget"] else f", OVER the budget epsilon {gen['epsilon_budget']:g}"))
-    print(f"wrote {args.run_dir}/report.json and report.md")
+    print(f"wrote {Path(args.run_dir) / PUBLIC_REPORT.with_suffix('.md')} (publishable) and "
+          f"{Path(args.run_dir) / PRIVATE_REPORT.with_suffix('.md')} (private)")
     return 0
+
+
+def _print_metrics(metrics: dict, indent: str = "") -> None:
+    for name, metric in metrics.items():
+        if "value" in metric:
+            print(f"{indent}{name}: {metric['value']:.4g}")
+        elif "mean" in metric:
+            print(f"{indent}{name}: {metric['mean']:.4g} ± {metric['std']:.2g}")
+        elif "precision" in metric:
+            print(f"{indent}{name}: precision {metric['precision']:.3f}, recall {metric['recall']:.3f}")
+        else:
+            print(f"{indent}{name} ({metric['protocol']}): {100 * metric['accuracy']:.2f}%")

@@ -6,7 +6,8 @@ histograms private, and the top public classes per sensitive class are selected;
 relabelled with the sensitive class that chose them, are the pre-training subset; (4) non-private
 pre-training of the UNet on the subset; (5) DP-SGD fine-tuning on the sensitive images (Poisson batches,
 per-sample clipping of the K noise draws of each image together, Gaussian noise); (6) sampling the EMA model;
-(7) evaluation (FID or proxy FID, classification accuracy) when privimage.evaluate is installed.
+(7) evaluation (FID or proxy FID, classification accuracy) when privimage.evaluate is installed; (8) the
+release (privimage export).
 
 Privacy: ONE (epsilon, delta) budget covers the query and the fine-tune. The query gets its noise from
 query.epsilon_fraction of epsilon; the fine-tune's noise multiplier is then calibrated so the composition of
@@ -18,8 +19,11 @@ or a JSON file with the same nested keys (partial is fine; "base": PRESET picks 
 The official presets need the real files: --sensitive-root DIR and --public-root DIR. The roots are written
 into the run's config.json, so later stages and `privimage evaluate` find the same files.
 
-Output (runs/NNNNN-NAME/): config.json, budget.json, plan.json, query/, checkpoints/, logs/*.csv,
-samples/samples.npz and samples/grid.png, report.json/report.md.
+Output (runs/NNNNN-NAME/): release/ is what may be published (EMA weights in model.safetensors, the public
+config, the privacy statement PRIVACY.md/privacy.json, the query's DP outputs, samples.png, the publishable
+report.md). Publish release/ only: checkpoints/ (they hold the secret randomness), logs/ (noiseless losses on
+sensitive batches) and private/ (the private report) are PRIVATE, and the rest (config.json, budget.json,
+plan.json, query/, samples/) is working state whose publishable part is copied into release/.
 
 Examples:
   privimage run                                # the embedded demo: offline, a few minutes on a laptop CPU

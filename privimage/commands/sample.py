@@ -1,7 +1,8 @@
-"""Sample the fine-tuned (EMA) model of a run directory: samples/samples.npz and samples/grid.png.
+"""Sample the released (EMA) model of a run directory: samples/samples.npz and samples/grid.png.
 
-Sampling is post-processing of the DP model and costs no privacy. Image i comes from seed (seed, i), so
-the same command gives the same images at any --batch-size.
+Reads RUN_DIR/release/model.safetensors, never the private checkpoint; when release/ is missing, the finished
+fine-tune is exported first (`privimage export`). Sampling is post-processing of the DP model and costs no
+privacy. Image i comes from seed (seed, i), so the same command gives the same images at any --batch-size.
 
 Example:
   privimage sample runs/00000-demo --num-samples 5000 --guidance 1.0
@@ -29,7 +30,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with checkpoints/finetune.pt")
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with a release (or a finished fine-tune to export)")
     parser.add_argument("--num-samples", type=_positive_int, default=None, help="images to draw (default: config)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="images per batch (default: config)")
     parser.add_argument("--steps", type=_positive_int, default=None, help="sampler steps (default: config, 50)")

@@ -1,17 +1,23 @@
 """Evaluate a run directory: fidelity (FID or proxy FID, IS, precision/recall), utility (CA), privacy spent.
 
 Reads the run directory that ``privimage run`` writes (``config.json``, ``budget.json``,
-``samples/samples.npz``, ``logs/*.csv``, ``query/classifier.pt``) and writes beside them:
+``samples/samples.npz``, ``logs/*.csv``, ``query/classifier.pt``; never a checkpoint) and writes two reports,
+split by what their numbers were computed on (:class:`~privimage.evaluate.privacy.Coverage`):
 
-* ``report.json``: every metric under a name that is its kind (``fid`` or ``proxy_fid``, never both from one
-  network), sample counts, the privacy section (the generator's ledger and ε/δ from ``budget.json``, every
-  evaluation release that touched sensitive data, and the total by composition), the config hash, library
-  versions, timings;
-* ``report.md``: the same as tables a person reads;
+* publishable, in ``release/``: ``report.json`` and ``report.md`` (every metric under a name that is its kind,
+  ``fid`` or ``proxy_fid``, never both from one network, with its coverage; only metrics on the samples, on
+  held-out test images or on reference data the user declared public), the privacy section (the training
+  ledger and ε/δ from ``budget.json``, every evaluation release, the total by composition), provenance, and
+  ``figures/``: a grid of samples, ε over steps, the public pre-training's loss;
+* private, in ``private/``: ``report-private.json`` and ``report-private.md`` with everything computed on the
+  sensitive training data without noise (FID/precision-recall against the training split, the fine-tune's
+  loss curve, training diagnostics) and ``figures/samples_vs_real.png`` (real sensitive test images beside
+  the samples). Nothing in it is copied into ``release/``;
 * ``evaluation_ledger.json``: append-only record of the evaluation's own privacy releases (the DPImageBench
-  noisy selection), see :func:`privacy_summary`;
-* ``evaluate/samples_vs_real.png``: per class, generated samples beside real test images of that class;
-* ``evaluate/loss_<log>.png``, ``evaluate/epsilon_<log>.png``: the training curves.
+  noisy selection), see :func:`~privimage.evaluate.privacy.privacy_summary`.
+
+Reference statistics of real images (mu, sigma: statistics of possibly sensitive data) are cached in the run's
+``private/fid/`` (or ``cache_dir``); per-image features are never stored.
 
 Real images come from :func:`load_real` (the only call into :mod:`privimage.data`), or from ``.npz`` files
 given on the command line (arrays ``images`` uint8 (N, C, H, W) and ``labels`` int64 (N,)).
@@ -19,7 +25,6 @@ given on the command line (arrays ``images`` uint8 (N, C, H, W) and ``labels`` i
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -43,13 +48,32 @@ from privimage.evaluate.features import (
     load_proxy_classifier,
     proxy_feature_net,
 )
-from privimage.evaluate.fid import FeatureStats, fid_from_stats, load_stats, read_npz, stats_from_arrays
+from privimage.evaluate.fid import FeatureStats, fid_from_stats, load_stats, read_npz, save_stats, stats_from_arrays
+from privimage.evaluate.figures import match_images, read_log, samples_grid, samples_vs_real_grid, training_plots
 from privimage.evaluate.inception import WEIGHTS_ENV, WEIGHTS_FILE_NAME, find_inception_weights
+from privimage.evaluate.markdown import render_markdown
 from privimage.evaluate.metrics import inception_score, precision_recall
-from privimage.evaluate.plots import save_line_plot
-from privimage.io import atomic_write, save_json, save_npz, save_png_grid
+from privimage.evaluate.privacy import (
+    HELD_OUT,
+    NOISY_SELECTION,
+    PUBLIC_REFERENCE,
+    SAMPLES,
+    SENSITIVE_TRAINING,
+    Coverage,
+    generator_privacy,
+    load_evaluation_ledger,
+    privacy_summary,
+    read_json,
+    record_evaluation_release,
+)
+from privimage.io import atomic_write, save_json
 
-CACHE_ENV = "PRIVIMAGE_CACHE_DIR"
+__all__ = ["EvaluateOptions", "PRIVATE_REPORT", "PUBLIC_REPORT", "data_options", "evaluate_run", "load_real",
+           "samples_vs_real_grid"]
+
+#: Where the two reports go, relative to the run directory (figures in ``figures/`` beside each).
+PUBLIC_REPORT = Path("release") / "report.json"
+PRIVATE_REPORT = Path("private") / "report-private.json"
 
 
 @dataclass
@@ -77,7 +101,8 @@ class EvaluateOptions:
     batch_size: int = 200
     device: str = "cpu"
     bf16: bool = False
-    cache_dir: str | None = None             # None: $PRIVIMAGE_CACHE_DIR, else ~/.cache/privimage/fid
+    cache_dir: str | None = None             # where reference statistics of real images are cached (None: the
+                                             # run's private/fid; they are statistics of sensitive data)
     grid_per_class: int = 8
     max_grid_classes: int = 10
 
@@ -101,15 +126,9 @@ class EvaluateOptions:
         return self.selection_epsilon * len(self.ca_archs)
 
 
+
 # -------------------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
 def load_npz_images(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,38 +208,39 @@ def load_real(config: dict, *, split: str, override: str | None = None,
 # Fidelity
 
 
-def _cache_dir(opts: EvaluateOptions) -> Path:
-    return Path(opts.cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "privimage" / "fid")
+def reference_features(net: FeatureNet, images: torch.Tensor, opts: EvaluateOptions, cache_dir: Path
+                       ) -> tuple[FeatureStats, np.ndarray | None, str]:
+    """Reference statistics of real ``images``, and up to ``pr_max`` features for precision/recall.
 
-
-def reference_features(net: FeatureNet, images: torch.Tensor, opts: EvaluateOptions
-                       ) -> tuple[FeatureStats, np.ndarray, str]:
-    """Reference statistics (and up to ``pr_max`` features for precision/recall) of real ``images``.
-
-    Cached as ``<cache>/<kind>-<key>.npz`` where the key hashes the feature network's weights and the real
-    images' bytes, so a cached file is reused exactly when it would be recomputed identically.
+    Only ``mu``, ``sigma`` and the count are cached, as ``<cache_dir>/<kind>-<key>.npz`` (an ordinary
+    statistics file) where the key hashes the feature network's weights and the images' bytes, so a cached
+    file is reused exactly when it would be recomputed identically. Per-image features of real images are
+    never written; on a cache hit, precision/recall recomputes the features of the first ``pr_max`` images.
     """
     bf16 = opts.bf16 and torch.device(opts.device).type == "cuda"  # bf16 features are not fp32 features
     digest = hashlib.sha256(f"{net.kind}:{net.fingerprint}:{tuple(images.shape)}:bf16={bf16}".encode())
     digest.update(images.contiguous().numpy().tobytes())
-    path = _cache_dir(opts) / f"{net.kind}-{digest.hexdigest()[:24]}.npz"
+    path = cache_dir / f"{net.kind}-{digest.hexdigest()[:24]}.npz"
     if path.is_file():
-        cached = read_npz(path, what="Cached reference statistics")
-        stats, _ = stats_from_arrays(cached, path)
-        if "pr_features" in cached:
-            return stats, cached["pr_features"], f"cache {path}"
+        stats, _ = stats_from_arrays(read_npz(path, what="Cached reference statistics"), path)
+        feats = None
+        if min(len(images), opts.pr_max) > opts.pr_k:
+            feats, _ = extract_features(net, images[:opts.pr_max], batch_size=opts.batch_size, device=opts.device,
+                                        bf16=opts.bf16, desc="reference features (precision/recall)")
+        return stats, feats, f"cache {path}"
     feats, _ = extract_features(net, images, batch_size=opts.batch_size, device=opts.device, bf16=opts.bf16,
                                 desc="reference features")
     stats = FeatureStats.from_features(feats)
-    pr = feats[:opts.pr_max]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_npz(path, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num), pr_features=pr,
-             kind=np.array(net.kind), network=np.array(net.name))
-    return stats, pr, f"computed, cached at {path}"
+    save_stats(path, stats, kind=net.kind, network=net.name)
+    return stats, feats[:opts.pr_max], f"computed, cached at {path}"
 
 
-def fidelity(net: FeatureNet, samples: torch.Tensor, real: torch.Tensor | None, opts: EvaluateOptions) -> dict:
-    """FID (or proxy FID), Inception Score and precision/recall of ``samples``, named by ``net.kind``."""
+def fidelity(net: FeatureNet, samples: torch.Tensor, real: torch.Tensor | None, opts: EvaluateOptions, *,
+             cache_dir: Path) -> dict:
+    """FID (or proxy FID), Inception Score and precision/recall of ``samples``, named by ``net.kind``.
+
+    ``real``'s statistics are cached in ``cache_dir`` (:func:`reference_features`).
+    """
     t0 = time.perf_counter()
     feats, logits = extract_features(net, samples, batch_size=opts.batch_size, device=opts.device,
                                      bf16=opts.bf16, desc="sample features")
@@ -237,7 +257,7 @@ def fidelity(net: FeatureNet, samples: torch.Tensor, real: torch.Tensor | None, 
                              f"the {net.kind} features {stats.mu.shape[0]}.")
         ref_feats, source = None, f"file {opts.reference_stats}"
     elif real is not None:
-        ref, ref_feats, source = reference_features(net, real, opts)
+        ref, ref_feats, source = reference_features(net, real, opts, cache_dir)
     else:
         raise ValueError("No real images and no --reference-stats: nothing to compare the samples with.")
     out[net.metric_name("fid")] = {**common, "value": fid_from_stats(stats, ref), "num_reference": ref.num,
@@ -272,154 +292,7 @@ def feature_network(run_dir: Path, opts: EvaluateOptions, log) -> FeatureNet | N
 
 
 # -------------------------------------------------------------------------------------------------------------
-# Figures
-
-
-def _match(images: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Real images resized / channel-matched to the samples' shape (for CA and the side-by-side grid)."""
-    if images.shape[1] != like.shape[1]:
-        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float().mean(1, True).byte()
-    if images.shape[-2:] != like.shape[-2:]:
-        images = F.interpolate(images.float(), size=like.shape[-2:], mode="bilinear", align_corners=False)
-        images = images.round().clamp(0, 255).byte()
-    return images.contiguous()
-
-
-def samples_vs_real_grid(samples, sample_labels, real, real_labels, path: Path, *, per_class: int = 8,
-                         max_classes: int = 10) -> None:
-    """One row per class: ``per_class`` samples, a blank gap, then ``per_class`` real images of that class."""
-    classes = sorted(set(sample_labels.tolist()))[:max_classes]
-    real = _match(real, samples) if real is not None else None
-    blank = torch.zeros_like(samples[:1])
-    tiles = []
-    for c in classes:
-        row = [samples[sample_labels == c][:per_class]]
-        row.append(blank.expand(per_class - row[0].shape[0], -1, -1, -1))
-        row.append(blank)
-        theirs = real[real_labels == c][:per_class] if real is not None else blank[:0]
-        row += [theirs, blank.expand(per_class - theirs.shape[0], -1, -1, -1)]
-        tiles.append(torch.cat(row))
-    save_png_grid(torch.cat(tiles), path, nrow=2 * per_class + 1)
-
-
-def read_log(path: Path) -> dict[str, np.ndarray]:
-    """Numeric columns of a training log CSV (non-numeric cells become NaN)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    cols = {}
-    for key in rows[0]:
-        vals = []
-        for row in rows:
-            try:
-                vals.append(float(row[key]))
-            except (TypeError, ValueError):
-                vals.append(np.nan)
-        cols[key] = np.array(vals)
-    return cols
-
-
-def training_plots(run_dir: Path, out_dir: Path) -> list[str]:
-    """Loss and epsilon over steps for every ``logs/*.csv``; returns the written paths (relative)."""
-    written = []
-    for stale in [*out_dir.glob("loss_*.png"), *out_dir.glob("epsilon_*.png")]:  # from an earlier evaluation
-        stale.unlink()
-    for log_path in sorted((run_dir / "logs").glob("*.csv")):
-        cols = read_log(log_path)
-        if "step" not in cols:
-            continue
-        for column, label in (("loss", "loss"), ("epsilon", "epsilon spent")):
-            values = cols.get(column)
-            if values is None or not np.isfinite(values).any():
-                continue
-            if column == "epsilon" and not np.nanmax(np.abs(values[np.isfinite(values)])) > 0:
-                continue  # a non-private stage (pre-training) logs epsilon 0 throughout: nothing to plot
-            target = out_dir / f"{column}_{log_path.stem}.png"
-            save_line_plot(target, {log_path.stem: (cols["step"], values)}, title=f"{label} ({log_path.stem})",
-                           xlabel="step", ylabel=label)
-            written.append(str(target.relative_to(run_dir)))
-    return written
-
-
-# -------------------------------------------------------------------------------------------------------------
 # Privacy, provenance
-
-
-EVALUATION_LEDGER = "evaluation_ledger.json"
-COMPOSITION = ("basic composition (Dwork & Roth 2014, Thm 3.16): the generator's (epsilon, delta) plus each "
-               "pure epsilon-DP evaluation release on the same sensitive data gives (sum of epsilons, delta)")
-
-
-def generator_privacy(run_dir: Path) -> dict | None:
-    """What training spent, from ``budget.json`` (the engine's PrivacyBudget state); None if it is absent."""
-    path = run_dir / "budget.json"
-    if not path.is_file():
-        return None
-    from privimage.engine import PrivacyBudget
-
-    state = _read_json(path)
-    try:
-        budget = PrivacyBudget.from_state_dict(state)
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a PrivacyBudget state dict (missing {err}).") from err
-    spent = budget.epsilon_spent()
-    return {"epsilon_budget": budget.epsilon, "delta": budget.delta, "epsilon_spent": spent.upper,
-            "epsilon_spent_estimate": spent.estimate, "ledger": dict(budget.spent),
-            "plan": state.get("plan", {})}
-
-
-def load_evaluation_ledger(run_dir: Path) -> list[dict]:
-    """The evaluation releases recorded for ``run_dir`` so far (see :func:`privacy_summary`)."""
-    path = run_dir / EVALUATION_LEDGER
-    if not path.is_file():
-        return []
-    releases = _read_json(path).get("releases")
-    if not (isinstance(releases, list) and all(isinstance(r, dict) and isinstance(r.get("epsilon"), (int, float))
-                                               and r["epsilon"] >= 0 for r in releases)):
-        raise ValueError(f"{path} is not an evaluation ledger (expected {{\"releases\": [{{\"epsilon\": ...}}, ...]}});"
-                         f" it records privacy already spent, so it is not ignored.")
-    return releases
-
-
-def record_evaluation_release(run_dir: Path, release: dict) -> list[dict]:
-    """Append ``release`` to the run's evaluation ledger (atomically) and return all releases."""
-    releases = [*load_evaluation_ledger(run_dir), release]
-    save_json({"about": "privacy spent on sensitive data by `privimage evaluate`, one entry per release; "
-                        "report.json adds these to the generator's epsilon (" + COMPOSITION + ")",
-               "releases": releases}, run_dir / EVALUATION_LEDGER)
-    return releases
-
-
-def privacy_summary(generator: dict | None, releases: list[dict], not_private: list[str]) -> dict:
-    """The report's privacy section: what training spent, what evaluation spent, and their total.
-
-    Why a separate evaluation ledger and not the engine's PrivacyBudget: the budget
-    (:class:`privimage.engine.PrivacyBudget`) plans and composes subsampled *Gaussian* mechanisms (noise
-    multiplier, sample rate, count) in one PRV/RDP accountant, and ``budget.json`` is the training run's
-    resumable state. The DPImageBench selection is Report Noisy Max with *Laplace* noise, a pure ε-DP
-    mechanism it cannot represent, and writing it into the training ledger after the fact would change the
-    state a resumed fine-tune reads. So every evaluation that touches sensitive data appends an entry to
-    ``evaluation_ledger.json`` beside ``budget.json`` (append-only: evaluating again releases again, and the
-    ledger keeps the earlier releases, whose reports may have been read), and the total composes both by
-    basic composition: (ε_gen, δ) followed by ε_i-DP releases is (ε_gen + Σ ε_i, δ)-DP (Dwork & Roth 2014,
-    Thm 3.16). That bound is valid but loose; converting pure ε-DP to ε²/2-zCDP (Bun & Steinke 2016, Prop.
-    1.4) and composing in the engine's accountant would be tighter, and needs an engine change.
-
-    Args:
-        generator: :func:`generator_privacy` (None when the run has no ``budget.json``: the total is unknown).
-        releases: the evaluation ledger, each with ``epsilon`` (pure, δ = 0).
-        not_private: statistics in the report computed from sensitive data *without* noise, said plainly.
-    """
-    evaluation_epsilon = float(sum(r["epsilon"] for r in releases))
-    total = None
-    if generator is not None:
-        total = {"epsilon": generator["epsilon_spent"] + evaluation_epsilon, "delta": generator["delta"],
-                 "within_budget": generator["epsilon_spent"] + evaluation_epsilon <= generator["epsilon_budget"]}
-    return {"generator": generator,
-            "evaluation": {"epsilon": evaluation_epsilon, "delta": 0.0, "releases": releases,
-                           "ledger_file": EVALUATION_LEDGER},
-            "total": total, "composition": COMPOSITION, "not_private": not_private}
 
 
 def _drop_test_copies(val_images: torch.Tensor, val_labels: torch.Tensor, test_images: torch.Tensor
@@ -452,17 +325,47 @@ def versions() -> dict:
 # The whole evaluation
 
 
+def _fid_reference(config: dict, opts: EvaluateOptions, test_images: torch.Tensor | None
+                   ) -> tuple[torch.Tensor | None, Coverage]:
+    """The real images the samples' statistics are compared with, and what they are (their coverage)."""
+    if opts.reference_stats:
+        return None, PUBLIC_REFERENCE
+    on_training = SENSITIVE_TRAINING if opts.fid_split == "sensitive" else HELD_OUT
+    if opts.fid_real:
+        images, _ = load_real(config, split=opts.fid_split, override=opts.fid_real, size=opts.num_reference)
+        return images, on_training
+    if opts.real:  # the --real override doubles as the FID reference unless --fid-real is given
+        return (test_images[:opts.num_reference] if opts.num_reference else test_images), HELD_OUT
+    images, _ = load_real(config, split=opts.fid_split, size=opts.num_reference)
+    return images, on_training
+
+
+def _training_diagnostics(run_dir: Path) -> dict:
+    """Aggregates of the fine-tune's private log (computed on drawn sensitive batches without noise)."""
+    path = run_dir / "logs" / "finetune.csv"
+    cols = read_log(path) if path.is_file() else {}
+    out = {}
+    if "loss" in cols and np.isfinite(cols["loss"]).any():
+        out["last logged fine-tune loss (mean over a drawn sensitive batch)"] = f"{cols['loss'][-1]:.5g}"
+    if "dropped_nonfinite" in cols:
+        out["samples dropped for a NaN/inf gradient (whole run)"] = int(np.nan_to_num(cols["dropped_nonfinite"])[-1])
+    return out
+
+
 def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None, *, log=None) -> dict:
-    """Evaluate ``run_dir``; writes report.json, report.md and the figures; returns the report dict."""
+    """Evaluate ``run_dir`` into the publishable and the private report (module docstring); returns the
+    publishable report's dict. The private one is at ``run_dir / PRIVATE_REPORT``."""
     opts = opts or EvaluateOptions()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run directory {run_dir} does not exist.")
     config_path = run_dir / "config.json"
-    config = _read_json(config_path) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
     if not config:
         log(f"Note: {config_path} is missing or empty; real data must come from --real/--fid-real.")
+    finetune_config = config.get("finetune")
+    secure = finetune_config.get("secure_noise") if isinstance(finetune_config, dict) else None
     samples, sample_labels = load_npz_images(run_dir / "samples" / "samples.npz")
     if opts.num_samples:
         if opts.num_samples > samples.shape[0]:
@@ -470,23 +373,31 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
         samples, sample_labels = samples[:opts.num_samples], sample_labels[:opts.num_samples]
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    out_dir = run_dir / "evaluate"
-    report: dict = {"run_dir": str(run_dir), "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "config_hash": config_hash(config), "versions": versions(), "notes": [],
+    public_dir, private_dir = run_dir / PUBLIC_REPORT.parent, run_dir / PRIVATE_REPORT.parent
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    provenance = {"run_dir": str(run_dir), "created": created, "config_hash": config_hash(config),
+                  "versions": versions()}
+    report: dict = {**provenance, "notes": [],
                     "samples": {"num": int(samples.shape[0]), "shape": list(samples.shape[1:]),
                                 "per_class": {str(c): int(n) for c, n in
                                               zip(*np.unique(sample_labels.numpy(), return_counts=True))}}}
+    private: dict = {**provenance, "notes": [], "diagnostics": _training_diagnostics(run_dir)}
     metrics: dict = {}
+    private_metrics: dict = {}
     not_private: list[str] = []
     release: dict | None = None
 
+    def add(name: str, metric: dict, coverage: Coverage) -> None:
+        metric.update(coverage=coverage.text, computed_on=coverage.data)
+        (metrics if coverage.publishable else private_metrics)[name] = metric
+
     test_images = test_labels = None
-    if opts.real or config:  # the CA test set, also shown beside the samples in the grid
+    if opts.real or config:  # the CA test set, also shown beside the samples in the private grid
         test_images, test_labels = load_real(config, split="sensitive_test", override=opts.real)
         if test_images.shape[1:] != samples.shape[1:]:
             report["notes"].append(f"Real images {tuple(test_images.shape[1:])} were resized to the samples' "
                                    f"{tuple(samples.shape[1:])} for CA and the grid.")
-            test_images = _match(test_images, samples)
+            test_images = match_images(test_images, samples)
     elif opts.ca_protocol != "none":
         raise ValueError("CA needs a real test set: config.json names no data set and --real is not given.")
 
@@ -494,31 +405,26 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
     if net is None:
         report["notes"].append("No Inception weights and no query/classifier.pt: fidelity metrics skipped.")
     else:
+        fid_real, coverage = _fid_reference(config, opts, test_images)
+        holder = report if coverage.publishable else private
         if net.kind != INCEPTION:
-            report["notes"].append("proxy_* metrics use the project's query classifier features: not comparable "
+            holder["notes"].append("proxy_* metrics use the project's query classifier features: not comparable "
                                    "to published FID/IS/precision/recall.")
-        fid_real = None
-        if opts.reference_stats:
-            pass
-        elif opts.fid_real:
-            fid_real, _ = load_real(config, split=opts.fid_split, override=opts.fid_real, size=opts.num_reference)
-        elif opts.real:  # the --real override doubles as the FID reference unless --fid-real is given
-            fid_real = test_images[:opts.num_reference] if opts.num_reference else test_images
-        else:
-            fid_real, _ = load_real(config, split=opts.fid_split, size=opts.num_reference)
-            if opts.fid_split == "sensitive":
-                not_private.append(f"{net.metric_name('fid')} and {net.metric_name('precision_recall')} compare "
-                                   f"the samples with the sensitive training split without noise: like every "
-                                   f"FID on training data, these values are not covered by epsilon.")
+        if not coverage.publishable:
+            not_private.append(f"{net.metric_name('fid')} and {net.metric_name('precision_recall')} compare "
+                               f"the samples with the sensitive training split without noise: like every "
+                               f"FID on training data, these values are not covered by epsilon.")
         if opts.reference_stats:
             report["notes"].append("Precision/recall need real features: skipped with --reference-stats.")
         if samples.shape[0] < 5000:
-            report["notes"].append(f"{net.metric_name('fid')} from {samples.shape[0]} samples: FID is biased upward "
+            holder["notes"].append(f"{net.metric_name('fid')} from {samples.shape[0]} samples: FID is biased upward "
                                    f"at small N (the official protocol uses 5,000, the community 50,000); compare "
                                    f"values only at equal N.")
-        fid = fidelity(net, samples, fid_real, opts)
+        fid = fidelity(net, samples, fid_real, opts, cache_dir=Path(opts.cache_dir) if opts.cache_dir else
+                       private_dir / "fid")
         timings["fidelity_s"] = fid.pop("_seconds")
-        metrics.update(fid)
+        for name, metric in fid.items():
+            add(name, metric, SAMPLES if name.endswith("inception_score") else coverage)
         report["feature_network"] = {"kind": net.kind, "name": net.name, "fingerprint": net.fingerprint}
 
     if opts.ca_protocol != "none":
@@ -530,7 +436,7 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
         else:
             val_images, val_labels = load_real(config, split="sensitive", override=opts.val, size=opts.val_size)
             num_val = int(val_images.shape[0])
-            val_images, val_labels, dropped = _drop_test_copies(_match(val_images, samples), val_labels,
+            val_images, val_labels, dropped = _drop_test_copies(match_images(val_images, samples), val_labels,
                                                                 test_images)
             source = (f"file {opts.val} (given as sensitive data)" if opts.val else
                       "split 'sensitive' of the run's data set, the generator's training data")
@@ -546,106 +452,54 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
                                                 device=opts.device)
             ca["num_val"] = num_val  # before dropping test copies: the report does not release that count
             ca["validation_data"] = f"{source}, less exact copies of test images"
-            release = {"created": report["created"], "what": "DPImageBench CA epoch selection",
+            release = {"created": created, "what": "DPImageBench CA epoch selection",
                        "mechanism": "Report Noisy Max, Laplace(1/epsilon_per_classifier) on validation counts",
                        "epsilon": ca["selection_epsilon_total"], "delta": 0.0,
                        "epsilon_per_classifier": opts.selection_epsilon, "classifiers": list(opts.ca_archs),
                        "data": f"{ca['num_val']} validation images from {source}"}
         ca["kind"] = "classification_accuracy"
-        metrics["classification_accuracy"] = ca
+        add("classification_accuracy", ca, HELD_OUT if release is None else NOISY_SELECTION)
         timings["classification_accuracy_s"] = time.perf_counter() - t0
 
-    figures = []
-    grid = out_dir / "samples_vs_real.png"
-    samples_vs_real_grid(samples, sample_labels, test_images, test_labels, grid, per_class=opts.grid_per_class,
-                         max_classes=opts.max_grid_classes)
-    figures.append(str(grid.relative_to(run_dir)))
-    figures += training_plots(run_dir, out_dir)
+    samples_grid(samples, sample_labels, public_dir / "figures" / "samples.png", per_class=opts.grid_per_class,
+                 max_classes=opts.max_grid_classes)
+    figures, private_figures = [public_dir / "figures" / "samples.png"], []
+    if test_images is not None:
+        private_figures.append(private_dir / "figures" / "samples_vs_real.png")
+        samples_vs_real_grid(samples, sample_labels, test_images, test_labels, private_figures[0],
+                             per_class=opts.grid_per_class, max_classes=opts.max_grid_classes)
+    public_curves, private_curves = training_plots(run_dir, public_dir / "figures", private_dir / "figures")
 
-    report["metrics"] = metrics
     # The release is recorded before anything it produced is written or returned.
     releases = record_evaluation_release(run_dir, release) if release else load_evaluation_ledger(run_dir)
-    privacy = report["privacy"] = privacy_summary(generator_privacy(run_dir), releases, not_private)
+    generator = generator_privacy(run_dir)
+    privacy = report["privacy"] = privacy_summary(generator, releases, secure=secure)
+    private["privacy"] = privacy_summary(generator, releases, not_private, secure=secure)
+    if secure is False:
+        report["notes"].append("NOT PRIVATE: the run used the non-secure test mode (finetune.secure_noise = false).")
     if privacy["generator"] is None:
         report["notes"].append("No budget.json: the privacy spent by training, and so the total, is unknown.")
     elif not privacy["total"]["within_budget"]:
         report["notes"].append(f"The total epsilon {privacy['total']['epsilon']:.4g} (training plus evaluation) "
                                f"exceeds the run's budget epsilon {privacy['generator']['epsilon_budget']:g}.")
-    report["figures"] = figures
+    if private_metrics or private_figures or private_curves:
+        report["notes"].append("Metrics and figures computed on sensitive data without noise are in the private "
+                               "report (not publishable).")
+    report["metrics"], private["metrics"] = metrics, private_metrics
+    report["figures"] = [str(p.relative_to(public_dir)) for p in figures + public_curves]
+    private["figures"] = [str(p.relative_to(private_dir)) for p in private_figures + private_curves]
     report["options"] = asdict(opts)
     timings["total_s"] = time.perf_counter() - t_start
     report["timings"] = timings
-    save_json(report, run_dir / "report.json")
-    with atomic_write(run_dir / "report.md", "w") as f:
-        f.write(render_markdown(report))
+    _write_report(private, run_dir / PRIVATE_REPORT, private=True)
+    _write_report(report, run_dir / PUBLIC_REPORT, private=False)
+    from privimage.release import refresh_privacy_statement
+
+    refresh_privacy_statement(run_dir)
     return report
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _fmt(v, digits: int = 4) -> str:
-    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
-
-
-def _privacy_markdown(p: dict) -> list[str]:
-    """Who spent what on the sensitive data, one row per release, and the total."""
-    gen, ev, total = p["generator"], p["evaluation"], p["total"]
-    lines = ["| release | ε | δ | on |", "|---|---|---|---|"]
-    if gen:
-        ledger = ", ".join(f"{k}: {n}" for k, n in gen["ledger"].items())
-        lines.append(f"| training (budget.json ledger: {ledger}; budget ε {_fmt(gen['epsilon_budget'])}) | "
-                     f"{_fmt(gen['epsilon_spent'])} | {gen['delta']:g} | sensitive training data |")
-    else:
-        lines.append("| training (no budget.json in the run directory) | unknown | unknown | sensitive training data |")
-    for r in ev["releases"]:
-        lines.append(f"| evaluation: {r.get('what', 'release')}, {r.get('created', '')} ({r.get('mechanism', '')}) | "
-                     f"{_fmt(float(r['epsilon']))} | 0 | {r.get('data', '')} |")
-    if total:
-        lines.append(f"| **total** | **{_fmt(total['epsilon'])}** | **{total['delta']:g}** | |")
-    else:
-        lines.append(f"| **total** | unknown (evaluation alone: {_fmt(ev['epsilon'])}) | unknown | |")
-    lines += ["", f"Composition: {p['composition']}. Evaluation releases are recorded in `{ev['ledger_file']}`."]
-    if p["not_private"]:
-        lines += ["", "Not covered by ε:", ""] + [f"- {n}" for n in p["not_private"]]
-    return lines
-
-
-def render_markdown(report: dict) -> str:
-    """report.json as tables: metrics (with their kind), privacy, samples, provenance, figures."""
-    m = report["metrics"]
-    lines = [f"# Evaluation of `{report['run_dir']}`", "", f"Created {report['created']}, config hash "
-             f"`{report['config_hash']}`.", ""]
-    lines += ["## Metrics", "", "| metric | kind | value | images |", "|---|---|---|---|"]
-    for name, v in m.items():
-        if name.endswith("fid"):
-            value, n = _fmt(v["value"]), f"{v['num_samples']} generated vs {v['num_reference']} real"
-        elif name.endswith("inception_score"):
-            value, n = f"{_fmt(v['mean'])} ± {_fmt(v['std'], 2)}", f"{v['num_samples']} ({v['splits']} splits)"
-        elif name.endswith("precision_recall"):
-            value = f"precision {_fmt(v['precision'], 3)}, recall {_fmt(v['recall'], 3)} (k={v['k']})"
-            n = f"{v['num_generated']} generated vs {v['num_real']} real"
-        else:
-            value = f"{100 * v['accuracy']:.2f}%" + (f" ± {100 * v['std']:.2f}" if "std" in v else "")
-            n = f"train {v['num_train']} synthetic, test {v['num_test']} real"
-            name = f"{name} ({v['protocol']})"
-        lines.append(f"| {name} | {v['kind']} | {value} | {n} |")
-    if "feature_network" in report:
-        fn = report["feature_network"]
-        lines += ["", f"Feature network: **{fn['kind']}** (`{fn['name']}`, fingerprint `{fn['fingerprint']}`)."]
-    ca = m.get("classification_accuracy")
-    if ca and ca.get("per_classifier"):
-        lines += ["", "| classifier | selected epoch | test accuracy |", "|---|---|---|"]
-        lines += [f"| {a['arch']} | {a['selected_epoch']} | {100 * a['accuracy']:.2f}% |" for a in ca["per_classifier"]]
-    lines += ["", "## Privacy", ""] + _privacy_markdown(report["privacy"])
-    s = report["samples"]
-    lines += ["", "## Samples", "", f"{s['num']} images of shape {tuple(s['shape'])}; per class: "
-              + ", ".join(f"{c}: {n}" for c, n in s["per_class"].items()) + "."]
-    if report["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in report["figures"]]
-    v = report["versions"]
-    lines += ["", "## Versions", "", ", ".join(f"{k} {val}" for k, val in v.items() if val), "",
-              "Timings: " + ", ".join(f"{k} {t:.1f}" for k, t in report["timings"].items()), ""]
-    return "\n".join(lines)
+def _write_report(report: dict, path: Path, *, private: bool) -> None:
+    save_json(report, path)
+    with atomic_write(path.with_suffix(".md"), "w") as f:
+        f.write(render_markdown(report, private=private))

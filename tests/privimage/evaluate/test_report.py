@@ -46,7 +46,7 @@ def test_proxy_report_files_exist_parse_and_are_labelled(run_dir, tmp_path):
     opts = EvaluateOptions(real=str(tmp_path / "real.npz"), ca=TINY_CA, cache_dir=str(tmp_path / "cache"),
                            is_splits=2, batch_size=16)
     evaluate_run(run_dir, opts, log=lambda _: None)
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "release" / "report.json").read_text())
     metrics = report["metrics"]
     assert {"proxy_fid", "proxy_inception_score", "proxy_precision_recall", "classification_accuracy"} == set(metrics)
     assert all(m["kind"] == "proxy" for name, m in metrics.items() if name.startswith("proxy_"))
@@ -54,6 +54,7 @@ def test_proxy_report_files_exist_parse_and_are_labelled(run_dir, tmp_path):
     assert metrics["proxy_fid"]["num_reference"] == 60
     assert 0 <= metrics["classification_accuracy"]["accuracy"] <= 1
     assert metrics["classification_accuracy"]["num_test"] == 60
+    assert {m["computed_on"] for m in metrics.values()} == {"held_out", "samples"}  # --real: a held-out test set
     privacy = report["privacy"]
     generator = privacy["generator"]
     assert generator["ledger"] == {"query": 1, "finetune": 50} and generator["delta"] == 1e-5
@@ -63,29 +64,42 @@ def test_proxy_report_files_exist_parse_and_are_labelled(run_dir, tmp_path):
                                      "ledger_file": "evaluation_ledger.json"}
     assert privacy["total"] == {"epsilon": generator["epsilon_spent"], "delta": 1e-5, "within_budget": True}
     assert not (run_dir / "evaluation_ledger.json").exists()
-    assert privacy["not_private"] == []  # the FID reference here is the --real test file, not training data
+    assert "not_private" not in privacy  # the FID reference here is the --real test file, not training data
     assert len(report["config_hash"]) == 16 and report["versions"]["torch"] == torch.__version__
     assert report["samples"]["per_class"] == {str(c): int((np.load(run_dir / "samples/samples.npz")["labels"] == c).sum())
                                               for c in range(5) if (np.load(run_dir / "samples/samples.npz")["labels"] == c).any()}
-    assert set(report["figures"]) == {"evaluate/samples_vs_real.png", "evaluate/loss_finetune.png",
-                                      "evaluate/epsilon_finetune.png", "evaluate/loss_pretrain.png"}
-    for figure in report["figures"]:
-        with Image.open(run_dir / figure) as im:
-            assert im.format == "PNG" and im.size[0] > 50
-    markdown = (run_dir / "report.md").read_text()
+    # The publishable report shows samples, epsilon and the public pre-training's loss; the fine-tune's loss
+    # (noiseless, over drawn sensitive batches) and the real test images beside the samples are private.
+    assert set(report["figures"]) == {"figures/samples.png", "figures/epsilon_finetune.png",
+                                      "figures/loss_pretrain.png"}
+    private = json.loads((run_dir / "private" / "report-private.json").read_text())
+    assert set(private["figures"]) == {"figures/samples_vs_real.png", "figures/loss_finetune.png"}
+    assert private["metrics"] == {} and private["privacy"]["not_private"] == []
+    for folder, figures in ((run_dir / "release", report["figures"]), (run_dir / "private", private["figures"])):
+        for figure in figures:
+            with Image.open(folder / figure) as im:
+                assert im.format == "PNG" and im.size[0] > 50
+    assert not (run_dir / "release" / "figures" / "loss_finetune.png").exists()
+    markdown = (run_dir / "release" / "report.md").read_text()
     assert "| proxy_fid | proxy |" in markdown and "## Privacy" in markdown and "not comparable" in markdown
+    assert "held-out real test images" in markdown and "loss_finetune" not in markdown
+    assert "PRIVATE" in (run_dir / "private" / "report-private.md").read_text().splitlines()[0]
 
     # the second evaluation reuses the cached reference statistics and gives the same proxy FID
     again = evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real.npz"), ca_protocol="none",
                                                   cache_dir=str(tmp_path / "cache"), is_splits=2), log=lambda _: None)
     assert again["metrics"]["proxy_fid"]["reference"].startswith("cache ")
     assert again["metrics"]["proxy_fid"]["value"] == pytest.approx(metrics["proxy_fid"]["value"], rel=1e-6)
+    for key in ("precision", "recall"):  # recomputed from the real images: no per-image features are cached
+        assert again["metrics"]["proxy_precision_recall"][key] == metrics["proxy_precision_recall"][key]
 
-    # the cached file is an ordinary mu/sigma statistics file (with its kind), usable as --reference-stats
+    # the cached file holds statistics only (no per-image features), usable as --reference-stats
     (stats_file,) = (tmp_path / "cache").glob("proxy-*.npz")
+    assert set(np.load(stats_file).files) == {"mu", "sigma", "num", "kind", "network"}
     third = evaluate_run(run_dir, EvaluateOptions(reference_stats=str(stats_file), ca_protocol="none", is_splits=2),
                          log=lambda _: None)
     assert third["metrics"]["proxy_fid"]["value"] == pytest.approx(metrics["proxy_fid"]["value"], rel=1e-6)
+    assert third["metrics"]["proxy_fid"]["computed_on"] == "public_reference"
     assert "proxy_precision_recall" not in third["metrics"]
 
 
@@ -185,7 +199,7 @@ def test_dpimagebench_selection_epsilon_enters_the_total_and_the_ledger(run_dir,
     assert release["epsilon"] == 0.5 and release["delta"] == 0.0 and release["epsilon_per_classifier"] == 0.25
     assert privacy["evaluation"]["epsilon"] == 0.5
     assert privacy["total"]["epsilon"] == pytest.approx(training + 0.5) and privacy["total"]["delta"] == 1e-5
-    markdown = (run_dir / "report.md").read_text()
+    markdown = (run_dir / "release" / "report.md").read_text()
     assert "| **total** | **" + f"{training + 0.5:.4g}" + "** | **1e-05** |" in markdown
     assert "DPImageBench CA epoch selection" in markdown and "| cnn |" in markdown
 
@@ -212,7 +226,7 @@ def test_selection_beyond_the_budget_and_without_budget_json_is_said(run_dir, tm
                           log=lambda _: None)
     assert report["privacy"]["generator"] is None and report["privacy"]["total"] is None
     assert report["privacy"]["evaluation"]["epsilon"] == 20.0  # still on record
-    assert "unknown (evaluation alone: 20)" in (run_dir / "report.md").read_text()
+    assert "unknown (evaluation alone: 20)" in (run_dir / "release" / "report.md").read_text()
     (run_dir / "evaluation_ledger.json").write_text('{"releases": [{"epsilon": "a lot"}]}')
     with pytest.raises(ValueError, match="evaluation_ledger.json is not an evaluation ledger"):
         evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real.npz"), ca_protocol="none"), log=lambda _: None)
@@ -250,17 +264,33 @@ def test_selection_epsilon_must_be_given_and_validation_must_not_be_test_data(ru
     assert any("7 of 27 validation images are exact copies of test images" in m for m in messages)
     # the operator is told; the report is not (that count is a non-private statistic of the sensitive data)
     assert report["metrics"]["classification_accuracy"]["num_val"] == 27
-    assert "7" not in " ".join(report["notes"]) and "20 validation" not in (run_dir / "report.md").read_text()
+    assert "7" not in " ".join(report["notes"]) and "20 validation" not in (run_dir / "release" / "report.md").read_text()
 
 
-def test_fid_against_sensitive_training_data_is_labelled_not_private(run_dir, tmp_path):
+def test_fid_against_sensitive_training_data_goes_to_the_private_report_only(run_dir, tmp_path, monkeypatch):
+    """The default reference is the sensitive training split: those numbers (no noise) are private, and the
+    reference statistics are cached inside the run's private folder, never in a global cache."""
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(tmp_path / "global"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     save_json({"data": {"sensitive": "embedded:sensitive,size=30",
                         "sensitive_test": "embedded:sensitive_test,size=20"}}, run_dir / "config.json")
-    report = evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", cache_dir=str(tmp_path / "cache"),
-                                                   is_splits=2), log=lambda _: None)
-    (note,) = report["privacy"]["not_private"]
+    report = evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", is_splits=2), log=lambda _: None)
+    assert set(report["metrics"]) == {"proxy_inception_score"}  # on the samples alone
+    private = json.loads((run_dir / "private" / "report-private.json").read_text())
+    assert set(private["metrics"]) == {"proxy_fid", "proxy_precision_recall"}
+    assert {m["computed_on"] for m in private["metrics"].values()} == {"sensitive_training"}
+    (note,) = private["privacy"]["not_private"]
     assert "proxy_fid" in note and "sensitive training split" in note
-    assert "Not covered by ε:" in (run_dir / "report.md").read_text()
+    assert "Not covered by ε:" in (run_dir / "private" / "report-private.md").read_text()
+    public_text = (run_dir / "release" / "report.md").read_text() + (run_dir / "release" / "report.json").read_text()
+    assert "proxy_fid" not in public_text and "private report" in public_text
+    (cached,) = (run_dir / "private" / "fid").glob("proxy-*.npz")
+    assert set(np.load(cached).files) == {"mu", "sigma", "num", "kind", "network"}
+    assert not (tmp_path / "global").exists() and not (tmp_path / "home").exists()
+    # held-out test images as the reference: publishable, and said so
+    report = evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", is_splits=2, fid_split="sensitive_test"),
+                          log=lambda _: None)
+    assert report["metrics"]["proxy_fid"]["computed_on"] == "held_out"
 
 
 def test_cli_shows_the_selection_epsilon_in_help_and_output(run_dir, tmp_path, capsys):
@@ -337,9 +367,10 @@ def test_real_data_comes_from_the_pipeline_config(run_dir, tmp_path):
     save_json({"data": {"sensitive": "embedded:sensitive,size=60", "sensitive_test": "embedded:sensitive_test,size=24",
                         "public": "embedded:public", "resolution": 32, "pad_to": None, "seed": 0}},
               run_dir / "config.json")
-    report = evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", cache_dir=str(tmp_path / "cache"),
-                                                   is_splits=2), log=lambda _: None)
-    assert report["metrics"]["proxy_fid"]["num_reference"] == 60  # the sensitive split's spec
+    evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", cache_dir=str(tmp_path / "cache"), is_splits=2),
+                 log=lambda _: None)
+    private = json.loads((run_dir / "private" / "report-private.json").read_text())
+    assert private["metrics"]["proxy_fid"]["num_reference"] == 60  # the sensitive split's spec
 
 
 def test_load_real_pads_instead_of_resizing_when_asked():

@@ -17,7 +17,7 @@ def test_run_end_to_end_then_stages(tmp_path, monkeypatch, capsys):
     for rel in ("config.json", "budget.json", "plan.json", "query/classifier.pt", "query/histogram.npy",
                 "query/selected_labels.json", "query/subset.npz", "checkpoints/pretrain.pt",
                 "checkpoints/finetune.pt", "logs/pretrain.csv", "logs/finetune.csv", "samples/samples.npz",
-                "samples/grid.png"):
+                "samples/grid.png", "release/model.safetensors"):
         assert (run_dir / rel).is_file(), rel
     config = json.loads((run_dir / "config.json").read_text())
     assert config["data"]["name"] == "embedded" and config["name"] == "test"
@@ -31,12 +31,45 @@ def test_run_end_to_end_then_stages(tmp_path, monkeypatch, capsys):
     assert len(selected["label_map"]) == 5 and selected["per_class"]
     assert np.load(run_dir / "query" / "histogram.npy").shape == (5, 60)
 
-    # A finished fine-tune resumed spends nothing more; sampling again is free and reproducible.
+    # The run ends with its release: weights, public config, privacy statement (loud: the test config is the
+    # non-secure test mode), the query's DP outputs and the samples grid; no checkpoint, log or private report.
+    release = run_dir / "release"
+    assert {str(p.relative_to(release)) for p in release.rglob("*") if p.is_file()} == {
+        "model.safetensors", "config.json", "privacy.json", "PRIVACY.md", "query/histogram.npy",
+        "query/selected_labels.json", "samples.png"}
+    assert (release / "samples.png").read_bytes() == (run_dir / "samples" / "grid.png").read_bytes()
+    statement = json.loads((release / "privacy.json").read_text())
+    assert statement["private"] is False and statement["training"]["ledger"] == budget["spent"]
+    assert "NOT PRIVATE" in (release / "PRIVACY.md").read_text()
+
+    # A finished fine-tune resumed spends nothing more; sampling again is free, reproducible, and reads the
+    # release, never the private checkpoint.
     assert main(["finetune", str(run_dir), "--resume"]) == 0
     assert json.loads((run_dir / "budget.json").read_text())["spent"] == budget["spent"]
     first = np.load(run_dir / "samples" / "samples.npz")["images"]
-    assert main(["sample", str(run_dir), "--batch-size", "3"]) == 0
+    import torch
+
+    import privimage.train as train
+
+    def no_checkpoint(*args, **kwargs):
+        raise AssertionError("sampling read a private checkpoint")
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "load_checkpoint", no_checkpoint)
+        m.setattr(torch, "load", no_checkpoint)
+        assert main(["sample", str(run_dir), "--batch-size", "3"]) == 0
     assert np.array_equal(np.load(run_dir / "samples" / "samples.npz")["images"], first)
+    # Without a release, sampling exports it first (from the finished fine-tune), then samples the same images.
+    import shutil
+
+    shutil.rmtree(release)
+    assert main(["sample", str(run_dir)]) == 0
+    assert (release / "model.safetensors").is_file() and (release / "privacy.json").is_file()
+    assert np.array_equal(np.load(run_dir / "samples" / "samples.npz")["images"], first)
+    assert main(["export", str(run_dir)]) == 0 and (release / "samples.png").is_file()
+    # A fresh fine-tune over it is refused: its releases stay counted.
+    assert main(["finetune", str(run_dir)]) == 2
+    assert "refusing to start afresh" in capsys.readouterr().err
 
     # The next run gets the next number; a bad option names the value.
     assert main(["run", "--config", "nope", "--out", str(tmp_path / "runs")]) == 2
@@ -77,6 +110,8 @@ def test_dry_run_prints_config_and_calibrated_noise(tmp_path, capsys):
 def test_finetune_stage_passes_the_compile_setting(tmp_path, monkeypatch):
     """`finetune.compile` in a run config reaches the DP fine-tuning loop (and so DPEngine's compile)."""
     import privimage.pipeline as pipeline
+    import torch
+
     import privimage.train as train
     from privimage.config import RunConfig, load_config
     from privimage.engine import PrivacyBudget

@@ -1,0 +1,35 @@
+"""Write RUN_DIR/release/: everything from a run that may be published, and nothing else.
+
+release/ holds the fine-tuned EMA weights (model.safetensors, with the UNet config in its metadata), the
+public config (config.json), the privacy statement (privacy.json and PRIVACY.md: epsilon, delta, the
+accountant, each mechanism with its sigma / sampling rate / steps / clipping norm, and what the guarantee does
+not cover), the DP query's outputs (query/), the samples grid (samples.png) and the publishable evaluation
+report (report.md, written there by `privimage evaluate`).
+
+Everything else in a run directory is PRIVATE: checkpoints/ (they hold the Poisson sampler's seed, the DP
+noise generator's state and the secret key of the diffusion randomness: whoever has them can replay every
+batch and noise draw), logs/ (noiseless losses on sensitive batches), private/ (the private report, cached
+statistics of real images).
+
+The export refuses an unfinished fine-tune, and a checkpoint whose steps budget.json does not count.
+`privimage run` exports at its end; `privimage sample` exports first when release/ is missing.
+
+Example:
+  privimage export runs/00000-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with a finished fine-tune")
+
+
+def run(args: argparse.Namespace) -> int:
+    from privimage.release import export_release
+
+    export_release(args.run_dir)
+    return 0
