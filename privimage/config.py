@@ -111,7 +111,8 @@ class FinetuneConfig:
     label_dropout: float = 0.1
     method: str = "bk-mixed"           # the DP engine's per-sample gradient method
     checkpoint_every: int = 10
-    sample_every: int = 0
+    sample_every: int = 0              # a grid at the first checkpoint at/after each multiple (written after the
+                                       # ledger and the checkpoint: a grid is a release of the steps before it)
     log_every: int = 1
     compile: bool = False              # torch.compile the DP step (bk-mixed); opt-in: see privimage.engine.dp_sgd
     # Draw the Poisson sampling seed and the DP noise (query and fine-tune) from the OS's cryptographic source.

@@ -31,7 +31,8 @@ uninterrupted run does; steps computed after the last checkpoint but never saved
 randomness, so their output is the same release, not a second one.
 
 What is logged is private: ``logs/finetune.csv`` holds the mean loss over each drawn sensitive batch (no
-noise), a diagnostic for the operator, never published. Throughput is computed from the public expected
+noise) and the running count of samples dropped for a NaN/inf gradient, diagnostics for the operator, never
+published. Throughput is computed from the public expected
 batch size q·N (the drawn size is sensitive), and the progress bar shows only steps, ε and that throughput.
 """
 
@@ -231,7 +232,7 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
             # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
             value = float(loss_sum) / max(batch.size, 1)
             rows.append({"step": done, "loss": round(value, 6), "epsilon": round(eps, 4),
-                         "images_per_s": round(ips, 2), "sigma": sigma, "lr": lr})
+                         "images_per_s": round(ips, 2), "sigma": sigma, "lr": lr, "dropped_nonfinite": nonfinite})
             bar.set(eps=f"{eps:.2f}", img_s=f"{ips:.0f}")
             t_last, steps_since_log = now, 0
         bar.update()

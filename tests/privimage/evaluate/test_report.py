@@ -365,12 +365,14 @@ def test_feature_extraction_and_classifier_training_show_progress(run_dir, tmp_p
 def test_real_data_comes_from_the_pipeline_config(run_dir, tmp_path):
     # privimage.config.RunConfig.to_dict(): one data spec per split, plus resolution, pad_to and seed
     save_json({"data": {"sensitive": "embedded:sensitive,size=60", "sensitive_test": "embedded:sensitive_test,size=24",
-                        "public": "embedded:public", "resolution": 32, "pad_to": None, "seed": 0}},
-              run_dir / "config.json")
+                        "public": "embedded:public", "resolution": 32, "pad_to": None, "seed": 0},
+               "finetune": {"secure_noise": False}}, run_dir / "config.json")
     evaluate_run(run_dir, EvaluateOptions(ca_protocol="none", cache_dir=str(tmp_path / "cache"), is_splits=2),
                  log=lambda _: None)
     private = json.loads((run_dir / "private" / "report-private.json").read_text())
     assert private["metrics"]["proxy_fid"]["num_reference"] == 60  # the sensitive split's spec
+    # the non-secure test mode is said loudly in the publishable report
+    assert "NOT PRIVATE" in (run_dir / "release" / "report.md").read_text()
 
 
 def test_load_real_pads_instead_of_resizing_when_asked():
