@@ -29,12 +29,7 @@ FORBIDDEN_KEY_PARTS = ("sampler", "generator", "optimizer", "secret", "randomnes
                        "images_per_s", "img_s", "nonfinite", "exp_avg", "log")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +45,15 @@ def exported(tmp_path_factory):
     save_json({"selected_labels": [1, 2], "top_k": 1, "l2_sensitivity": 1.0, "noise_std": 5.0},
               run / "query" / "selected_labels.json")
     np.save(run / "query" / "histogram.npy", np.array([3.5, -1.25]))
-    finetune(run, images=data.images, labels=data.labels, unet=UNET, budget=budget, init_state=None,
-             physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, seed=5, log_every=1,
-             log=lambda *_: None)
-    export_release(run, log=lambda *_: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a module fixture runs outside the function-scoped one_torch_thread
+    try:
+        finetune(run, images=data.images, labels=data.labels, unet=UNET, budget=budget, init_state=None,
+                 physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, seed=5, log_every=1,
+                 log=lambda *_: None)
+        export_release(run, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
