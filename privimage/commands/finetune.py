@@ -4,7 +4,9 @@ Privacy: the noise multiplier, Poisson rate and number of steps come from the ru
 by `privimage run` so the query and this fine-tune together meet the total epsilon). Each step is recorded
 in the budget ledger before its noisy gradient exists; --resume continues from checkpoints/finetune.pt with
 the ledger, sampler and noise state it holds, so no step is counted or released twice and the final epsilon
-and parameters equal those of an uninterrupted run. Checkpoints hold the sampler seed: keep them secret.
+and parameters equal those of an uninterrupted run. Checkpoints hold the sampler seed, the noise state and the
+secret key of the diffusion randomness: keep them private (publish `privimage export`'s release/ instead).
+Without --resume, a run directory that already holds fine-tune outputs or counted steps is refused.
 
 Example:
   privimage finetune runs/00000-demo --resume

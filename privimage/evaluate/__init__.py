@@ -5,7 +5,8 @@ FID on the project's own classifier features when that file is absent (:mod:`.fe
 ``proxy_*``); Inception Score and k-NN precision/recall (:mod:`.metrics`); Fréchet distance and the
 ``mu``/``sigma`` statistics files (:mod:`.fid`). Utility: classification accuracy of classifiers trained on
 synthetic data and tested on real data (:mod:`.classify`). :func:`evaluate_run` reads a run directory and
-writes ``report.json``, ``report.md`` and figures (:mod:`.report`, :mod:`.plots`).
+writes the publishable report into ``release/`` and the private one into ``private/`` (:mod:`.report`, with
+:mod:`.privacy` for the ledgers and each metric's coverage, :mod:`.figures`, :mod:`.markdown`, :mod:`.plots`).
 """
 
 from privimage.evaluate.classify import OFFICIAL, SMALL, CAConfig, classification_accuracy, dpimagebench_accuracy

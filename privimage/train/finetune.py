@@ -138,6 +138,10 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
+    if unet.dropout:
+        raise ValueError(f"The UNet has dropout={unet.dropout}: its masks would be drawn by torch's global generator "
+                         f"(seeded by the public seed, by position in the batch), outside the secret per-record "
+                         f"randomness. Set the model's dropout to 0 for the DP fine-tune.")
     ckpt_path = run_dir / "checkpoints" / "finetune.pt"
     plan = budget.plan[FINETUNE]
     n = len(images)

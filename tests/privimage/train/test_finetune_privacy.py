@@ -203,6 +203,13 @@ def test_every_output_on_disk_is_counted_by_the_ledger_at_every_crash_point(tmp_
             assert _ledger(run_dir) == 4
 
 
+def test_dropout_is_refused_its_masks_would_come_from_the_public_global_generator(tmp_path, data):
+    with pytest.raises(ValueError, match="dropout=0.1"):
+        finetune(tmp_path, images=data.images, labels=data.labels, unet=replace(UNET, dropout=0.1), budget=_budget(),
+                 init_state=None, log=lambda *_: None)
+    assert not any(tmp_path.iterdir())
+
+
 def test_outputs_without_a_ledger_entry_refuse_a_fresh_start(tmp_path, data):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "finetune-000002.png").write_bytes(b"png")
