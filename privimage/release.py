@@ -172,7 +172,9 @@ def _statement_markdown(s: dict) -> str:
     lines += [f"Guarantee: {s['guarantee']}." if s["private"] else "Guarantee: none (test mode).", "",
               f"- epsilon = **{eps}** at delta = **{s['delta']:g}**" if s["delta"] is not None else "- epsilon unknown",
               f"- training: epsilon {s['training']['epsilon_spent']:.4g} ({s['training']['accountant']} "
-              f"accountant; releases {s['training']['ledger']})" if s["training"] else "- training: unknown",
+              f"accountant, upper bound; releases: "
+              + ", ".join(f"{k} {n}" for k, n in s["training"]["ledger"].items()) + ")" if s["training"] else
+              "- training: unknown",
               f"- evaluation: epsilon {s['evaluation']['epsilon']:.4g} in {len(s['evaluation']['releases'])} "
               f"release(s); composition: {s['composition']}", "", "## Mechanisms", ""]
     for name, m in s["mechanisms"].items():

@@ -375,8 +375,8 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
     timings: dict[str, float] = {}
     public_dir, private_dir = run_dir / PUBLIC_REPORT.parent, run_dir / PRIVATE_REPORT.parent
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    provenance = {"run_dir": str(run_dir), "created": created, "config_hash": config_hash(config),
-                  "versions": versions()}
+    provenance = {"run_dir": run_dir.name, "created": created, "config_hash": config_hash(config),
+                  "versions": versions()}  # the folder's name only: its path is the operator's business
     report: dict = {**provenance, "notes": [],
                     "samples": {"num": int(samples.shape[0]), "shape": list(samples.shape[1:]),
                                 "per_class": {str(c): int(n) for c, n in
