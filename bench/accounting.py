@@ -13,10 +13,8 @@ Run: ``python bench/accounting.py`` (about a minute on a 2-core CPU).
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import itertools
-import platform
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,9 +23,10 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from privimage.engine import calibrate_noise_multiplier, compute_epsilon
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "accounting.md"
+from privimage.engine import calibrate_noise_multiplier, compute_epsilon  # noqa: E402
 DELTA = 1e-5
 
 
@@ -63,14 +62,15 @@ def main() -> None:
                    f"(estimate {check.estimate:.4f}); dp-accounting PLD at σ: {pld:.4f}")
     print(calibration)
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = harness.environment()
+    versions = harness.package_versions(["prv-accountant", "dp-accounting"])
     header = [f"# Accountant cross-check (δ = {DELTA})", "",
-              f"{date}; cpu {platform.machine()}, prv-accountant {importlib.metadata.version('prv-accountant')}, "
-              f"dp-accounting {importlib.metadata.version('dp-accounting')}. "
+              f"{env['date']}, git {env['git_sha']}; {env['device']}, prv-accountant {versions['prv-accountant']}, "
+              f"dp-accounting {versions['dp-accounting']}. "
               "Ours: the PRV upper bound (eps_error 0.01), or the RDP bound where PRV cannot represent the "
               "composition (accountant column). Seconds: our accountant only.", ""]
-    RESULTS.write_text("\n".join(header + lines + ["", calibration, ""]))
-    print(f"wrote {RESULTS}")
+    path = harness.write_atomic(harness.results_dir() / "accounting.md", "\n".join(header + lines + ["", calibration, ""]))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

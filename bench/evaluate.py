@@ -13,40 +13,37 @@ builds pytorch-fid's FID Inception and ours, loads the same random weights into 
 features and logits on the same uint8 images, through each one's own resize and normalisation:
 
     python bench/evaluate.py --pytorch-fid-check DIR
+
+bf16 against fp32 FID features (the GPU suite): the FID Inception with random He-scaled convolutions and its
+BatchNorm statistics taken from one batch of the images (so every layer's output is normalised and the
+features differ between images, as a trained network's do), ``--images`` embedded sensitive images against as
+many public ones, FID with pool3 features computed in float32 and under bf16 autocast, their difference, and
+images/s of each:
+
+    python bench/evaluate.py --features-check --device cuda [--images 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 import types
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 
-def _provenance() -> dict:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, check=False).stdout.strip()
-    except OSError:
-        sha = ""
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git_sha": sha,
-            "load_average_1m": os.getloadavg()[0],  # the CPU is shared: timings scale with this
-            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
-            f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"}
+def _provenance(device="cpu") -> dict:
+    return harness.environment(device)  # load_average_1m in it: the CPU is shared, timings scale with it
 
 
 def _proxy_classifier(channels: int, resolution: int, num_classes: int) -> torch.nn.Module:
@@ -113,6 +110,65 @@ def time_demo(num_samples: int) -> dict:
     return out
 
 
+def random_inception_weights(state_dict: dict, gen: torch.Generator) -> dict:
+    """Random weights for the FID Inception's keys, with non-trivial BatchNorm statistics (He-scaled
+    convolutions, running variances in [0.5, 1.5]), so features are neither zero nor saturated."""
+    weights = {}
+    for k, v in state_dict.items():
+        if k.endswith("num_batches_tracked"):
+            weights[k] = v
+        elif k.endswith("running_var"):
+            weights[k] = torch.rand(v.shape, generator=gen) + 0.5
+        elif k.endswith("conv.weight"):
+            weights[k] = torch.randn(v.shape, generator=gen) * (2.0 / v[0].numel()) ** 0.5
+        else:
+            weights[k] = torch.randn(v.shape, generator=gen) * 0.1
+    return weights
+
+
+def features_check(num_images: int, device: str, batch: int = 250) -> dict:
+    """FID of embedded sensitive vs public images with float32 and with bf16-autocast features (random-weight
+    Inception), their difference and each one's images/s (module docstring)."""
+    from privimage.data import load_dataset
+    from privimage.evaluate.fid import FeatureStats, fid_from_stats
+    from privimage.evaluate.inception import FIDInceptionV3, preprocess
+
+    net = FIDInceptionV3()
+    net.load_state_dict(random_inception_weights(net.state_dict(), torch.Generator().manual_seed(0)))
+    net = net.to(device)
+    sets = [load_dataset("embedded", split=split, size=num_images, seed=1).images
+            for split in ("sensitive", "public")]
+    for m in net.modules():  # BatchNorm: unit affine, statistics of one batch of both sets (cumulative)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_parameters()
+            m.momentum = None
+    with torch.no_grad():
+        net.train()(preprocess(torch.cat([s[:batch // 2] for s in sets]).to(device)))
+    net.eval()
+    out: dict = {"provenance": _provenance(device), "images_per_set": num_images,
+                 "weights": "random convolutions, BatchNorm statistics of one batch of the images"}
+    feats = {}
+    for dtype in ("float32", "bfloat16"):
+        amp = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16"
+               else contextlib.nullcontext())
+        with torch.no_grad(), amp:
+            net(preprocess(sets[0][:2].to(device)))  # warm-up
+            harness.sync(device)
+            t0 = time.perf_counter()
+            feats[dtype] = [torch.cat([net(preprocess(images[i:i + batch].to(device)))[0].float().cpu()
+                                       for i in range(0, len(images), batch)]) for images in sets]
+            harness.sync(device)
+        seconds = time.perf_counter() - t0
+        stats = [FeatureStats.from_features(f.double().numpy()) for f in feats[dtype]]
+        out[dtype] = {"fid": fid_from_stats(*stats), "images_per_s": 2 * num_images / seconds}
+    fp32, bf16 = out["float32"]["fid"], out["bfloat16"]["fid"]
+    out["fid_abs_diff"] = abs(bf16 - fp32)
+    out["fid_rel_diff"] = abs(bf16 - fp32) / max(abs(fp32), 1e-12)
+    f32, f16 = torch.cat(feats["float32"]), torch.cat(feats["bfloat16"])
+    out["feature_rel_err"] = float((f16 - f32).norm() / f32.norm().clamp_min(1e-30))
+    return out
+
+
 def pytorch_fid_check(pkg_dir: str) -> dict:
     """Compare against pytorch-fid's FID Inception (see the module docstring); returns max relative diffs."""
     root = Path(pkg_dir) / "torchvision"
@@ -147,16 +203,7 @@ def pytorch_fid_check(pkg_dir: str) -> dict:
     ours = FIDInceptionV3()
     ref_sd = ref.state_dict()
     gen = torch.Generator().manual_seed(0)
-    weights = {}
-    for k, v in ref_sd.items():  # random weights with non-trivial BatchNorm statistics
-        if k.endswith("num_batches_tracked"):
-            weights[k] = v
-        elif k.endswith("running_var"):
-            weights[k] = torch.rand(v.shape, generator=gen) + 0.5
-        elif k.endswith("conv.weight"):
-            weights[k] = torch.randn(v.shape, generator=gen) * (2.0 / v[0].numel()) ** 0.5
-        else:
-            weights[k] = torch.randn(v.shape, generator=gen) * 0.1
+    weights = random_inception_weights(ref_sd, gen)
     ref.load_state_dict(weights)
     ours.load_state_dict(weights)
     ref.eval()
@@ -192,16 +239,22 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--pytorch-fid-check", metavar="DIR", default=None)
+    parser.add_argument("--features-check", action="store_true", help="bf16 vs fp32 FID features")
+    parser.add_argument("--images", type=int, default=2000, help="--features-check: images per set")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = harness.results_dir()
     if args.pytorch_fid_check:
         result = pytorch_fid_check(args.pytorch_fid_check)
-        (RESULTS / "evaluate_pytorch_fid_check.json").write_text(json.dumps(result, indent=2) + "\n")
+        harness.write_json(results / "evaluate_pytorch_fid_check.json", result)
+    elif args.features_check:
+        result = features_check(args.images, args.device)
+        harness.write_json(results / "evaluate_features.json", result)
     else:
         result = time_demo(args.samples)
-        (RESULTS / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
+        harness.write_json(results / "evaluate.json", result)
     print(json.dumps(result, indent=2))
 
 

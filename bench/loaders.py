@@ -8,7 +8,8 @@ For each resolution: the embedded public set (``--size`` images) is generated, t
 Every loader yields float32 batches normalised to [-1, 1] with random flips, on ``--device``; the
 timed loop touches each batch (a sum) so nothing is left lazily undone.
 
-Results are appended to ``bench/results/loaders.csv`` and summarised in ``bench/results/loaders.md``.
+Results are appended to ``loaders.csv`` and summarised in ``loaders.md`` in ``bench/results``
+(``harness.results_dir``).
 
     python bench/loaders.py [--size 20000] [--resolutions 32 64] [--batch 256] [--epochs 3] [--device cpu]
                             [--threads 1]
@@ -19,43 +20,22 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.metadata
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from privimage.data import load_dataset
-from privimage.query import DeviceLoader, FFCVLoader, ffcv_available, write_ffcv
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from privimage.data import load_dataset  # noqa: E402
+from privimage.query import DeviceLoader, FFCVLoader, ffcv_available, write_ffcv  # noqa: E402
+
 COLUMNS = ["loader", "resolution", "images", "batch", "workers", "setup_s", "first_epoch_s", "images_per_s",
            "device", "torch", "numpy", "ffcv", "git_sha", "date"]
-
-
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time_epochs(loader, epochs: int, device: torch.device) -> tuple[float, float]:
@@ -68,7 +48,7 @@ def _time_epochs(loader, epochs: int, device: torch.device) -> tuple[float, floa
         for x, y in loader:
             total += x.sum()  # consume the batch
             n += x.shape[0]
-        _sync(device)
+        harness.sync(device)
         times.append(time.perf_counter() - start)
         if e > 0:
             count += n
@@ -83,6 +63,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per loader; the first is reported apart")
     parser.add_argument("--workers", type=int, default=2, help="FFCV decoding threads")
+    parser.add_argument("--loaders", nargs="+", choices=["device", "ffcv"], default=["device", "ffcv"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: stable numbers on a shared machine; 2 threads at load ~5 on a "
@@ -92,9 +73,9 @@ def main() -> int:
     device = torch.device(args.device)
     # Not `import ffcv` here: importing it sets torch's thread count to 1 (ffcv_available() restores it).
     ffcv_version = importlib.metadata.version("ffcv") if ffcv_available() else "not installed"
-    common = {"device": _device_name(device), "torch": torch.__version__, "numpy": np.__version__,
-              "ffcv": ffcv_version, "git_sha": _git_sha(),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    env = harness.environment(device)
+    common = {"device": env["device"], "torch": torch.__version__, "numpy": np.__version__,
+              "ffcv": ffcv_version, "git_sha": env["git_sha"], "date": env["date"]}
     rows = []
     for res in args.resolutions:
         start = time.perf_counter()
@@ -102,13 +83,15 @@ def main() -> int:
         print(f"{res}x{res}: generated {len(data)} embedded images in {time.perf_counter() - start:.1f} s", flush=True)
         start = time.perf_counter()
         loader = DeviceLoader(data, batch_size=args.batch, device=device, seed=0)
-        _sync(device)
+        harness.sync(device)
         setup = time.perf_counter() - start
         first, rate = _time_epochs(loader, args.epochs, device)
         rows.append({"loader": "device", "resolution": res, "images": len(data), "batch": args.batch, "workers": 0,
                      "setup_s": round(setup, 3), "first_epoch_s": round(first, 3), "images_per_s": round(rate),
                      **common})
         print(f"  device: {rate:,.0f} images/s (setup {setup:.2f} s)", flush=True)
+        if "ffcv" not in args.loaders:
+            continue
         if not ffcv_available():
             print("  ffcv: not installed, skipped", flush=True)
             continue
@@ -123,8 +106,9 @@ def main() -> int:
                      "images_per_s": round(rate), **common})
         print(f"  ffcv:   {rate:,.0f} images/s (write {written:.1f} s, first epoch with JIT {first:.1f} s)", flush=True)
 
-    RESULTS.mkdir(exist_ok=True)
-    csv_path = RESULTS / "loaders.csv"
+    results = harness.results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    csv_path = results / "loaders.csv"
     new = not csv_path.exists()
     with open(csv_path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -138,8 +122,8 @@ def main() -> int:
              "| loader | resolution | images/s (steady) | setup s (ffcv: write) | first epoch s |", "|---|---|---|---|---|"]
     lines += [f"| {r['loader']} | {r['resolution']} | {r['images_per_s']:,} | {r['setup_s']} | {r['first_epoch_s']} |"
               for r in rows]
-    (RESULTS / "loaders.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {csv_path} and {RESULTS / 'loaders.md'}")
+    harness.write_atomic(results / "loaders.md", "\n".join(lines) + "\n")
+    print(f"wrote {csv_path} and {results / 'loaders.md'}")
     return 0
 
 

@@ -9,20 +9,20 @@ For each preset ("s", "b") at 32×32 it times the FULL step of each loop, as the
 
 Images/s counts images (not rows); the DP/non-private ratio is reported at K = 1 (same rows, the engine's
 overhead) and at the chosen K (the cost of noise multiplicity too). Medians over ``--repeats`` steps after
-``--warmup``; wall clock and process CPU time (steadier on a shared CPU). Results:
-``bench/results/train_step.json`` and ``train_step.md`` with device, versions, git sha and date.
+``--warmup``; wall clock and process CPU time (steadier on a shared CPU). ``--compile`` compiles both steps
+(the pre-training loss with ``torch.compile(fullgraph=True)``, the DP step with ``DPEngine(compile=True)``);
+the first step, which compiles, is reported apart (``compile_s``). Results: ``train_step.json`` and
+``train_step.md`` in ``bench/results`` (``harness.results_dir``), or ``--json PATH``, with device, versions,
+git sha and date.
 
 Usage:
     python bench/train_step.py                       # batch 16, K in {1, 4}, presets s and b (~2-3 min, 2-core CPU)
-    python bench/train_step.py --batch 64 --device cuda --compile
+    python bench/train_step.py --batch 256 --k 8 --device cuda --compile --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,29 +30,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, _versions, device_name, git_sha, summarize, sync  # noqa: E402
+import harness  # noqa: E402
 
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA  # noqa: E402
 from privimage.engine import DPEngine  # noqa: E402
 from privimage.models import build_unet, count_parameters  # noqa: E402
 
 
-def _time(fn, warmup: int, repeats: int, device) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        sync(device)
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    med, p20, p80 = summarize(wall)
-    return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "cpu_median_ms": 1e3 * statistics.median(cpu)}
+def _first(fn, device) -> float:
+    """Seconds of one call (the one that compiles, when compiled)."""
+    t0 = time.perf_counter()
+    fn()
+    harness.sync(device)
+    return time.perf_counter() - t0
 
 
-def bench_preset(name: str, *, batch: int, ks: list[int], warmup: int, repeats: int, device, compile: bool) -> dict:
+def bench_preset(name: str, *, batch: int, ks: list[int], warmup: int, repeats: int, device, compile: bool,
+                 on_result=None) -> dict:
     torch.manual_seed(0)
     net = build_unet(name).to(device)
     den = EDMDenoiser(net)
@@ -78,14 +72,14 @@ def bench_preset(name: str, *, batch: int, ks: list[int], warmup: int, repeats: 
         ema.update(den)
 
     if compile:
-        t0 = time.perf_counter()
-        pretrain_step()
-        sync(device)
-        out["compile_s"] = time.perf_counter() - t0
-    out["pretrain"] = _time(pretrain_step, warmup, repeats, device)
+        out["compile_s"] = _first(pretrain_step, device)
+    out["pretrain"] = harness.time_steps(pretrain_step, warmup=warmup, repeats=repeats, device=device)
     out["pretrain"]["images_per_s"] = batch / (out["pretrain"]["median_ms"] / 1e3)
+    if on_result:
+        on_result(out)
 
-    engine = DPEngine(den, max_grad_norm=1e-3, noise_multiplier=1.0, expected_batch_size=batch, generator=gen)
+    engine = DPEngine(den, max_grad_norm=1e-3, noise_multiplier=1.0, expected_batch_size=batch, generator=gen,
+                      compile=compile)
     for k in ks:
         loss = EDMLoss(num_noise=k)
 
@@ -102,11 +96,16 @@ def bench_preset(name: str, *, batch: int, ks: list[int], warmup: int, repeats: 
             opt.zero_grad(set_to_none=True)
             ema.update(den)
 
-        r = _time(dp_step, warmup, repeats, device)
+        first = _first(dp_step, device) if compile else None
+        r = harness.time_steps(dp_step, warmup=warmup, repeats=repeats, device=device)
+        if first is not None:
+            r["compile_s"] = first
         r["images_per_s"] = batch / (r["median_ms"] / 1e3)
         r["ratio_vs_pretrain"] = r["median_ms"] / out["pretrain"]["median_ms"]
         r["cpu_ratio_vs_pretrain"] = r["cpu_median_ms"] / out["pretrain"]["cpu_median_ms"]
         out[f"dp_k{k}"] = r
+        if on_result:
+            on_result(out)
     engine.close()
     return out
 
@@ -119,18 +118,26 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the pre-training loss step")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the pre-training loss and the DP step (DPEngine(compile=True))")
+    parser.add_argument("--json", type=Path, default=None, help="write the JSON here (rewritten as results come)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
-    torch_v, triton_v = _versions()
-    meta = {"device": device_name(args.device), "torch": torch_v, "triton": triton_v, "git_sha": git_sha(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "resolution": 32, "dp_method": "bk-mixed", "compile": args.compile}
+    meta = harness.environment(args.device, resolution=32, dp_method="bk-mixed", compile=args.compile,
+                               batch=args.batch, k=args.k, amp="bf16 autocast" if "cuda" in args.device else "none")
+    meta["torch"], meta["triton"] = meta["versions"]["torch"], meta["versions"]["triton"]  # the earlier keys
     results = []
+    json_path = args.json or (None if args.no_save else harness.results_dir() / "train_step.json")
+
+    def save(partial=None):
+        if json_path is not None:
+            harness.write_json(json_path, {"meta": meta, "results": results + ([partial] if partial else [])})
+
     for name in args.presets:
         r = bench_preset(name, batch=args.batch, ks=args.k, warmup=args.warmup, repeats=args.repeats,
-                         device=args.device, compile=args.compile)
+                         device=args.device, compile=args.compile, on_result=save)
         results.append(r)
+        save()
         line = (f"{name}: {r['parameters'] / 1e6:.2f}M params, batch {args.batch}: pretrain "
                 f"{r['pretrain']['images_per_s']:.1f} img/s")
         for k in args.k:
@@ -138,11 +145,10 @@ def main() -> int:
             line += (f"; DP K={k} {d['images_per_s']:.1f} img/s (x{d['ratio_vs_pretrain']:.2f} wall, "
                      f"x{d['cpu_ratio_vs_pretrain']:.2f} cpu)")
         print(line, flush=True)
-    if args.no_save:
+    if args.no_save or args.json:
         return 0
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_step.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [f"# Training step throughput ({meta['device']}, torch {torch_v}, {meta['date']}, git {meta['git_sha']})",
+    lines = [f"# Training step throughput ({meta['device']}, torch {meta['torch']}, {meta['date']}, git "
+             f"{meta['git_sha']})", "", f"Command: `python bench/{meta['command']}`",
              "", "| preset | params | batch | mode | median ms | img/s | DP / non-private (wall) | (cpu) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -154,7 +160,7 @@ def main() -> int:
             lines.append(f"| {r['preset']} | {r['parameters']:,} | {r['batch']} | DP fine-tune (K={k}) | "
                          f"{d['median_ms']:.0f} | {d['images_per_s']:.1f} | {d['ratio_vs_pretrain']:.2f} | "
                          f"{d['cpu_ratio_vs_pretrain']:.2f} |")
-    (RESULTS / "train_step.md").write_text("\n".join(lines) + "\n")
+    harness.write_atomic(harness.results_dir() / "train_step.md", "\n".join(lines) + "\n")
     return 0
 
 

@@ -1,5 +1,9 @@
 """DPEngine against the slow loop reference (tests/reference.py): norms, clipped sums, final .grad, for every
-layer type a diffusion UNet uses, every method, odd shapes, padding, groups and frozen parameters."""
+layer type a diffusion UNet uses, every method, odd shapes, padding, groups and frozen parameters.
+
+The exactness tests take the ``device`` and ``precision`` fixtures (tests/conftest.py): on the CPU in float64 by
+default; the GPU suite re-runs them on CUDA in float64 and float32 (``PRIVIMAGE_TEST_DEVICE``,
+``PRIVIMAGE_TEST_DTYPES``)."""
 
 import importlib.util
 import math
@@ -18,6 +22,7 @@ _spec.loader.exec_module(ref)
 
 METHODS = ["bk-mixed", "ghost", "vmap", "loop"]
 DT = torch.float64
+ATOL = 1e-5  # dtypes other than float64: relative to the largest float64 reference value (STYLE.md §3)
 
 
 class Attention(nn.Module):
@@ -51,7 +56,7 @@ class UNetBlock(nn.Module):
         self.out = nn.Conv2d(c, c_in, 1)
 
     def forward(self, x, t, y):
-        emb = torch.sin(t[:, None] * torch.arange(1, 9, dtype=x.dtype)) + self.label(y)
+        emb = torch.sin(t[:, None] * torch.arange(1, 9, dtype=x.dtype, device=x.device)) + self.label(y)
         h = self.conv_in(x) + self.temb(emb)[:, :, None, None]
         h = F.silu(self.norm(h))
         h = self.att(self.down(h))
@@ -69,9 +74,11 @@ class Scale(nn.Module):
         return x * self.gain + x.square().mean() * 0  # rows independent; mean*0 keeps it row-local
 
 
-def _case(name, batch, reduction="sum"):
-    """(model, loss_fn) in float64 for one layer type; loss rows = batch; per-row sum or mean over outputs."""
+def _case(name, batch, reduction="sum", device="cpu", dtype=DT):
+    """(model, loss_fn) for one layer type, built in float64 from seeds (so a float64 twin of any case is one call
+    away), then moved to ``device`` and ``dtype``; loss rows = batch; per-row sum or mean over outputs."""
     g = torch.Generator().manual_seed(batch)
+    torch.manual_seed(batch)  # the modules' initial weights
 
     def rnd(*s):
         return torch.randn(*s, generator=g, dtype=DT)
@@ -106,18 +113,24 @@ def _case(name, batch, reduction="sum"):
         x = (rnd(batch, 3, 8, 6), torch.rand(batch, generator=g, dtype=DT), torch.randint(0, 5, (batch,), generator=g))
     else:
         raise KeyError(name)
-    model = model.to(DT)
+    model = model.to(DT).to(device, dtype)
+    x = tuple(_to(a, device, dtype) for a in x) if isinstance(x, tuple) else _to(x, device, dtype)
     target = None
 
     def loss_fn(m):
         nonlocal target
         out = m(*x) if isinstance(x, tuple) else m(x)
         if target is None:
-            target = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=DT)
+            target = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=DT).to(out)
         per_elem = (out * target + 0.3 * out.square()).flatten(1)
         return per_elem.sum(1) if reduction == "sum" else per_elem.mean(1)
 
     return model, loss_fn
+
+
+def _to(t, device, dtype):
+    """A case tensor on ``device``; floating-point ones in ``dtype`` (indices keep theirs)."""
+    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
 
 LAYERS = ["linear_extra_dims", "conv_stride2", "conv_groups2", "conv_dilation_nobias", "conv_1x1",
@@ -132,55 +145,87 @@ def _assert_grads(model, expected, atol=1e-10):
         assert err <= atol + 1e-8 * e.abs().max().item(), f"param {i} {tuple(p.shape)}: max error {err}"
 
 
+def _check_against_loop(within, stats, model, loss_fn, twin, *, C, B, norms=True, **kw):
+    """The engine's norms (``stats.norms``) and ``.grad`` against the loop reference on the same model and loss.
+
+    float64: to ~1e-9 relative. Other dtypes: ``within_precision`` against the loop run on ``twin()`` (the
+    same (model, loss_fn) built in float64 on the CPU), the loop at the test's dtype being the reference of the
+    same precision. ``kw``: the loop's ``groups``/``is_padding``.
+    """
+    expected = ref.dp_grads_loop(model, loss_fn, max_grad_norm=C, expected_batch_size=B, **kw)
+    ref_norms = ref.per_sample_norms_loop(model, loss_fn, **kw) if norms else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params[0].dtype == torch.float64:
+        if norms:
+            torch.testing.assert_close(stats.norms.cpu(), ref_norms, rtol=1e-9, atol=1e-12)
+        _assert_grads(model, expected)
+        return
+    model64, loss64 = twin()
+    kw64 = {k: v.cpu() for k, v in kw.items()}
+    if norms:
+        within(stats.norms, ref_norms, ref.per_sample_norms_loop(model64, loss64, **kw64), ATOL, "norms")
+    expected64 = ref.dp_grads_loop(model64, loss64, max_grad_norm=C, expected_batch_size=B, **kw64)
+    for i, (p, e, e64) in enumerate(zip(params, expected, expected64)):
+        assert p.grad is not None, f"param {i} {tuple(p.shape)} has no grad"
+        within(p.grad, e, e64, ATOL, f"param {i} {tuple(p.shape)}")
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_norms_and_grads_match_loop(name, method, reduction):
+def test_norms_and_grads_match_loop(name, method, reduction, device, precision, within_precision):
     for batch in (1, 3, 7):
-        model, loss_fn = _case(name, batch, reduction)
-        ref_norms = ref.per_sample_norms_loop(model, loss_fn)
-        C = float(ref_norms.median())  # about half the samples are clipped
+        model, loss_fn = _case(name, batch, reduction, device, precision)
+        C = float(ref.per_sample_norms_loop(model, loss_fn).median())  # about half the samples are clipped
         engine = DPEngine(model, max_grad_norm=C, noise_multiplier=0.0, expected_batch_size=5, method=method)
         stats = engine.step(loss_fn)
-        torch.testing.assert_close(stats.norms, ref_norms, rtol=1e-9, atol=1e-12)
-        _assert_grads(model, ref.dp_grads_loop(model, loss_fn, max_grad_norm=C, expected_batch_size=5))
+        _check_against_loop(within_precision, stats, model, loss_fn, lambda: _case(name, batch, reduction),
+                            C=C, B=5)
         assert stats.num_samples == batch and stats.num_nonfinite == 0
 
 
 # ---- padding, groups, frozen parameters, NaN, noise, accumulation ------------------------------------------
 
-def _unet_case(batch, seed=0):
+def _unet_case(batch, seed=0, device="cpu", dtype=DT):
+    """(model, x, t, y, target) of the UNet-like block, built in float64 from seeds, on ``device`` in ``dtype``."""
     g = torch.Generator().manual_seed(seed)
-    model = UNetBlock().to(DT)
+    torch.manual_seed(seed)
+    model = UNetBlock().to(DT).to(device, dtype)
     x = torch.randn(batch, 3, 8, 6, generator=g, dtype=DT)
     t = torch.rand(batch, generator=g, dtype=DT)
     y = torch.randint(0, 5, (batch,), generator=g)
     target = torch.randn(batch, 3, 8, 6, generator=g, dtype=DT)
-    return model, x, t, y, target
+    return (model, *(_to(a, device, dtype) for a in (x, t, y, target)))
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_padding_rows_count_for_nothing_even_if_nan(method):
-    model, x, t, y, target = _unet_case(7)
-    pad = torch.tensor([False, True, False, False, True, False, False])
-    x = x.clone()
-    # Garbage in a padding row must not leak. loop differentiates parameters through the whole batch's
-    # graph, where a NaN row poisons every row's parameter gradient (0·NaN): it gets finite garbage.
-    x[1] = float("nan") if method != "loop" else 1e3
+def test_padding_rows_count_for_nothing_even_if_nan(method, device, precision, within_precision):
+    pad = torch.tensor([False, True, False, False, True, False, False], device=device)
+    keep = ~pad  # the reference runs on the real rows alone (a NaN row would poison its shared backward)
 
-    def loss_fn(m):
-        return (m(x, t, y) - target).square().flatten(1).mean(1)
+    def case(device=device, dtype=precision):
+        model, x, t, y, target = _unet_case(7, device=device, dtype=dtype)
+        x = x.clone()
+        # Garbage in a padding row must not leak. loop differentiates parameters through the whole batch's
+        # graph, where a NaN row poisons every row's parameter gradient (0·NaN): it gets finite garbage.
+        x[1] = float("nan") if method != "loop" else 1e3
+        k = keep.to(x.device)
 
+        def loss_fn(m):
+            return (m(x, t, y) - target).square().flatten(1).mean(1)
+
+        def loss_real(m):
+            return (m(x[k], t[k], y[k]) - target[k]).square().flatten(1).mean(1)
+
+        return model, loss_fn, loss_real
+
+    model, loss_fn, loss_real = case()
     engine = DPEngine(model, max_grad_norm=0.05, noise_multiplier=0.0, expected_batch_size=6, method=method)
     stats = engine.step(loss_fn, is_padding=pad)
     assert stats.num_samples == 5 and stats.num_nonfinite == 0
     assert stats.clip_factors[pad].eq(0).all()
-    keep = ~pad  # the reference runs on the real rows alone (a NaN row would poison its shared backward)
-
-    def loss_real(m):
-        return (m(x[keep], t[keep], y[keep]) - target[keep]).square().flatten(1).mean(1)
-
-    _assert_grads(model, ref.dp_grads_loop(model, loss_real, max_grad_norm=0.05, expected_batch_size=6))
+    _check_against_loop(within_precision, stats, model, loss_real, lambda: case("cpu", DT)[::2], C=0.05, B=6,
+                        norms=False)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -199,34 +244,40 @@ def test_all_padding_batch_gives_noise_alone(method):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("groups", [[0, 1, 2, 0, 1, 2, 0, 1, 2], [2, 0, 0, 1, 2, 2, 3, 3, 3]],
                          ids=["uniform", "ragged"])
-def test_groups_clip_each_sample_over_its_rows(method, groups):
-    groups = torch.tensor(groups)
-    model, x, t, y, target = _unet_case(9)
+def test_groups_clip_each_sample_over_its_rows(method, groups, device, precision, within_precision):
+    groups = torch.tensor(groups, device=device)
 
-    def loss_fn(m):  # three noise draws of one image: each row is scaled by 1/k as diffusion losses do
-        return (m(x, t, y) - target).square().flatten(1).mean(1) / 3
+    def case(device=device, dtype=precision):
+        model, x, t, y, target = _unet_case(9, device=device, dtype=dtype)
 
-    norms = ref.per_sample_norms_loop(model, loss_fn, groups=groups)
-    C = float(norms.median())
+        def loss_fn(m):  # three noise draws of one image: each row is scaled by 1/k as diffusion losses do
+            return (m(x, t, y) - target).square().flatten(1).mean(1) / 3
+
+        return model, loss_fn
+
+    model, loss_fn = case()
+    C = float(ref.per_sample_norms_loop(model, loss_fn, groups=groups).median())
     engine = DPEngine(model, max_grad_norm=C, noise_multiplier=0.0, expected_batch_size=4, method=method)
     stats = engine.step(loss_fn, groups=groups)
-    torch.testing.assert_close(stats.norms, norms, rtol=1e-9, atol=1e-12)
-    _assert_grads(model, ref.dp_grads_loop(model, loss_fn, max_grad_norm=C, expected_batch_size=4, groups=groups))
+    _check_against_loop(within_precision, stats, model, loss_fn, lambda: case("cpu", DT), C=C, B=4, groups=groups)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_frozen_parameters_are_skipped(method):
-    model, x, t, y, target = _unet_case(5)
-    for p in list(model.conv_in.parameters()) + list(model.label.parameters()) + [model.norm.bias]:
-        p.requires_grad_(False)
+def test_frozen_parameters_are_skipped(method, device, precision, within_precision):
+    def case(device=device, dtype=precision):
+        model, x, t, y, target = _unet_case(5, device=device, dtype=dtype)
+        for p in list(model.conv_in.parameters()) + list(model.label.parameters()) + [model.norm.bias]:
+            p.requires_grad_(False)
 
-    def loss_fn(m):
-        return (m(x, t, y) - target).square().flatten(1).sum(1)
+        def loss_fn(m):
+            return (m(x, t, y) - target).square().flatten(1).sum(1)
 
+        return model, loss_fn
+
+    model, loss_fn = case()
     engine = DPEngine(model, max_grad_norm=0.1, noise_multiplier=0.0, expected_batch_size=5, method=method)
     stats = engine.step(loss_fn)
-    torch.testing.assert_close(stats.norms, ref.per_sample_norms_loop(model, loss_fn), rtol=1e-9, atol=1e-12)
-    _assert_grads(model, ref.dp_grads_loop(model, loss_fn, max_grad_norm=0.1, expected_batch_size=5))
+    _check_against_loop(within_precision, stats, model, loss_fn, lambda: case("cpu", DT), C=0.1, B=5)
     assert model.conv_in.weight.grad is None and model.label.weight.grad is None and model.norm.bias.grad is None
 
 
@@ -246,14 +297,24 @@ def test_all_methods_agree_in_float32():
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_sample_is_dropped_and_counted(method, bad):
-    model, x, t, y, target = _unet_case(5)
-    x = x.clone()
-    x[2, 0, 1, 1] = bad
+def test_nonfinite_sample_is_dropped_and_counted(method, bad, device, precision, within_precision):
+    keep = torch.arange(5) != 2  # expected: the clipped sum of the other four samples, still divided by 5
 
-    def loss_fn(m):
-        return (m(x, t, y) - target).square().flatten(1).sum(1)
+    def case(device=device, dtype=precision):
+        model, x, t, y, target = _unet_case(5, device=device, dtype=dtype)
+        x = x.clone()
+        x[2, 0, 1, 1] = bad
+        k = keep.to(x.device)
 
+        def loss_fn(m):
+            return (m(x, t, y) - target).square().flatten(1).sum(1)
+
+        def loss_rest(m):
+            return (m(x[k], t[k], y[k]) - target[k]).square().flatten(1).sum(1)
+
+        return model, loss_fn, loss_rest
+
+    model, loss_fn, loss_rest = case()
     engine = DPEngine(model, max_grad_norm=0.1, noise_multiplier=0.0, expected_batch_size=5, method=method)
     stats = engine.step(loss_fn)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -263,12 +324,8 @@ def test_nonfinite_sample_is_dropped_and_counted(method, bad):
         assert stats.num_nonfinite >= 1 and stats.num_samples == 5
         return
     assert stats.num_nonfinite == 1 and stats.num_samples == 5
-    keep = torch.arange(5) != 2  # expected: the clipped sum of the other four samples, still divided by 5
-
-    def loss_rest(m):
-        return (m(x[keep], t[keep], y[keep]) - target[keep]).square().flatten(1).sum(1)
-
-    _assert_grads(model, ref.dp_grads_loop(model, loss_rest, max_grad_norm=0.1, expected_batch_size=5))
+    _check_against_loop(within_precision, stats, model, loss_rest, lambda: case("cpu", DT)[::2], C=0.1, B=5,
+                        norms=False)
 
 
 def _ks_pvalue(samples, std):
