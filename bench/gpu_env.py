@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     record["ceilings"] = ceilings(device, args.seconds)
     harness.write_json(args.json, record)
     c = record["ceilings"]
-    print(f"{record['environment']['device']}: {c['matmul']['dtype']} matmul {c["matmul"]["tflops"]:.3g} TFLOP/s, "
+    print(f"{record['environment']['device']}: {c['matmul']['dtype']} matmul {c['matmul']['tflops']:.3g} TFLOP/s, "
           f"copy {c['copy']['gb_per_s']:.0f} GB/s")
     bad = [name for name, r in record["imports"].items() if not r["ok"]]
     if bad:

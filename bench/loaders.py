@@ -72,7 +72,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # Not `import ffcv` here: importing it sets torch's thread count to 1 (ffcv_available() restores it).
-    ffcv_version = importlib.metadata.version("ffcv") if ffcv_available() else "not installed"
+    ffcv_version = importlib.metadata.version("ffcv") if "ffcv" in args.loaders and ffcv_available() else \
+        "not installed" if "ffcv" in args.loaders else "not measured"
     env = harness.environment(device)
     common = {"device": env["device"], "torch": torch.__version__, "numpy": np.__version__,
               "ffcv": ffcv_version, "git_sha": env["git_sha"], "date": env["date"]}

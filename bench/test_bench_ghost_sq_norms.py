@@ -31,7 +31,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (kind, resolution, channels): conv levels where T = H·W is small, and attention's Linear on 8×8 tokens.
 LEVELS = [("conv", 16, 64), ("conv", 16, 128), ("conv", 8, 128), ("linear", 8, 128), ("linear", 16, 64)] \
     if B.full_shapes(DEVICE) else [("conv", 16, 64), ("conv", 8, 128), ("linear", 8, 128)]
-BATCHES = [64, 256, 512] if B.full_shapes(DEVICE) else [64]
+BATCHES = B.bench_batches(DEVICE)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 PROVIDERS = ["torch_ref", "triton", "native", "opacus"]
 ROUNDS = 20 if DEVICE == "cuda" else 5

@@ -29,7 +29,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # UNet levels (resolution, channels): 32×32 with 32-64 channels, 16×16 with 64-128, 8×8 with 128.
 LEVELS = [(32, 32), (32, 64), (16, 64), (16, 128), (8, 128)] if B.full_shapes(DEVICE) else [(32, 32), (16, 64),
                                                                                               (8, 128)]
-BATCHES = [64, 256, 512] if B.full_shapes(DEVICE) else [64]
+BATCHES = B.bench_batches(DEVICE)
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 PROVIDERS = ["torch_ref", "triton", "native", "opacus"]
 ROUNDS = 20 if DEVICE == "cuda" else 5

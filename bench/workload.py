@@ -21,8 +21,9 @@ from privimage.diffusion import EDMDenoiser, EDMLoss
 from privimage.models import build_unet
 
 
-def denoiser(preset: str = "s", *, device="cpu", seed: int = 0, **overrides) -> EDMDenoiser:
-    """``EDMDenoiser(build_unet(preset, **overrides))`` on ``device``, zero-initialised weights redrawn."""
+def denoiser(preset="s", *, device="cpu", seed: int = 0, **overrides) -> EDMDenoiser:
+    """``EDMDenoiser(build_unet(preset, **overrides))`` on ``device`` (preset: a name or a UNetConfig),
+    zero-initialised weights redrawn."""
     torch.manual_seed(seed)
     net = build_unet(preset, **overrides)
     with torch.no_grad():
