@@ -69,7 +69,8 @@ def main() -> None:
               f"dp-accounting {versions['dp-accounting']}. "
               "Ours: the PRV upper bound (eps_error 0.01), or the RDP bound where PRV cannot represent the "
               "composition (accountant column). Seconds: our accountant only.", ""]
-    path = harness.write_atomic(harness.results_dir() / "accounting.md", "\n".join(header + lines + ["", calibration, ""]))
+    path = harness.write_atomic(harness.results_dir() / "accounting.md",
+                                "\n".join(header + lines + ["", calibration, ""]))
     print(f"wrote {path}")
 
 

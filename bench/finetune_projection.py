@@ -14,11 +14,13 @@ interrupted run continues), and the results are written after each, so a run sto
 the steps it finished. Per-step seconds: the loop logs images/s per step; the step's size is the Poisson
 draw, which the sampler reproduces from its seed (``secure_noise=False`` here: a benchmark on random images,
 no privacy at stake).
+
 Projection of the fine-tune: the plan's steps × (the median step time, the first step with cuDNN's and
 Triton's autotuning left out when there are two or more, + the ε the loop computes for its log after every
-step, which the per-call step times leave out and is timed here once). Pre-training: given the time of one pre-training step
-(``--pretrain-step-ms`` at ``--pretrain-batch`` images, from ``train_step.py``), the config's pre-training
-steps × that time, scaled linearly to the config's batch when it was measured at another.
+step, which the per-call step times leave out and is timed here once). Pre-training: given the time of one
+pre-training step (``--pretrain-step-ms`` at ``--pretrain-batch`` images, from ``train_step.py``), the
+config's pre-training steps × that time, scaled linearly to the config's batch when it was measured at
+another.
 
     python bench/finetune_projection.py --device cuda --steps 3 --json finetune.json
     python bench/finetune_projection.py --config test --images 64 --steps 2        # CPU check, tiny

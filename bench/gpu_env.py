@@ -105,8 +105,15 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    record = {"environment": harness.environment(device), "nvidia_smi": nvidia_smi(), "imports": imports(),
-              "cuda_available": torch.cuda.is_available()}
+    record = {"nvidia_smi": nvidia_smi(), "imports": imports(), "cuda_available": torch.cuda.is_available()}
+    if device.type == "cuda" and not torch.cuda.is_available():  # say what is known, then fail
+        record["environment"] = harness.environment("cpu")
+        record["error"] = f"--device {args.device}, but torch.cuda.is_available() is False (torch " \
+                          f"{torch.__version__}, CUDA build {torch.version.cuda})"
+        harness.write_json(args.json, record)
+        print(record["error"], file=sys.stderr)
+        return 1
+    record["environment"] = harness.environment(device)
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         record["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "multiprocessors":

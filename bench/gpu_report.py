@@ -61,7 +61,8 @@ def summary(results: dict) -> str:
     versions = env.get("versions", {})
     lines = [f"# GPU check ({suite['mode']}): {env.get('device', '?')}", "",
              f"{suite.get('started', '')}; git {env.get('git_sha', '?')}; python {versions.get('python', '?')}, "
-             f"torch {versions.get('torch', '?')} (CUDA {versions.get('cuda', '-')}), triton {versions.get('triton', '?')}"
+             f"torch {versions.get('torch', '?')} (CUDA {versions.get('cuda', '-')}), "
+             f"triton {versions.get('triton', '?')}"
              f". Wall {suite.get('wall_s', 0):.0f} s of a {suite['total_cap_s']:.0f} s cap. Command: "
              f"`bash bench/gpu_suite.sh {' '.join(suite.get('argv', []))}`.", "", "## Stages", ""]
     lines += _table(["#", "stage", "status", "wall s", "cap s", "commands"], [
@@ -77,7 +78,10 @@ def summary(results: dict) -> str:
                       c["value"], c["target"], c["reason"]] for c in results["checks"]])
     lines += ["", "## Numbers", ""]
     for section in (_ceilings, _dp_step, _ops, _layers, _train, _loaders, _features, _finetune):
-        part = section(data)
+        try:
+            part = section(data)
+        except Exception as e:  # partial data from a command cut short must not cost the summary
+            part = [f"({section.__name__[1:]}: not rendered, {type(e).__name__}: {e})"]
         if part:
             lines += part + [""]
     return "\n".join(lines) + "\n"
@@ -104,7 +108,8 @@ def _dp_step(data):
         out += _table(["method", "median ms", "× non-private", "peak MB", "mem × non-private", "× np-compiled",
                        "mem × np-compiled", "vs best Opacus", "first step s"],
                       [[r["method"], "error: " + r["error"]] if "error" in r else
-                       [r["method"], _f(r.get("median_ms"), ".1f"), _f(r.get("time_ratio")), _f(r.get("peak_mem_mb"), ".0f"),
+                       [r["method"], _f(r.get("median_ms"), ".1f"), _f(r.get("time_ratio")),
+                        _f(r.get("peak_mem_mb"), ".0f"),
                         _f(r.get("mem_ratio")), _f(r.get("time_ratio_vs_compiled")), _f(r.get("mem_ratio_vs_compiled")),
                         _f(r.get("speedup_vs_best_opacus")), _f(r.get("first_step_s"), ".1f")] for r in d["rows"]])
         out.append("")
@@ -154,7 +159,8 @@ def _train(data):
             for k, v in r.items():
                 if k.startswith("dp_k"):
                     rows.append([r["preset"], mode, r["batch"], f"DP fine-tune K={k[4:]}", _f(v["median_ms"], ".1f"),
-                                 _f(v["images_per_s"], ",.0f"), _f(v["ratio_vs_pretrain"]), _f(v.get("compile_s"), ".1f")])
+                                 _f(v["images_per_s"], ",.0f"), _f(v["ratio_vs_pretrain"]),
+                                 _f(v.get("compile_s"), ".1f")])
     if not rows:
         return []
     return ["### Training steps (bench/train_step.py; full steps with Adam and EMA, bf16 autocast on CUDA)", ""] + \

@@ -71,7 +71,8 @@ def env_checks(suite: Suite, cmds: dict) -> list[Check]:
         out.append(Check("env", "CUDA device", "SKIPPED", reason=suite.gpu_only()))
     else:
         gpu = env.get("gpu", {})
-        out.append(check("env", "CUDA device", env.get("cuda_available"), gpu.get("name", "none"), "present"))
+        out.append(check("env", "CUDA device", env.get("cuda_available"), gpu.get("name", "none"), "present",
+                         env.get("error", "")))
     for name, modules in (("project imports", ["privimage", "privimage.engine", "privimage.kernels", "triton"]),
                           ("carried wheels import", ["opacus", "prv_accountant", "dp_accounting"]),
                           ("test tools import", ["pytest", "pytest_benchmark", "hypothesis"])):
@@ -92,26 +93,36 @@ def pytest_results(log) -> dict[str, str]:
                                                          text, re.M)}
 
 
+ENGINE_TESTS = ["tests/kernels", "tests/engine"]  # the tests that take the ``device`` fixture, by -m on_device
+
+
 def correctness_commands(suite: Suite) -> list[Command]:
+    """Most telling first: the kernels on CUDA, the engine in float32 (with the kernel-engine tests), compiled
+    = eager on UNet s, then the engine in float64 and compiled = eager on UNet b."""
     pytest = suite.python("-m", "pytest", "-v", "-p", "no:cacheprovider", "--continue-on-collection-errors")
-    gpu, engine, comp_s, comp_b = shares(suite, "correctness", 40, 60, 40, 20)
+    gpu, f32, comp_s, f64, comp_b = shares(suite, "correctness", 35, 40, 40, 30, 15)
     if suite.smoke:
-        engine_cmd = Command("engine-tests", pytest + ["tests/engine/test_dp_sgd.py", "-m", "on_device", "-k",
-                                                       "conv_1x1 and bk-mixed and sum"], cap_s=engine + gpu,
-                             env={"PRIVIMAGE_TEST_DEVICE": "cpu", "PRIVIMAGE_TEST_DTYPES": "float64,float32"})
+        selection = ["tests/engine/test_dp_sgd.py", "-m", "on_device", "-k", "conv_1x1 and bk-mixed and sum"]
+        f32_args, f64_args = selection, selection
     else:
-        engine_cmd = Command("engine-tests", pytest + ["tests/engine", "tests/kernels", "-m", "on_device"],
-                             cap_s=engine, env={"PRIVIMAGE_TEST_DEVICE": "cuda",
-                                                "PRIVIMAGE_TEST_DTYPES": "float64,float32"})
-    cmds = [Command("gpu-tests", pytest + ["tests/kernels/test_gpu.py"], cap_s=gpu, skip=suite.gpu_only()),
-            engine_cmd]
-    for preset, cap in (("s", comp_s), ("b", comp_b)):
-        cmds.append(Command(f"compiled-{preset}", suite.python(
+        f32_args = ENGINE_TESTS + ["-m", "on_device"]
+        f64_args = ENGINE_TESTS + ["-m", "on_device", "-k", "not test_engine_with_kernels"]  # no precision param
+
+    def engine(dtype, args, cap, skip=None):
+        return Command(f"engine-{dtype}", pytest + args, cap_s=cap, skip=skip,
+                       env={"PRIVIMAGE_TEST_DEVICE": suite.device, "PRIVIMAGE_TEST_DTYPES": dtype})
+
+    def compiled(preset, cap):
+        return Command(f"compiled-{preset}", suite.python(
             "bench/dp_step.py", "--check-only", "--device", suite.device, "--preset", preset,
             "--batch", OFFICIAL["batch"], "--k", OFFICIAL["k"], "--json", suite.work / f"compiled_{preset}.json"),
             cap_s=cap, skip=suite.gpu_only("Inductor takes minutes on this CPU (and computed wrong gradients "
-                                           "for this UNet there)")))
-    return cmds
+                                           "for this UNet there)"))
+
+    return [Command("gpu-tests", pytest + ["tests/kernels/test_gpu.py"], cap_s=gpu, skip=suite.gpu_only()),
+            engine("float32", f32_args, f32 + (gpu if suite.smoke else 0)), compiled("s", comp_s),
+            engine("float64", f64_args, f64, skip="smoke run: the normal suite runs these on the CPU in float64"
+                   if suite.smoke else None), compiled("b", comp_b)]
 
 
 def correctness_checks(suite: Suite, cmds: dict) -> list[Check]:
@@ -123,17 +134,20 @@ def correctness_checks(suite: Suite, cmds: dict) -> list[Check]:
                          reason=suite.gpu_only()))
     else:
         out.append(_tests_check("Triton kernels on CUDA (tests/kernels/test_gpu.py)", gpu, cmds.get("gpu-tests")))
-    engine = pytest_results(suite.work / "logs" / "correctness-engine-tests.log")
-    groups = {"float64": {k: v for k, v in engine.items() if "float64" in k},
-              "float32": {k: v for k, v in engine.items() if "float32" in k},
-              "kernels": {k: v for k, v in engine.items() if "test_engine_with_kernels" in k}}
-    for group, title in (("float64", f"engine = loop reference on {where}, float64"),
-                         ("float32", f"engine = loop reference on {where}, float32 (to precision)"),
-                         ("kernels", f"engine with the kernels = torch path, on {where}")):
-        if suite.smoke and group == "kernels":
-            out.append(Check("correctness", title, "SKIPPED", reason="smoke run: not selected"))
+    logs = {d: pytest_results(suite.work / "logs" / f"correctness-engine-{d}.log") for d in ("float32", "float64")}
+    groups = {"float64": ({k: v for k, v in logs["float64"].items() if "float64" in k}, "engine-float64"),
+              "float32": ({k: v for k, v in logs["float32"].items() if "float32" in k}, "engine-float32"),
+              "kernels": ({k: v for k, v in logs["float32"].items() if "test_engine_with_kernels" in k},
+                          "engine-float32")}
+    for group, title in (("float32", f"engine = loop reference on {where}, float32 (to precision)"),
+                         ("kernels", f"engine with the kernels = torch path, on {where}"),
+                         ("float64", f"engine = loop reference on {where}, float64")):
+        if suite.smoke and group != "float32":
+            out.append(Check("correctness", title, "SKIPPED", reason="smoke run: the normal suite runs these on "
+                                                                    "the CPU"))
         else:
-            out.append(_tests_check(title, groups[group], cmds.get("engine-tests")))
+            results, cmd = groups[group]
+            out.append(_tests_check(title, results, cmds.get(cmd)))
     for preset in ("s", "b"):
         data = suite.data(f"compiled_{preset}")
         for method, what in (("bk-mixed-compiled", "DP step"), ("nonprivate-compiled", "pre-training step")):
@@ -210,7 +224,8 @@ def dp_step_checks(suite: Suite, cmds: dict) -> list[Check]:
                 out.append(Check("dp-step", name, "FAIL", reason=reason))
                 continue
             ok = value <= target if better == "max" else value >= target
-            out.append(check("dp-step", name, ok, f"{value:.2f}×", f"{'≤' if better == 'max' else '≥'} {target:g}×"))
+            sign = "≤" if better == "max" else "≥"
+            out.append(check("dp-step", name, ok, f"{value:.2f}×", f"{sign} {target:g}×"))
     return out
 
 
@@ -251,8 +266,8 @@ def kernels_checks(suite: Suite, cmds: dict) -> list[Check]:
             worst = min(pairs, key=lambda p: p["speedup"])
             n_ok = sum(p["speedup"] >= OP_SPEEDUP for p in pairs)
             out.append(check("kernels", name, n_ok == len(pairs),
-                             f"{n_ok} of {len(pairs)}; slowest {worst['speedup']:.2f}× ({worst['op']} {worst['shape']} "
-                             f"{worst['dtype']})", f"≥ {OP_SPEEDUP:g}× each"))
+                             f"{n_ok} of {len(pairs)}; slowest {worst['speedup']:.2f}× ({worst['op']} "
+                             f"{worst['shape']} {worst['dtype']})", f"≥ {OP_SPEEDUP:g}× each"))
         tests = pytest_results(suite.work / "logs" / "kernels-op-benches.log")
         bad = [k for k, v in tests.items() if v in ("FAILED", "ERROR")]
         out.append(check("kernels", "op benchmarks ran", tests and not bad, f"{len(tests)} cases", "no error",

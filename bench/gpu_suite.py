@@ -165,7 +165,12 @@ class Suite:
                  "wall_s": round(time.monotonic() - t0, 1), "commands": records, "partial": partial}
         self.results["stages"] = [s for s in self.results["stages"] if s["key"] != stage.key] + [entry]
         self.results["checks"] = [c for c in self.results["checks"] if c["stage"] != stage.key]
-        self.results["checks"] += [asdict(c) for c in stage.checks(self, {r["name"]: r for r in records})]
+        try:
+            checks = stage.checks(self, {r["name"]: r for r in records})
+        except Exception as e:  # a bug in a check must not cost the rest of the run
+            checks = [Check(stage.key, "the stage's checks", "FAIL",
+                            reason=f"check code raised {type(e).__name__}: {e}")]
+        self.results["checks"] += [asdict(c) for c in checks]
         self.write()
 
     def collect(self) -> None:
@@ -174,7 +179,7 @@ class Suite:
             try:
                 self.results["data"][path.stem] = json.loads(path.read_text())
             except (OSError, ValueError) as e:
-                self.results["data"][path.stem] = {"error": f"unreadable: {e}"}
+                self.results["data"][path.stem] = {"_unreadable": str(e)}
         for name, key in (("kernels-cpu.csv" if self.smoke else "kernels-cuda.csv", "kernels_csv"),
                           ("loaders.csv", "loaders_csv")):
             if (self.work / name).exists():
@@ -199,7 +204,7 @@ class Suite:
 
     def data(self, name: str) -> dict | None:
         d = self.results["data"].get(name)
-        return d if isinstance(d, dict) and "error" not in d else None
+        return d if isinstance(d, dict) and "_unreadable" not in d else None
 
     def gpu_only(self, why: str = "") -> str | None:
         return f"smoke run on the CPU: {why or 'needs a CUDA device'}" if self.smoke else None
@@ -288,8 +293,8 @@ def main(argv=None) -> int:
     if args.list:
         gpu, smoke = caps_for(False), caps_for(True)
         for s in STAGES:
-            print(f"{s.key:12} GPU {gpu[s.key]:4.0f} s, smoke {smoke[s.key]:4.0f} s{'' if s.default else ' (only with --stages)'}"
-                  f"  {s.title}")
+            only = "" if s.default else " (only with --stages)"
+            print(f"{s.key:12} GPU {gpu[s.key]:4.0f} s, smoke {smoke[s.key]:4.0f} s{only}  {s.title}")
         print(f"{'total':12} GPU {sum(gpu[s.key] for s in STAGES if s.default):4.0f} s")
         return 0
     out = args.out or Path(os.environ.get("OUT") or ROOT / "gpu-out")
@@ -315,7 +320,8 @@ def main(argv=None) -> int:
             print(f"work folder: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print((suite.out / "summary.md").read_text())
+    summary = (suite.out / "summary.md").read_text()
+    print(summary.split("## Numbers")[0])  # the stages and checks: what a caller that sees the output's tail needs
     return 0
 
 

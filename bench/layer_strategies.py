@@ -18,11 +18,12 @@ weight-gradient norm (S,) by:
 
 and the clipped sum Σ_s c_s ∇W_s: ``clipped-fused`` (``conv_clipped_weight_grad`` / ``clipped_weight_grad``)
 against ``clipped-torch`` (its ``*_ref``: one weight-gradient GEMM with c folded into G). Time: median of
-up to ``--repeats`` after two warm-up calls (fewer for a call slower than 50 ms, so one slow layer cannot take the
-run's time; ``harness.time_steps``); memory: the peak growth during the first call (``harness.PeakMemory``,
-CUDA only). Ghost norms are skipped (with the reason) where their T²-cost is over 64× the materialised one:
-at 32×32 with K = 8 rows folded into one sample's positions they would take seconds a call. Each strategy's norms are compared with the materialised ones
-(``max_rel_diff``), so a wrong kernel shows here too.
+up to ``--repeats`` after two warm-up calls (fewer for a call slower than 50 ms, so one slow layer cannot
+take the run's time; ``harness.time_steps``); memory: the peak growth during the first call
+(``harness.PeakMemory``, CUDA only). Ghost norms are skipped (with the reason) where their T²-cost is over 64×
+the materialised one: at 32×32 with K = 8 rows folded into one sample's positions they would take seconds a
+call. Each strategy's norms are compared with the materialised ones (``max_rel_diff``), so a wrong kernel
+shows here too.
 
     python bench/layer_strategies.py --device cuda --samples 256 --k 8 --json layers.json
 """
@@ -162,7 +163,8 @@ def measure(entry, idx, S, args) -> dict:
             repeats = max(2, min(args.repeats, int(0.05 * args.repeats / max(one, 1e-9))))
             t = harness.time_steps(fn, warmup=0, repeats=repeats, device=args.device)
             out[name] = {"median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
-                         "repeats": repeats, "first_ms": 1e3 * first, "peak_mb": mem.mb if torch.device(args.device).type == "cuda" else None}
+                         "repeats": repeats, "first_ms": 1e3 * first,
+                         "peak_mb": mem.mb if torch.device(args.device).type == "cuda" else None}
         except Exception as e:  # one strategy failing on a layer is a result
             out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     for name in ("fused", "ghost"):

@@ -1,12 +1,13 @@
 """The engine's DP step with the kernels (Triton interpreter) equals the step with the torch references.
 
 privimage.engine.ops calls the privimage.kernels op of the same name when TRITON_INTERPRET=1 (or on CUDA);
-counting wrappers prove the kernels ran. The kernels run on ``$PRIVIMAGE_TEST_DEVICE`` (the ``device`` fixture):
-under Triton's interpreter on the CPU (default), compiled on CUDA (the GPU suite); the reference is always the
-torch code on the CPU, and the comparison is by precision (tests/conftest.py, ``within_precision``). The model mixes a layer the engine takes ghost norms of (few
-positions, wide) with one it takes materialised norms of (many positions, narrow), so bk-mixed exercises
-ghost_sq_norms + clipped_weight_grad, and the ghost method (which keeps no per-sample gradients) also
-per_sample_sq_norms. The native CPU build's counterpart is test_engine_native.py.
+counting wrappers prove the kernels ran. The kernels run on ``$PRIVIMAGE_TEST_DEVICE`` (the ``device``
+fixture): under Triton's interpreter on the CPU (default), compiled on CUDA (the GPU suite); the reference is
+always the torch code on the CPU, and the comparison is by precision (tests/conftest.py, ``within_precision``).
+The model mixes a layer the engine takes ghost norms of (few positions, wide) with one it takes materialised
+norms of (many positions, narrow), so bk-mixed exercises ghost_sq_norms + clipped_weight_grad, and the ghost
+method (which keeps no per-sample gradients) also per_sample_sq_norms. The native CPU build's counterpart is
+test_engine_native.py.
 """
 
 import pytest
