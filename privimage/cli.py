@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("privimage.commands.sample", "draw samples and a grid from a run directory's released EMA model"),
     "export": ("privimage.commands.export",
                "write RUN_DIR/release/: the publishable weights, config, privacy statement, samples and report"),
+    "audit": ("privimage.commands.audit",
+              "empirical privacy audit: a lower bound on the fine-tune's epsilon from canaries, vs. its claim"),
 }
 
 _DESCRIPTION = """\
