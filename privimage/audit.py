@@ -364,11 +364,12 @@ class _Case:
     correlation: float = float("nan")
 
 
-def _secret_int(*key: int) -> int:
-    """A 63-bit seed: from ``key`` (reproducible tests) or, with an empty key, from the OS's entropy."""
-    if not key:
+def _seed(reproducible: int | None, *parts: int) -> int:
+    """A 63-bit seed: derived from (reproducible, *parts) for tests, else from the OS's entropy."""
+    if reproducible is None:
         return secrets.randbits(63)
-    return int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    state = np.random.SeedSequence([reproducible, *parts]).generate_state(1, dtype=np.uint64)[0]
+    return int(state >> np.uint64(1))
 
 
 def _correlation(releases: list[dict], replayed: list[dict]) -> float:
@@ -392,7 +393,6 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
         log: progress lines.
     """
     cases = [PlantedBug(c) for c in cases]
-    key = () if reproducible is None else (reproducible,)
     config = settings.unet()
     sigma = calibrate_noise_multiplier(target_epsilon=settings.epsilon, sample_rate=1.0, steps=settings.steps,
                                        delta=settings.delta)
@@ -401,7 +401,7 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
     init_state = crafted_init(config, settings.seed)
     names = class_columns(config)
     directions = canary_directions(init_state, settings,
-                                   generator=torch.Generator().manual_seed(_secret_int(*key, 1)))
+                                   generator=torch.Generator().manual_seed(_seed(reproducible, 1)))
     replayed = replay_noise(EDMDenoiser(UNet(config)), max_grad_norm=settings.max_grad_norm, noise_multiplier=sigma,
                             seed=settings.seed, steps=settings.steps)
     replay = sum(_coordinates(noise, names) for noise in replayed)
@@ -414,10 +414,10 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
         start = time.perf_counter()
         case = _Case()
         for run in range(settings.runs):
-            included = draw_inclusions(settings.canaries_per_run,
-                                       seed=_secret_int(*key, 2, case_index, run) if key else None)
+            included = draw_inclusions(settings.canaries_per_run, seed=_seed(reproducible, 2, case_index, run))
             releases: list[dict[str, torch.Tensor]] = []
-            noise = None if not key else torch.Generator().manual_seed(_secret_int(*key, 3, case_index, run))
+            noise = (None if reproducible is None  # None: the fine-tune's own secure generator
+                     else torch.Generator().manual_seed(_seed(reproducible, 3, case_index, run)))
             engine = functools.partial(AuditingEngine, on_release=releases.append, bug=bug,
                                        public_seed=settings.seed, noise_generator=noise)
             pick = torch.from_numpy(included)
@@ -465,7 +465,7 @@ def audit_engine(settings: AuditSettings = AuditSettings(), cases: Sequence[Plan
                                    delta=settings.delta, max_grad_norm=settings.max_grad_norm,
                                    rows_per_sample=settings.num_noise, bug=bug, public_seed=settings.seed,
                                    confidence=settings.confidence, fractions=settings.fractions,
-                                   seed=None if reproducible is None else _secret_int(reproducible, 4, case_index))
+                                   seed=None if reproducible is None else _seed(reproducible, 4, case_index))
         results.append(CaseResult("engine", bug, audit.claimed_epsilon, audit.bound, settings.steps, 1,
                                   time.perf_counter() - start, float("nan")))
     return results
