@@ -17,8 +17,8 @@ undo; the claim is the accountant's ε for ``steps`` Gaussian releases of the cl
 
 **Why the canaries are built this way.** Canary images scored through a generic UNet are weak witnesses:
 their per-sample gradients are strongly correlated with each other (they share conv weights) and depend on
-the loss's random noise levels, so a projection score recovers a small part of each canary's signal (a pilot
-measured about a third). Auditors may choose the public initial model and public hyper-parameters
+the loss's random noise levels, so a projection score recovers only a fraction of each canary's signal: too
+little to resolve the per-row clipping bug at a small ε. Auditors may choose the public initial model and public hyper-parameters
 (worst-case initialisations are standard in tight auditing), so this audit crafts both:
 
 * :func:`crafted_init` routes the class label through the time-embedding MLP so that class c switches on
@@ -53,11 +53,12 @@ one function that knows the fine-tune's signature.
 
 **What it cannot see.** Leaks outside the released gradients (checkpoints, logs, sample grids); anything that
 depends on the Poisson sampling (the rate is 1); the divisor q·N, which changes with the number of included
-canaries and is treated as public; the fine-tune's diffusion randomness being public and positional (adding a
-record shifts the draws of the records after it: a real sensitivity increase, but it changes other records'
-contributions in their own coordinates, which a per-canary score never looks at); code paths the audit does
-not run (CUDA, bf16 autocast, ``compile=True``); leaks smaller than the one-run audit resolves (it certifies
-about ε_lb ≈ 3 at best with ~1000 canaries, so an ε off by tens of percent passes).
+canaries and is treated as public; public or positional diffusion randomness (issue 13, item 1: adding a record
+shifts the draws of the records after it, a real sensitivity increase, but in those records' own coordinates,
+which a per-canary score never reads); code paths the audit does not run (CUDA, bf16 autocast,
+``compile=True``, ``method`` other than the default); leaks smaller than a one-run audit resolves: with every
+guess right it certifies at most about ln(r / ln(1/α)) (r guesses, α the per-test level), so it catches leaks
+of several times the claim, not an ε that is off by tens of percent.
 """
 
 from __future__ import annotations

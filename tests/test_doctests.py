@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "privimage.engine.accounting",
+    "privimage.engine.auditing",
     "privimage.engine.dp_sgd",
     "privimage.engine.sampling",
     "privimage.progress",

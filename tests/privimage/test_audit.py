@@ -27,20 +27,17 @@ from privimage.engine.auditing import AuditingEngine
 from privimage.models.unet import UNet
 
 CI = AuditSettings(runs=12, steps=1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def results():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return {r.bug: r for r in run_audit(CI, reproducible=0, log=lambda *_: None)}
+    try:
+        return {r.bug: r for r in run_audit(CI, reproducible=0, log=lambda *_: None)}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
