@@ -20,12 +20,13 @@ mechanism is (ε, δ)-DP, the number W of correct guesses among the r = k₊ + k
 
     P[W ≥ v] ≤ f(v) + 2mδ · max_{i = 1..v} (f(v − i) − f(v)) / i,     f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v]
 
-(the paper's main theorem for (ε, δ)-DP; the form above, including the maximum over i, is the one its
-Appendix D computes, ``p_value_DP_audit``). With δ = 0 it is the comparison of W with the r coin flips of
-ε-randomised response. Observing v correct guesses therefore rejects "(ε, δ)-DP" at level α whenever the right
-side is below α, and the largest such ε is the lower bound ε_lb: with probability ≥ 1 − α over the canary bits
-and the mechanism's randomness, a mechanism that IS (ε, δ)-DP yields ε_lb ≤ ε. (Rejecting (ε_lb, δ) rejects
-every smaller ε too, since (ε', δ)-DP implies (ε, δ)-DP for ε ≥ ε'; so no monotonicity of the bound is assumed.)
+(arXiv 2305.08846v1, Corollary 5.4 of the main theorem for (ε, δ)-DP; the form above, with the maximum over i,
+is the one its Appendix D computes, ``p_value_DP_audit``). With δ = 0 it is the comparison of W with the r coin
+flips of ε-randomised response. Observing v correct guesses therefore rejects "(ε, δ)-DP" at level α whenever
+the right side is below α, and the largest such ε is the lower bound ε_lb: with probability ≥ 1 − α over the
+canary bits and the mechanism's randomness, a mechanism that IS (ε, δ)-DP yields ε_lb ≤ ε. (Rejecting (ε_lb, δ)
+rejects every smaller ε too, since (ε', δ)-DP implies (ε, δ)-DP for ε ≥ ε'; so no monotonicity of the bound is
+assumed.)
 
 **What the guesses may depend on**: anything the mechanism released, public information, and the auditor's own
 randomness; never the bits S. The score is free (any function of those): a bad score costs power, not
@@ -98,8 +99,8 @@ def _check_counts(m: int, r: int, v: int) -> None:
 def one_run_p_value(m: int, r: int, v: int, *, epsilon: float, delta: float) -> float:
     """Upper bound on P[≥ v correct guesses out of r] for an (ε, δ)-DP mechanism with m canaries.
 
-    Steinke, Nasr & Jagielski 2023 (arXiv 2305.08846), main theorem for (ε, δ)-DP, in the form of their
-    Appendix D: ``f(v) + 2mδ · max_i (f(v−i) − f(v))/i`` with ``f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v]``,
+    Steinke, Nasr & Jagielski 2023 (arXiv 2305.08846v1), Corollary 5.4, in the form of their Appendix D:
+    ``f(v) + 2mδ · max_i (f(v−i) − f(v))/i`` with ``f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v]``,
     capped at 1. ``m`` is the number of canaries (each included with probability 1/2), ``r`` the guesses made
     (abstentions excluded), ``v`` the correct ones.
 

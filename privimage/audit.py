@@ -15,11 +15,11 @@ included, not the Poisson draws, not the secure noise, not the diffusion draws. 
 record in every step), so the accountant's ε has no subsampling amplification that seeing the batches could
 undo; the claim is the accountant's ε for ``steps`` Gaussian releases of the clipped sum.
 
-**Why the canaries are built this way.** Canary images scored through a generic UNet are weak witnesses:
-their per-sample gradients are strongly correlated with each other (they share conv weights) and depend on
-the loss's random noise levels, so a projection score recovers only a fraction of each canary's signal: too
-little to resolve the per-row clipping bug at a small ε. Auditors may choose the public initial model and public hyper-parameters
-(worst-case initialisations are standard in tight auditing), so this audit crafts both:
+**Why the canaries are built this way.** Canary images scored through a generic UNet are weak witnesses: their
+per-sample gradients are strongly correlated with each other (they share conv weights) and depend on the loss's
+random noise levels, so a projection score recovers only a fraction of each canary's signal: too little to
+resolve the per-row clipping bug at a small ε. Auditors may choose the public initial model and public
+hyper-parameters (worst-case initialisations are standard in tight auditing), so this audit crafts both:
 
 * :func:`crafted_init` routes the class label through the time-embedding MLP so that class c switches on
   one coordinate of the embedding every ResBlock reads (``h + W_b · silu(temb)``), at a large value a, while
@@ -444,8 +444,8 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
                                     confidence=settings.confidence, fractions=settings.fractions)
         result = CaseResult("pipeline", bug, claimed, bound, settings.steps, settings.runs,
                             time.perf_counter() - start, case.correlation)
-        log(f"audit: pipeline, {bug.value}: epsilon_lb {bound.epsilon_lb:.3f} vs claimed {claimed:.3f}: {result.verdict} "
-            f"({result.seconds:.0f} s)")
+        log(f"audit: pipeline, {bug.value}: epsilon_lb {bound.epsilon_lb:.3f} vs claimed {claimed:.3f}: "
+            f"{result.verdict} ({result.seconds:.0f} s)")
         results.append(result)
     return results
 
