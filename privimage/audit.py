@@ -45,11 +45,14 @@ with the public seed would have drawn (:func:`~privimage.engine.auditing.replay_
 guess fractions form the family of :func:`~privimage.engine.auditing.epsilon_lower_bound`, fixed before any
 run and Bonferroni-corrected; the reported ε_lb is the best of the family.
 
-**Seams in other modules** (the only places this audit reaches in): the fine-tune builds its engine through the
-module attribute ``privimage.train.finetune.DPEngine``, which :func:`_engine_seam` replaces, for the duration
-of one call, by an :class:`~privimage.engine.auditing.AuditingEngine` (public DPEngine API only: its
-constructor's keywords, ``accumulate(groups=...)`` and ``.grad`` after ``finalize``); :func:`_fine_tune` is the
-one function that knows the fine-tune's signature.
+**Seams in other modules** (the only places this audit reaches in). The releases are read through the
+fine-tune's documented ``on_release`` hook (``p.grad`` after ``finalize``, before the optimizer), in
+:func:`_fine_tune`, the one function that knows the fine-tune's signature. The pipeline as it is runs with
+nothing replaced. For a planted bug (and, in reproducible tests, for a seeded stand-in of the secure noise
+generator) the fine-tune's engine is swapped for one call: it is built through the module attribute
+``privimage.train.finetune.DPEngine``, which :func:`_engine_seam` points at an
+:class:`~privimage.engine.auditing.AuditingEngine` (public DPEngine API only: the constructor's keywords and
+``accumulate(groups=...)``).
 
 **What it cannot see.** Leaks outside the released gradients (checkpoints, logs, sample grids); anything that
 depends on the Poisson sampling (the rate is 1); the divisor q·N, which changes with the number of included
@@ -323,20 +326,33 @@ def canary_directions(init_state: dict, settings: AuditSettings, *, generator: t
 # ---- one audited fine-tune ------------------------------------------------------------------------------------
 
 def _fine_tune(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, *, settings: AuditSettings,
-               budget: PrivacyBudget, init_state: dict) -> None:
-    """The one call into the pipeline's fine-tune: ITS signature is known here and nowhere else in the audit.
+               budget: PrivacyBudget, init_state: dict) -> list[dict[str, torch.Tensor]]:
+    """The one call into the pipeline's fine-tune (ITS signature is known here and nowhere else in the audit).
 
-    Public settings chosen by the auditor: learning rate 0, label dropout 0, secure noise (the default), no
-    intermediate checkpoints or logs. Its progress bar is silenced.
+    Returns every step's released noisy sum {parameter name: tensor}, read through the fine-tune's documented
+    ``on_release`` hook: right after ``finalize``, ``p.grad`` = noisy sum / (q·N), and q·N = N here (rate 1).
+    Public settings chosen by the auditor: learning rate 0, label dropout 0, secure noise and secret diffusion
+    randomness (the defaults), no intermediate checkpoints or logs. Its progress bar is silenced.
     """
     from privimage.train import finetune
+
+    releases: list[dict[str, torch.Tensor]] = []
+    divisor = float(len(images))
+
+    def on_release(step: int, denoiser: torch.nn.Module) -> None:
+        releases.append({name: p.grad.detach() * divisor for name, p in denoiser.named_parameters()
+                         if p.requires_grad})
 
     with contextlib.redirect_stderr(io.StringIO()):
         finetune(run_dir, images=images, labels=labels, unet=settings.unet(), budget=budget, init_state=init_state,
                  physical_batch_size=settings.physical_batch_size, num_noise=settings.num_noise,
                  max_grad_norm=settings.max_grad_norm, lr=0.0, label_dropout=0.0, seed=settings.seed,
                  secure_noise=True, checkpoint_every=settings.steps, log_every=settings.steps,
-                 log=lambda *_: None)
+                 on_release=on_release, log=lambda *_: None)
+    if len(releases) != settings.steps:
+        raise RuntimeError(f"The fine-tune reported {len(releases)} releases for {settings.steps} steps: its "
+                           f"on_release hook no longer sees every step.")
+    return releases
 
 
 @contextlib.contextmanager
@@ -353,6 +369,15 @@ def _engine_seam(make_engine: Callable):
         yield
     finally:
         module.DPEngine = original
+
+
+def _planted(bug: PlantedBug, public_seed: int, noise_seed: int | None):
+    """The engine seam for one fine-tune: an :class:`AuditingEngine` with ``bug`` (and, for reproducible tests,
+    a seeded stand-in for the secure noise generator); no seam at all for the pipeline as it is."""
+    if bug is PlantedBug.NONE and noise_seed is None:
+        return contextlib.nullcontext()
+    noise = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+    return _engine_seam(functools.partial(AuditingEngine, bug=bug, public_seed=public_seed, noise_generator=noise))
 
 
 @dataclass
@@ -416,21 +441,16 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
         case = _Case()
         for run in range(settings.runs):
             included = draw_inclusions(settings.canaries_per_run, seed=_seed(reproducible, 2, case_index, run))
-            releases: list[dict[str, torch.Tensor]] = []
-            noise = (None if reproducible is None  # None: the fine-tune's own secure generator
-                     else torch.Generator().manual_seed(_seed(reproducible, 3, case_index, run)))
-            engine = functools.partial(AuditingEngine, on_release=releases.append, bug=bug,
-                                       public_seed=settings.seed, noise_generator=noise)
             pick = torch.from_numpy(included)
             images = torch.cat([canaries[pick], background])
             labels = torch.cat([canary_labels[pick], background_labels])
             budget = PrivacyBudget(settings.epsilon, settings.delta,
                                    plan={FINETUNE: Mechanism(sigma, 1.0, settings.steps)})
-            with tempfile.TemporaryDirectory(prefix="privimage-audit-") as tmp, _engine_seam(engine):
-                _fine_tune(Path(tmp), images, labels, settings=settings, budget=budget, init_state=init_state)
-            if len(releases) != settings.steps:
-                raise RuntimeError(f"The fine-tune released {len(releases)} noisy sums for {settings.steps} "
-                                   f"steps: the audit's engine seam no longer sees every step.")
+            with tempfile.TemporaryDirectory(prefix="privimage-audit-") as tmp, \
+                    _planted(bug, settings.seed, _seed(reproducible, 3, case_index, run) if reproducible is not None
+                             else None):
+                releases = _fine_tune(Path(tmp), images, labels, settings=settings, budget=budget,
+                                      init_state=init_state)
             released = sum(_coordinates(r, names) for r in releases)[: settings.canaries_per_run]
             noise_free = released - replay[: settings.canaries_per_run]
             case.plain.append((released * directions).sum(1) / settings.max_grad_norm)

@@ -1,7 +1,8 @@
 """The pipeline audit: canary images through the real DP fine-tune pass it, and each planted bug is caught.
 
-The CI-sized audit (12 fine-tunes × 127 canaries per case, one step each) is seeded (``reproducible``) so
-that it is deterministic; bench/audit.py runs larger audits with the OS's entropy.
+The CI-sized audit (12 fine-tunes × 127 canaries per case, one step each) seeds the canary bits, the DP noise
+and the auditor's draws (``reproducible``); the fine-tune's diffusion randomness stays secret (OS entropy),
+which moves ε_lb little. bench/audit.py runs larger audits, and repeats this size, with the OS's entropy.
 """
 
 import importlib
