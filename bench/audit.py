@@ -14,7 +14,6 @@ Run: ``python bench/audit.py`` (defaults: ``--runs 48 --steps 2 --repeats 4``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 from pathlib import Path
@@ -22,11 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import device_name, git_sha  # noqa: E402
+import harness  # noqa: E402
 
 from privimage.audit import CASES, AuditSettings, audit_engine, format_report, run_audit  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "audit.md"
 CI = AuditSettings(runs=12, steps=1)  # the size tests/privimage/test_audit.py runs
 
 
@@ -37,7 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    command = "python bench/audit.py " + " ".join(sys.argv[1:])
+    env = harness.environment()
     start = time.perf_counter()
 
     settings = AuditSettings(runs=args.runs, steps=args.steps)
@@ -64,12 +62,12 @@ def main() -> None:
         power_lines.append(f"| {bug.value} | {good} / {len(rs)} | {lbs[0]:.3f} | {lbs[len(lbs) // 2]:.3f} "
                            f"| {lbs[-1]:.3f} |")
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     total = time.perf_counter() - start
     text = [
         "# Empirical privacy audit (one-run canary audit, issue 13)", "",
-        f"{date}; {device_name('cpu')} (a shared 2-core machine); torch {torch.__version__}; git {git_sha()}. "
-        f"Command: `{command}` ({total / 60:.1f} min in all). Every random draw from the OS's entropy.", "",
+        f"{env['date']}, git {env['git_sha']}; {env['device']}, load average {env['load_average_1m']} at the "
+        f"start (a shared machine); torch {env['versions']['torch']}. Command: `python bench/{env['command']}` "
+        f"({total / 60:.1f} min in all). Every random draw from the OS's entropy.", "",
         f"## One audit: {settings.runs} fine-tunes × {settings.steps} steps per case "
         f"({settings.canaries} canaries)", "", table, "",
         "Seconds per case (the pipeline's include its fine-tunes; the engine's are Dirac canaries only):", "",
@@ -80,14 +78,15 @@ def main() -> None:
         "ε_lb > claimed ε.", "", *power_lines, "",
         f"Seconds per repeat (4 cases): {', '.join(f'{s:.0f}' for s in repeat_seconds)}.", "",
         "## What the audit does not see", "",
-        "The `none` case runs the fine-tune as it is on this commit, whose diffusion randomness (noise levels, "
-        "noise images, label dropout) is drawn from the public seed by position in the batch (issue 13, item 1): "
-        "the audit passes it. Adding a record shifts the draws of the records after it, a real sensitivity "
-        "increase, but in those records' own gradient coordinates, which a per-canary score never reads. "
-        "Nor does it see leaks outside the released gradients, anything tied to Poisson sampling (the sample "
-        "rate is 1), the private divisor q·N, or code paths it does not run (CUDA, bf16, compile=True).", ""]
-    RESULTS.write_text("\n".join(text))
-    print(f"wrote {RESULTS}")
+        "Public or positional diffusion randomness: `audit-before-fix.md` audited the fine-tune before issue 13's "
+        "fix, whose noise levels, noise images and label dropout came from the public seed by position in the "
+        "batch, and the audit passed it. Adding a record shifted the draws of the records after it, a real "
+        "sensitivity increase, but in those records' own gradient coordinates, which a per-canary score never "
+        "reads. Nor does it see leaks outside the released gradients, anything tied to Poisson sampling (the "
+        "sample rate is 1), the private divisor q·N, or code paths it does not run (CUDA, bf16, compile=True).",
+        ""]
+    path = harness.write_atomic(harness.results_dir() / "audit.md", "\n".join(text))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
