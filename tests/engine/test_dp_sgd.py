@@ -5,9 +5,7 @@ The exactness tests take the ``device`` and ``precision`` fixtures (tests/confte
 default; the GPU suite re-runs them on CUDA in float64 and float32 (``PRIVIMAGE_TEST_DEVICE``,
 ``PRIVIMAGE_TEST_DTYPES``)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +14,7 @@ import torch.nn.functional as F
 
 from privimage.engine import DPEngine, check_per_sample_norms, make_private
 
-_spec = importlib.util.spec_from_file_location("engine_test_reference", Path(__file__).parents[1] / "reference.py")
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
+import reference as ref
 
 METHODS = ["bk-mixed", "ghost", "vmap", "loop"]
 DT = torch.float64

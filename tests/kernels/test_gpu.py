@@ -1,24 +1,11 @@
 """The compiled Triton kernels on CUDA at UNet layer shapes (skipped with a reason without a GPU)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from privimage import kernels as K
 
-
-def _helpers():
-    if "kernel_test_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kernel_test_helpers", Path(__file__).with_name("helpers.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["kernel_test_helpers"]
-
-
-H = _helpers()
+import kernel_cases as H
 
 # (R, C_in, C_out, H, W, kernel, stride, padding, dilation, groups): 32×32 / 16×16 / 8×8 UNet levels
 UNET = [(64, 64, 64, 32, 32, 3, 1, 1, 1, 1), (64, 128, 128, 16, 16, 3, 1, 1, 1, 1),

@@ -4,28 +4,15 @@ Skipped with the reason when the library is not built (build: csrc/build.sh). Wh
 privimage.kernels ops hand CPU float32/bf16 tensors to it, which is tested here too.
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from privimage import kernels as K
 from privimage.kernels import native
 
+import kernel_cases as H
+
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native build not loaded: {native.why_unavailable()}")
-
-
-def _helpers():
-    if "kernel_test_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kernel_test_helpers", Path(__file__).with_name("helpers.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["kernel_test_helpers"]
-
-
-H = _helpers()
 
 
 def _poison(kw, *tensors):

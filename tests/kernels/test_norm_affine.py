@@ -1,25 +1,11 @@
 """Bias and GroupNorm/LayerNorm affine norms and clipped sums in the interpreter vs reference and float64."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from privimage import kernels as K
 
-
-def _helpers():
-    if "kernel_test_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kernel_test_helpers", Path(__file__).with_name("helpers.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["kernel_test_helpers"]
-
-
-H = _helpers()
-
+import kernel_cases as H
 
 # (name, make inputs (dtype) -> (x or None, grad_out), op kwargs); offsets on x make the variance pass matter
 def _gn():

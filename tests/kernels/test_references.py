@@ -4,26 +4,13 @@ For each sample s, its loss is Σ_{r∈s, r not padding} ⟨layer(x_r), G_r⟩, 
 the sample's gradient that the ops take norms of and clip-sum (G_r being the output gradient of row r).
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from privimage import kernels as K
 
-
-def _helpers():
-    if "kernel_test_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kernel_test_helpers", Path(__file__).with_name("helpers.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["kernel_test_helpers"]
-
-
-H = _helpers()
+import kernel_cases as H
 
 
 def loop_grads(forward, params, x, G, sample_index=None, is_padding=None, num_samples=None):

@@ -1,5 +1,7 @@
-"""Shared helpers of the kernel tests: the precision check and random layer cases (loaded by file path,
-since tests are not a package under pytest's importlib mode)."""
+"""Shared helpers of the kernel tests: the precision check and random layer cases.
+
+Imported by name (``import kernel_cases as H``): pyproject's pytest ``pythonpath`` puts tests/ on sys.path.
+"""
 
 import pytest
 import torch
