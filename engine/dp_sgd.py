@@ -20,7 +20,8 @@ Methods (one interface, ``method=``):
 * ``"vmap"``: materialised per-sample gradients of every parameter by torch.func: each layer alone, vmap
   over rows of a vjp of the layer with its recorded input and output gradient (the same probes, one
   backward); memory O(B · params). Also the fallback, per layer, for modules without a rule.
-* ``"loop"``: one backward per sample; slow and obviously right.
+* ``"loop"``: one backward per sample; slow and obviously right. A sample whose gradient comes out
+  non-finite is recomputed with the other rows kept out of its graph, so one NaN image drops only itself.
 
 Compile (``compile=True``, bk-mixed only; opt-in on every device): the step becomes three
 ``torch.compile(fullgraph=True, dynamic=False)`` graphs joined by short eager code. Opt-in because it is not
@@ -494,7 +495,12 @@ class DPEngine:
                 per_sample.append(None)
                 continue
             g = torch.autograd.grad(losses[rows].sum(), self.params, retain_graph=True, allow_unused=True)
-            per_sample.append([torch.zeros_like(p) if x is None else x for p, x in zip(self.params, g)])
+            g = [torch.zeros_like(p) if x is None else x for p, x in zip(self.params, g)]
+            if not all(bool(torch.isfinite(x).all()) for x in g):
+                # The batch's shared graph turns another row's NaN into this sample's (0·NaN in a weight
+                # gradient): recompute the sample in isolation before deciding that it is itself non-finite.
+                g = _isolated_sample_grad(self.model, loss_fn, rows, self.params)
+            per_sample.append(g)
         dtype = torch.promote_types(losses.dtype, torch.float32)
         sq = torch.stack([torch.zeros((), dtype=dtype) if g is None else
                           sum(ops._acc(x).square().sum() for x in g) for g in per_sample]) \
@@ -509,6 +515,46 @@ class DPEngine:
                 self._add(p, c[s] * ops._acc(x))
         return StepStats(num_samples=self._num_samples, num_nonfinite=self._num_nonfinite,
                          losses=losses.detach(), norms=norms, clip_factors=c)
+
+
+def _isolated_sample_grad(model: nn.Module, loss_fn, rows: torch.Tensor, params) -> list[torch.Tensor]:
+    """The gradient of ``loss_fn(model)[rows].sum()`` with no other row's values able to reach it.
+
+    One backward through a whole batch computes each weight gradient as a sum over every row, with zero
+    output gradients for the rows outside the sample, and 0·NaN = NaN: one NaN row would make every sample
+    non-finite. Here the model's batched inputs (tensors with R leading rows) have every other row replaced
+    by a copy of one of the sample's rows, and its batched outputs pass no gradient to the other rows
+    (``torch.where``, not a product, so a NaN loss elsewhere stays out). For a model that treats rows
+    independently (which per-sample gradients assume), the sample's gradient is unchanged.
+    """
+    R = rows.shape[0]
+    source = torch.where(rows, torch.arange(R, device=rows.device), rows.nonzero()[0, 0])
+
+    def take(x):
+        return x[source] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == R else x
+
+    def isolate(x):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == R and x.requires_grad:
+            return torch.where(rows.view((R,) + (1,) * (x.dim() - 1)), x, x.detach())
+        return x
+
+    def inputs(module, args, kwargs):
+        return tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}
+
+    def outputs(module, args, kwargs, out):
+        if isinstance(out, (tuple, list)):
+            return type(out)(isolate(o) for o in out)
+        return isolate(out)
+
+    handles = [model.register_forward_pre_hook(inputs, with_kwargs=True),
+               model.register_forward_hook(outputs, with_kwargs=True)]
+    try:
+        losses = loss_fn(model)
+        g = torch.autograd.grad(losses[rows].sum(), params, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.zeros_like(p) if x is None else x for p, x in zip(params, g)]
 
 
 @dataclass(eq=False)
