@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "privimage.engine.accounting",
+    "privimage.engine.budget",
     "privimage.engine.dp_sgd",
     "privimage.engine.sampling",
     "privimage.progress",
