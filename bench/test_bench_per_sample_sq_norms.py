@@ -43,9 +43,12 @@ def _fn(provider, x, go):
             pytest.skip(f"native build not loaded: {native.why_unavailable()}")
         if x.device.type != "cpu":
             pytest.skip("the native build is for CPU tensors")
-        if not hasattr(native, "conv_per_sample_sq_norms"):
-            pytest.skip("the native build has no conv_per_sample_sq_norms (not built natively: its torch reference is one weight-gradient convolution)")
-        return lambda: native.conv_per_sample_sq_norms(x, go, **geometry)
+
+        def run_native():
+            with K.dispatch.forced("native"):
+                return K.conv_per_sample_sq_norms(x, go, **geometry)
+
+        return run_native
     from opacus.grad_sample.conv import compute_conv_grad_sample
     layer = nn.Conv2d(x.shape[1], go.shape[1], 3, padding=1, bias=False, device=x.device, dtype=x.dtype)
     return lambda: compute_conv_grad_sample(layer, [x], go)[layer.weight].flatten(1).float().square().sum(1)

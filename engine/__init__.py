@@ -12,18 +12,24 @@ from privimage.engine.accounting import (
     compute_epsilon,
 )
 from privimage.engine.budget import BudgetExceededError, PrivacyBudget
+from privimage.engine.checker import NormCheck, check_per_sample_norms
+from privimage.engine.dp_sgd import DPEngine, StepStats
 from privimage.engine.noise import ClippedSum, add_gaussian_noise, secure_generator
-from privimage.engine.dp_sgd import DPEngine, DPOptimizer, StepStats, check_per_sample_norms, make_private
+from privimage.engine.optimizer import DPOptimizer, make_private
+from privimage.engine.plan import NORM_STRATEGIES, CostModel
 from privimage.engine.sampling import LogicalBatch, PhysicalBatch, PoissonSampler
 
 __all__ = [
     "BudgetExceededError",
     "ClippedSum",
+    "CostModel",
     "DPEngine",
     "DPOptimizer",
     "EpsilonReport",
     "LogicalBatch",
     "Mechanism",
+    "NORM_STRATEGIES",
+    "NormCheck",
     "PhysicalBatch",
     "PoissonSampler",
     "PrivacyBudget",

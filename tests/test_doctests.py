@@ -9,7 +9,9 @@ MODULES = [
     "privimage.engine.accounting",
     "privimage.engine.budget",
     "privimage.engine.dp_sgd",
+    "privimage.engine.optimizer",
     "privimage.engine.sampling",
+    "privimage.kernels.dispatch",
     "privimage.progress",
 ]
 

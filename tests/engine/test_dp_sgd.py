@@ -434,13 +434,13 @@ def test_check_per_sample_norms_passes_rowwise_and_fails_batch_mixing_layers():
 def test_layer_choices_are_logged_once(caplog):
     model, x, t, y, target = _unet_case(3)
     engine = DPEngine(model, max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
-    with caplog.at_level("INFO", logger="privimage.engine.dp_sgd"):
+    with caplog.at_level("INFO", logger="privimage.engine.plan"):
         for _ in range(2):
             engine.step(lambda m: m(x, t, y).square().flatten(1).sum(1))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DP layer")]
     assert len(lines) == len({line.split(" (")[0] for line in lines}) == 9  # 9 parameterised layers, once each
     assert any("temb (Linear): ghost" in line for line in lines)
-    assert any("conv_in (Conv2d): materialized" in line for line in lines)
+    assert any("conv_in (Conv2d): materialise" in line for line in lines)
 
 
 def test_bf16_autocast_norms_close_to_fp32():
@@ -482,7 +482,8 @@ def test_compiled_model_forward_has_no_graph_break_and_matches_eager():
 
 
 def test_ops_dispatch_conv_kernels_under_triton_interpret(monkeypatch):
-    """engine.ops calls privimage.kernels' conv ops when TRITON_INTERPRET=1 and gets the torch result."""
+    """The engine's conv rules reach privimage.kernels' fused conv norm op under TRITON_INTERPRET=1 (the cost model
+    picks fused norms where Triton runs) and get the torch result."""
     kernels = pytest.importorskip("privimage.kernels")
     if not hasattr(kernels, "conv_per_sample_sq_norms"):
         pytest.skip("privimage.kernels has no conv_per_sample_sq_norms yet")
