@@ -15,7 +15,7 @@ Traps:
   before the forward from the previous step's output shapes; if a shape changed, the forward runs again.
 * The compiled forward's backward (AOTAutograd) computes a gradient for every input that requires one,
   asked for or not, so the parameters are frozen while it runs; an eager forward leaves them alone (eager
-  autograd skips the unused weight gradients by itself, and freezing costs memory: bench/results/dp_step.md).
+  autograd skips the unused weight gradients by itself, and freezing costs memory: bench/results/compile.md).
 * A tensor hook with side effects breaks a compiled graph: there each probe's G comes from
   ``autograd.grad``'s result instead of the probe's hook.
 """

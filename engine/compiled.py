@@ -25,8 +25,9 @@ What stays eager, i.e. the graph breaks a whole-step ``torch._dynamo.explain`` f
 * fallback layers (no rule of their own: torch.func per-sample gradients), which enter the norms region as
   finished norms.
 
-Trap: compiled code is not trusted by default (``compile`` is opt-in); bench/results/dp_step.md has what was
-measured, including an Inductor CPU fusion bug that gave wrong gradients.
+Trap: compiled code is not trusted by default (``compile`` is opt-in): an Inductor CPU fusion bug once gave wrong
+gradients even without DP (bench/results/compile.md). A compiled backward that mixed rows would break
+per-sample isolation, so compiled and eager steps must agree at σ = 0 on a device before it is relied on.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class DPEngine:
         method: "bk-mixed" (default), "ghost", "vmap" or "loop" (module docstring).
         generator: source of the noise (pass :func:`privimage.engine.secure_generator` for secure mode).
         compile: compile the forward and the post-backward work (:mod:`privimage.engine.compiled`); bk-mixed
-            only, off by default. The first step compiles (minutes for a UNet); keep the physical batch size
+            only, off by default. The first step compiles (slow for a UNet); keep the physical batch size
             fixed (pad Poisson batches) or every new size recompiles.
         compile_backend: the ``torch.compile`` backend ("inductor"; tests use "aot_eager").
         norm_strategy: how Linear and Conv2d weights get their per-sample norms (bk-mixed and ghost):

@@ -60,8 +60,8 @@ def _clipped_weight_grad_kernel(
 
 
 def _rows_per_program(R: int, tiles_hint: int) -> int:
-    """Rows per program: the split over rows that gives ~4 programs per SM (one under the interpreter,
-    where programs run one after another and each costs ~0.6 ms of overhead)."""
+    """Rows per program: the split over rows that gives ~4 programs per SM (all rows in one program under the
+    interpreter, where programs run one after another, each with a fixed Python overhead)."""
     if interpreting() or not torch.cuda.is_available():
         return max(R, 1)
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
