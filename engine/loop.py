@@ -85,8 +85,8 @@ def sq_norms(grads: list, grouping: Grouping, dtype: torch.dtype, device) -> tor
     """(S,) squared norms over all parameters, 0 for samples with no real row."""
     if not grads:
         return torch.zeros(0, dtype=dtype, device=device)
-    sq = torch.stack([torch.zeros((), dtype=dtype, device=device) if g is None else sum(as_acc(x).square().sum() for x in g)
-                      for g in grads])
+    zero = torch.zeros((), dtype=dtype, device=device)
+    sq = torch.stack([zero if g is None else sum(as_acc(x).square().sum() for x in g) for g in grads])
     pad = grouping.is_padding
     if pad is not None:  # padding-only samples: norm 0 (never counted or used)
         sq = torch.where(grouping.to_samples((~pad).to(dtype)) > 0, sq, torch.zeros_like(sq))

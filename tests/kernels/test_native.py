@@ -55,8 +55,8 @@ def test_linear_per_sample_sq_norms(counted, spec, kind):
     with dispatch.forced("native"):
         ours = K.per_sample_sq_norms(A, G, **kw)
     assert counted
-    H.assert_within(ours, K.per_sample_sq_norms_ref(A, G, **kw), K.per_sample_sq_norms_ref(A.double(), G.double(), **kw),
-                    1e-5, f"{spec} {kind}")
+    H.assert_within(ours, K.per_sample_sq_norms_ref(A, G, **kw),
+                    K.per_sample_sq_norms_ref(A.double(), G.double(), **kw), 1e-5, f"{spec} {kind}")
 
 
 @pytest.mark.parametrize("kind", H.ROW_KINDS)
