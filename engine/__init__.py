@@ -1,7 +1,16 @@
 """privimage.engine: DP-SGD for any PyTorch model.
 
 Poisson sampling, per-sample clipping, Gaussian noise and privacy accounting, with no knowledge of images
-or diffusion: usable alone in anyone's DP training code.
+or diffusion: usable alone in anyone's DP training code. Modules, in the order a step uses them:
+
+* :mod:`.sampling`: Poisson sampling into fixed-size physical batches with a padding mask;
+* :mod:`.dp_sgd`: :class:`DPEngine`, the mechanism (Abadi et al.'s algorithm), stage by stage:
+  :mod:`.capture` (inputs and output gradients of every layer, one backward), :mod:`.plan` (each layer's way
+  to its per-sample norms, by a cost model), :mod:`.layers` (the per-layer rules), :mod:`.clipping` (norms,
+  clip factors, clipped sums), :mod:`.compiled` (the same as compiled regions), :mod:`.loop` (the reference
+  method), :mod:`.noise` (the Gaussian mechanism);
+* :mod:`.optimizer` (``make_private``), :mod:`.checker` (``check_per_sample_norms``);
+* :mod:`.accounting` (ε of compositions, σ calibration), :mod:`.budget` (the plan and ledger of one (ε, δ)).
 """
 
 from privimage.engine.accounting import (
