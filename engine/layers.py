@@ -12,7 +12,8 @@ From these, never running a second backward pass (book-keeping, Bu et al. arXiv 
 Rows and samples: ``A`` and ``G`` have one leading row per loss row (R); a sample may span several rows and
 :class:`privimage.kernels.Grouping` maps rows to samples (and marks padding). Per-row factors suffice for a
 clipped sum (Σ_s c_s Σ_{r∈s} g_r = Σ_r c_{s(r)} g_r); the norms need the grouping. Every per-sample op is a
-:mod:`privimage.kernels` op, given the grouping; the kernels' dispatch picks its backend.
+:mod:`privimage.kernels` op, handed the step's grouping (checked once per step); the kernels' dispatch picks its
+backend.
 """
 
 from __future__ import annotations
@@ -60,11 +61,6 @@ def _kept_sums(factors: Factors, kept: dict) -> dict:
     return {p: _weighted_sum(factors.c_row, g) for p, g in kept.items()}
 
 
-def _rows_args(grouping: Grouping) -> dict:
-    """The kernels ops' row arguments for this grouping."""
-    return dict(sample_index=grouping.sample_index, is_padding=grouping.is_padding, num_samples=grouping.num_samples)
-
-
 # ---- Linear ------------------------------------------------------------------------------------------------
 
 class LinearRule:
@@ -101,9 +97,9 @@ class LinearRule:
         if w is None:
             return total
         if plan.norm == "ghost":
-            return total + kernels.ghost_sq_norms(A, G, **_rows_args(grouping))
+            return total + kernels.ghost_sq_norms(A, G, grouping=grouping)
         if plan.norm == "fused":
-            return total + kernels.per_sample_sq_norms(A, G, **_rows_args(grouping))
+            return total + kernels.per_sample_sq_norms(A, G, grouping=grouping)
         if plan.keep:
             gw = linear_per_row_grads(A, G)
             kept[w] = gw
@@ -117,8 +113,7 @@ class LinearRule:
         w = _trainable(module, "weight")
         if w is not None and w not in out:
             A, G = self._forms(calls, factors.c_row.shape[0])
-            out[w] = kernels.clipped_weight_grad(A, G, factors.c, sample_index=factors.grouping.sample_index,
-                                                 is_padding=factors.grouping.is_padding).view(w.shape)
+            out[w] = kernels.clipped_weight_grad(A, G, factors.c, grouping=factors.grouping).view(w.shape)
         return out
 
 
@@ -168,7 +163,7 @@ class Conv2dRule:
             (a, g), = calls
             a, padding = self._geometry(module, a)
             op = kernels.conv_ghost_sq_norms if plan.norm == "ghost" else kernels.conv_per_sample_sq_norms
-            return total + op(a, g, module.kernel_size, **self._kw(module, padding), **_rows_args(grouping))
+            return total + op(a, g, module.kernel_size, **self._kw(module, padding), grouping=grouping)
         gw = 0
         for a, g in calls:
             a, padding = self._geometry(module, a)
@@ -185,9 +180,7 @@ class Conv2dRule:
             for a, g in calls:
                 a, padding = self._geometry(module, a)
                 gw = gw + kernels.conv_clipped_weight_grad(a, g, factors.c, module.kernel_size,
-                                                           **self._kw(module, padding),
-                                                           sample_index=factors.grouping.sample_index,
-                                                           is_padding=factors.grouping.is_padding)
+                                                           **self._kw(module, padding), grouping=factors.grouping)
             out[w] = gw
         return out
 

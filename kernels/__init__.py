@@ -9,7 +9,9 @@ Every op the DP engine's layer rules need, one file each (kernel, launcher, torc
 
 Which implementation runs is decided in one place, :mod:`.dispatch` (Triton on CUDA or under
 ``TRITON_INTERPRET=1``; the native CPU build with ``PRIVIMAGE_NATIVE=1``; torch otherwise). Each op is a
-registered custom op (``torch.ops.privimage.*``), so ``torch.compile(fullgraph=True)`` keeps it in the graph.
+registered custom op (``torch.ops.privimage.*``), so ``torch.compile(fullgraph=True)`` keeps it in the graph
+(opaque: its torch path may sync with the host); eager calls run its implementation directly, without the
+dispatcher's round trip.
 Layer forms and per-row gradients materialised by torch: :mod:`.forms`; rows → samples and padding:
 :class:`Grouping`.
 

@@ -88,15 +88,25 @@ def _launch(x, go, c, rows: Grouping, kernel_size, stride, padding, dilation, gr
     return out.view(weight_shape)
 
 
+def _impl(x, go, c, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """The op on checked arguments: the backend :mod:`.dispatch` picks, then its code."""
+    if dispatch.backend("clipped_weight_grad", x, go, c) == dispatch.TRITON:
+        return _launch(x, go, c, rows, kernel_size, stride, padding, dilation, groups)
+    return _torch(x, go, c, rows, kernel_size, stride, padding, dilation, groups)
+
+
 @torch.library.custom_op("privimage::clipped_weight_grad", mutates_args=())
 def _clipped_weight_grad_op(x: torch.Tensor, go: torch.Tensor, c: torch.Tensor, sample_index: Optional[torch.Tensor],
                             is_padding: Optional[torch.Tensor], kernel_size: list[int], stride: list[int],
                             padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups)
-    rows = Grouping.trusted(sample_index, x.shape[0], is_padding, c.shape[0])
-    if dispatch.backend("clipped_weight_grad", x, go, c) == dispatch.TRITON:
-        return _launch(x, go, c, rows, *geometry)
-    return _torch(x, go, c, rows, *geometry)
+    return _impl(x, go, c, Grouping.trusted(sample_index, x.shape[0], is_padding, c.shape[0]), tuple(kernel_size),
+                 tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def _call(x, go, c, rows: Grouping, geometry):
+    if torch.compiler.is_compiling():
+        return _clipped_weight_grad_op(x, go, c, rows.sample_index, rows.is_padding, *cm.op_geometry(geometry))
+    return _impl(x, go, c, rows, *geometry)
 
 
 @_clipped_weight_grad_op.register_fake
@@ -163,15 +173,16 @@ def _check_c(op, c, rows: Grouping, device) -> None:
         raise ValueError(f"{op}: c is on {c.device}, the data on {device}.")
 
 
-def _samples(c, sample_index):
-    """S for a call with clip factors ``c``: their number when rows are grouped, else (one per row) unchecked."""
-    return c.shape[0] if sample_index is not None and c.dim() else None
+def _samples(c, sample_index, grouping):
+    """S for a call with clip factors ``c``: their number when rows are grouped by ``sample_index``, else left to
+    the grouping (one per row without one)."""
+    return c.shape[0] if sample_index is not None and c.dim() and grouping is None else None
 
 
 def conv_clipped_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, c: torch.Tensor, kernel_size, *,
                              stride=1, padding=0, dilation=1, groups: int = 1,
-                             sample_index: torch.Tensor | None = None,
-                             is_padding: torch.Tensor | None = None) -> torch.Tensor:
+                             sample_index: torch.Tensor | None = None, is_padding: torch.Tensor | None = None,
+                             grouping: Grouping | None = None) -> torch.Tensor:
     """Σ_s c_s ∇W_s for a Conv2d: (C_out, C_in/groups, kh, kw) float32 (float64 for float64 inputs).
 
     Args:
@@ -180,24 +191,25 @@ def conv_clipped_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, c: torch.T
         c: (S,) clip factors, one per sample (per row when ``sample_index`` is None).
         sample_index: (R,) long sample id of each row; None: one sample per row.
         is_padding: (R,) bool; padding rows contribute nothing.
+        grouping: instead of ``sample_index`` and ``is_padding``, a checked :class:`~privimage.kernels.Grouping`.
     """
     op = "conv_clipped_weight_grad"
     geometry, rows = cm.conv_call(op, x, grad_out, kernel_size, stride, padding, dilation, groups, sample_index,
-                                  is_padding, _samples(c, sample_index))
+                                  is_padding, _samples(c, sample_index, grouping), grouping)
     _check_c(op, c, rows, x.device)
-    return _clipped_weight_grad_op(x, grad_out, c, sample_index, is_padding, *cm.op_geometry(geometry))
+    return _call(x, grad_out, c, rows, geometry)
 
 
 def clipped_weight_grad(A: torch.Tensor, G: torch.Tensor, c: torch.Tensor, *,
-                        sample_index: torch.Tensor | None = None,
-                        is_padding: torch.Tensor | None = None) -> torch.Tensor:
+                        sample_index: torch.Tensor | None = None, is_padding: torch.Tensor | None = None,
+                        grouping: Grouping | None = None) -> torch.Tensor:
     """Σ_r c_{s(r)} G_rᵀA_r (p, d) float32 for a Linear layer, A (R, *, d), G (R, *, p); c (S,) per sample
     (per row without ``sample_index``)."""
     op = "clipped_weight_grad"
-    x, go, geometry, rows = cm.linear_call(op, A, G, sample_index, is_padding, _samples(c, sample_index))
+    x, go, geometry, rows = cm.linear_call(op, A, G, sample_index, is_padding, _samples(c, sample_index, grouping),
+                                           grouping)
     _check_c(op, c, rows, A.device)
-    out = _clipped_weight_grad_op(x, go, c, sample_index, is_padding, *cm.op_geometry(geometry))
-    return out.view(G.shape[-1], A.shape[-1])
+    return _call(x, go, c, rows, geometry).view(G.shape[-1], A.shape[-1])
 
 
 def conv_clipped_weight_grad_ref(x, grad_out, c, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,
@@ -205,7 +217,7 @@ def conv_clipped_weight_grad_ref(x, grad_out, c, kernel_size, *, stride=1, paddi
     """Plain-torch reference of :func:`conv_clipped_weight_grad` (one ``conv2d_weight`` on scaled G)."""
     op = "conv_clipped_weight_grad_ref"
     geometry, rows = cm.conv_call(op, x, grad_out, kernel_size, stride, padding, dilation, groups, sample_index,
-                                  is_padding, _samples(c, sample_index))
+                                  is_padding, _samples(c, sample_index, None))
     _check_c(op, c, rows, x.device)
     return _ref(x, grad_out, c, rows, *geometry)
 
@@ -213,6 +225,6 @@ def conv_clipped_weight_grad_ref(x, grad_out, c, kernel_size, *, stride=1, paddi
 def clipped_weight_grad_ref(A, G, c, *, sample_index=None, is_padding=None) -> torch.Tensor:
     """Plain-torch reference of :func:`clipped_weight_grad` (one GEMM over all rows and positions)."""
     op = "clipped_weight_grad_ref"
-    x, go, geometry, rows = cm.linear_call(op, A, G, sample_index, is_padding, _samples(c, sample_index))
+    x, go, geometry, rows = cm.linear_call(op, A, G, sample_index, is_padding, _samples(c, sample_index, None))
     _check_c(op, c, rows, A.device)
     return _ref(x, go, c, rows, *geometry).view(G.shape[-1], A.shape[-1])

@@ -28,6 +28,8 @@ from .grouping import Grouping
 def _pair(v, name: str) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return v
     v = tuple(int(u) for u in v)
     if len(v) != 2:
         raise ValueError(f"Expected {name} to be an int or a pair of ints, got {v}.")
@@ -36,13 +38,15 @@ def _pair(v, name: str) -> tuple[int, int]:
 
 def check_float(op: str, **tensors: torch.Tensor) -> None:
     """Inputs must be floating point and on one device; fp32, bf16, fp16 and fp64 are accepted."""
-    devices = {t.device for t in tensors.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {where}.")
+    device = None
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise TypeError(f"{op}: expected {name} to be floating point, got {t.dtype}.")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            where = ", ".join(f"{n} on {u.device}" for n, u in tensors.items())
+            raise ValueError(f"{op}: all tensors must be on one device, got {where}.")
 
 
 def linear_as_conv(op: str, A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,19 +88,30 @@ def check_conv(op: str, x: torch.Tensor, go: torch.Tensor, kernel_size, stride, 
 LINEAR = ((1, 1), (1, 1), (0, 0), (1, 1), 1)  # a Linear's geometry as a 1×1 convolution (see is_linear)
 
 
+def rows_of(op: str, x: torch.Tensor, sample_index, is_padding, num_samples, grouping) -> Grouping:
+    """The rows' :class:`Grouping`: ``grouping`` itself (already checked by its maker, e.g. the engine once per
+    step; no host sync here) or one made from the three row arguments, checked."""
+    if grouping is None:
+        return Grouping(sample_index, x.shape[0], is_padding=is_padding, num_samples=num_samples, device=x.device,
+                        where=op)
+    if sample_index is not None or is_padding is not None or num_samples is not None:
+        raise ValueError(f"{op}: pass either grouping or sample_index/is_padding/num_samples, not both.")
+    if grouping.num_rows != x.shape[0]:
+        raise ValueError(f"{op}: grouping has {grouping.num_rows} rows, the data {x.shape[0]}.")
+    return grouping
+
+
 def conv_call(op: str, x, go, kernel_size, stride, padding, dilation, groups: int, sample_index, is_padding,
-              num_samples):
+              num_samples, grouping=None):
     """A Conv2d op's arguments, checked: ((kernel_size, stride, padding, dilation, groups), rows)."""
     geometry = (*check_conv(op, x, go, kernel_size, stride, padding, dilation, groups), groups)
-    return geometry, Grouping(sample_index, x.shape[0], is_padding=is_padding, num_samples=num_samples,
-                              device=x.device, where=op)
+    return geometry, rows_of(op, x, sample_index, is_padding, num_samples, grouping)
 
 
-def linear_call(op: str, A, G, sample_index, is_padding, num_samples):
+def linear_call(op: str, A, G, sample_index, is_padding, num_samples, grouping=None):
     """A Linear op's arguments, checked and in convolution form: (x, go, geometry, rows)."""
     x, go = linear_as_conv(op, A, G)
-    return x, go, LINEAR, Grouping(sample_index, A.shape[0], is_padding=is_padding, num_samples=num_samples,
-                                   device=A.device, where=op)
+    return x, go, LINEAR, rows_of(op, A, sample_index, is_padding, num_samples, grouping)
 
 
 def op_geometry(geometry) -> list:

@@ -112,15 +112,26 @@ def _launch(x, go, rows: Grouping, kernel_size, stride, padding, dilation, group
     return out
 
 
+def _impl(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """The op on checked arguments: the backend :mod:`.dispatch` picks, then its code."""
+    if dispatch.backend("ghost_sq_norms", x, go) == dispatch.TRITON:
+        return _launch(x, go, rows, kernel_size, stride, padding, dilation, groups)
+    return _torch(x, go, rows, kernel_size, stride, padding, dilation, groups)
+
+
 @torch.library.custom_op("privimage::ghost_sq_norms", mutates_args=())
 def _ghost_sq_norms_op(x: torch.Tensor, go: torch.Tensor, sample_index: Optional[torch.Tensor],
                        is_padding: Optional[torch.Tensor], num_samples: int, kernel_size: list[int],
                        stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups)
-    rows = Grouping.trusted(sample_index, x.shape[0], is_padding, num_samples)
-    if dispatch.backend("ghost_sq_norms", x, go) == dispatch.TRITON:
-        return _launch(x, go, rows, *geometry)
-    return _torch(x, go, rows, *geometry)
+    return _impl(x, go, Grouping.trusted(sample_index, x.shape[0], is_padding, num_samples), tuple(kernel_size),
+                 tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def _call(x, go, rows: Grouping, geometry):
+    if torch.compiler.is_compiling():
+        return _ghost_sq_norms_op(x, go, rows.sample_index, rows.is_padding, rows.num_samples,
+                                  *cm.op_geometry(geometry))
+    return _impl(x, go, rows, *geometry)
 
 
 @_ghost_sq_norms_op.register_fake
@@ -194,20 +205,22 @@ def _ref(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
 
 def conv_ghost_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, *, stride=1, padding=0,
                         dilation=1, groups: int = 1, sample_index: torch.Tensor | None = None,
-                        is_padding: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+                        is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                        grouping: Grouping | None = None) -> torch.Tensor:
     """Each sample's ‖∇W‖²_F for a Conv2d by ghost norms; arguments and result as
     :func:`privimage.kernels.conv_per_sample_sq_norms`, cost ~U²·(K+P) per sample instead of U·K·P."""
     geometry, rows = cm.conv_call("conv_ghost_sq_norms", x, grad_out, kernel_size, stride, padding, dilation, groups,
-                                  sample_index, is_padding, num_samples)
-    return _ghost_sq_norms_op(x, grad_out, sample_index, is_padding, rows.num_samples, *cm.op_geometry(geometry))
+                                  sample_index, is_padding, num_samples, grouping)
+    return _call(x, grad_out, rows, geometry)
 
 
 def ghost_sq_norms(A: torch.Tensor, G: torch.Tensor, *, sample_index: torch.Tensor | None = None,
-                   is_padding: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+                   is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                   grouping: Grouping | None = None) -> torch.Tensor:
     """⟨A_sA_sᵀ, G_sG_sᵀ⟩_F per sample for a Linear layer, A (R, *, d), G (R, *, p): equal to
     :func:`privimage.kernels.per_sample_sq_norms` and cheaper when T is small."""
-    x, go, geometry, rows = cm.linear_call("ghost_sq_norms", A, G, sample_index, is_padding, num_samples)
-    return _ghost_sq_norms_op(x, go, sample_index, is_padding, rows.num_samples, *cm.op_geometry(geometry))
+    x, go, geometry, rows = cm.linear_call("ghost_sq_norms", A, G, sample_index, is_padding, num_samples, grouping)
+    return _call(x, go, rows, geometry)
 
 
 def conv_ghost_sq_norms_ref(x, grad_out, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,

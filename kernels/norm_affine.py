@@ -141,19 +141,30 @@ def _ref(x, go, rows: Grouping, kind, num_groups, norm_ndim, eps):
     return rows.to_samples(rows.drop_padding(torch.stack([gw, gb], 1)))
 
 
-@torch.library.custom_op("privimage::norm_affine_grads", mutates_args=())
-def _norm_affine_op(x: torch.Tensor, go: torch.Tensor, sample_index: Optional[torch.Tensor],
-                    is_padding: Optional[torch.Tensor], num_samples: int, kind: int, num_groups: int,
-                    norm_ndim: int, eps: float) -> torch.Tensor:
-    rows = Grouping.trusted(sample_index, go.shape[0], is_padding, num_samples)
+def _impl(x, go, rows: Grouping, kind, num_groups, norm_ndim, eps):
+    """The op on checked arguments: the backend :mod:`.dispatch` picks, then its code."""
     which = dispatch.backend("norm_affine_grads", x, go, native_pays=True if kind == _GROUP_NORM else None)
     if which == dispatch.TRITON:
         return _launch(x, go, rows, kind, num_groups, norm_ndim, eps)
     if which == dispatch.NATIVE:
-        R = go.shape[0]
-        return native.norm_affine_grads(x, go, rows.row_index(go.device), torch.ones(R), is_padding, num_samples,
-                                        kind, num_groups, norm_ndim, eps)
+        return native.norm_affine_grads(x, go, rows.row_index(go.device), torch.ones(go.shape[0]), rows.is_padding,
+                                        rows.num_samples, kind, num_groups, norm_ndim, eps)
     return _torch(x, go, rows, kind, num_groups, norm_ndim, eps)
+
+
+@torch.library.custom_op("privimage::norm_affine_grads", mutates_args=())
+def _norm_affine_op(x: torch.Tensor, go: torch.Tensor, sample_index: Optional[torch.Tensor],
+                    is_padding: Optional[torch.Tensor], num_samples: int, kind: int, num_groups: int,
+                    norm_ndim: int, eps: float) -> torch.Tensor:
+    return _impl(x, go, Grouping.trusted(sample_index, go.shape[0], is_padding, num_samples), kind, num_groups,
+                 norm_ndim, eps)
+
+
+def _call(x, go, rows: Grouping, kind, num_groups, norm_ndim, eps):
+    if torch.compiler.is_compiling():
+        return _norm_affine_op(x, go, rows.sample_index, rows.is_padding, rows.num_samples, kind, num_groups,
+                               norm_ndim, eps)
+    return _impl(x, go, rows, kind, num_groups, norm_ndim, eps)
 
 
 @_norm_affine_op.register_fake
@@ -197,7 +208,7 @@ def group_norm_grads(x: torch.Tensor, grad_out: torch.Tensor, num_groups: int, *
     op = "group_norm_grads"
     _check_group_norm(op, x, grad_out, num_groups)
     rows = _rows(op, grad_out, sample_index, is_padding, num_samples)
-    out = _norm_affine_op(x, grad_out, sample_index, is_padding, rows.num_samples, _GROUP_NORM, num_groups, 1, eps)
+    out = _call(x, grad_out, rows, _GROUP_NORM, num_groups, 1, eps)
     return out[:, 0], out[:, 1]
 
 
@@ -209,7 +220,7 @@ def layer_norm_grads(x: torch.Tensor, grad_out: torch.Tensor, normalized_shape, 
     op = "layer_norm_grads"
     shape = _check_layer_norm(op, x, grad_out, normalized_shape)
     rows = _rows(op, grad_out, sample_index, is_padding, num_samples)
-    out = _norm_affine_op(x, grad_out, sample_index, is_padding, rows.num_samples, _LAYER_NORM, 1, len(shape), eps)
+    out = _call(x, grad_out, rows, _LAYER_NORM, 1, len(shape), eps)
     return out[:, 0].view(-1, *shape), out[:, 1].view(-1, *shape)
 
 

@@ -72,21 +72,33 @@ def _launch(x, go, rows: Grouping, kernel_size, stride, padding, dilation, group
     return out
 
 
+def _impl(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """The op on checked arguments: the backend :mod:`.dispatch` picks, then its code."""
+    geometry = (kernel_size, stride, padding, dilation, groups)
+    K = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    pays = native.prefer_for_weight_norms(go.shape[2] * go.shape[3], K, go.shape[1] // groups)
+    which = dispatch.backend("per_sample_sq_norms", x, go, native_pays=pays)
+    if which == dispatch.NATIVE:
+        return native.per_sample_sq_norms(x, go, rows.sample_index, rows.is_padding, rows.num_samples, *geometry)
+    if which == dispatch.TRITON:
+        return _launch(x, go, rows, *geometry)
+    return _torch(x, go, rows, *geometry)
+
+
 @torch.library.custom_op("privimage::per_sample_sq_norms", mutates_args=())
 def _per_sample_sq_norms_op(x: torch.Tensor, go: torch.Tensor, sample_index: Optional[torch.Tensor],
                             is_padding: Optional[torch.Tensor], num_samples: int, kernel_size: list[int],
                             stride: list[int], padding: list[int], dilation: list[int],
                             groups: int) -> torch.Tensor:
-    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups)
-    K = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
-    pays = native.prefer_for_weight_norms(go.shape[2] * go.shape[3], K, go.shape[1] // groups)
-    which = dispatch.backend("per_sample_sq_norms", x, go, native_pays=pays)
-    if which == dispatch.NATIVE:
-        return native.per_sample_sq_norms(x, go, sample_index, is_padding, num_samples, *geometry)
-    rows = Grouping.trusted(sample_index, x.shape[0], is_padding, num_samples)
-    if which == dispatch.TRITON:
-        return _launch(x, go, rows, *geometry)
-    return _torch(x, go, rows, *geometry)
+    return _impl(x, go, Grouping.trusted(sample_index, x.shape[0], is_padding, num_samples), tuple(kernel_size),
+                 tuple(stride), tuple(padding), tuple(dilation), groups)
+
+
+def _call(x, go, rows: Grouping, geometry):
+    if torch.compiler.is_compiling():
+        return _per_sample_sq_norms_op(x, go, rows.sample_index, rows.is_padding, rows.num_samples,
+                                       *cm.op_geometry(geometry))
+    return _impl(x, go, rows, *geometry)
 
 
 @_per_sample_sq_norms_op.register_fake
@@ -124,8 +136,8 @@ def _ref(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
 
 def conv_per_sample_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, *, stride=1, padding=0,
                              dilation=1, groups: int = 1, sample_index: torch.Tensor | None = None,
-                             is_padding: torch.Tensor | None = None,
-                             num_samples: int | None = None) -> torch.Tensor:
+                             is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                             grouping: Grouping | None = None) -> torch.Tensor:
     """Each sample's ‖∇W‖²_F for a Conv2d (zero padding), from its input and output gradient.
 
     Args:
@@ -136,24 +148,28 @@ def conv_per_sample_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_siz
             None: one sample per row.
         is_padding: (R,) bool; padding rows contribute nothing (their memory is never read).
         num_samples: S; needed under ``torch.compile`` when ``sample_index`` is given.
+        grouping: instead of the three arguments above, a :class:`~privimage.kernels.Grouping` already checked
+            (the engine makes one per step: no host sync per op call).
 
     Returns:
         (S,) float32 (float64 for float64 inputs) squared norms over the weight only.
     """
     geometry, rows = cm.conv_call("conv_per_sample_sq_norms", x, grad_out, kernel_size, stride, padding, dilation,
-                                  groups, sample_index, is_padding, num_samples)
-    return _per_sample_sq_norms_op(x, grad_out, sample_index, is_padding, rows.num_samples, *cm.op_geometry(geometry))
+                                  groups, sample_index, is_padding, num_samples, grouping)
+    return _call(x, grad_out, rows, geometry)
 
 
 def per_sample_sq_norms(A: torch.Tensor, G: torch.Tensor, *, sample_index: torch.Tensor | None = None,
-                        is_padding: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+                        is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                        grouping: Grouping | None = None) -> torch.Tensor:
     """Each sample's ‖Σ_{r∈s} G_rᵀA_r‖²_F for a Linear layer: A (R, *, d) inputs, G (R, *, p) output grads.
 
     The extra dims (tokens) are positions; without them (A (R, d)) each row has one position. Other arguments
     and the result as in :func:`conv_per_sample_sq_norms`.
     """
-    x, go, geometry, rows = cm.linear_call("per_sample_sq_norms", A, G, sample_index, is_padding, num_samples)
-    return _per_sample_sq_norms_op(x, go, sample_index, is_padding, rows.num_samples, *cm.op_geometry(geometry))
+    x, go, geometry, rows = cm.linear_call("per_sample_sq_norms", A, G, sample_index, is_padding, num_samples,
+                                           grouping)
+    return _call(x, go, rows, geometry)
 
 
 def conv_per_sample_sq_norms_ref(x, grad_out, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,

@@ -92,7 +92,7 @@ def test_forced_kernels_in_the_interpreter_give_the_loop_references_clipped_sums
     for name in ops:
         def counting(*args, _original=getattr(K, name), _name=name, **kwargs):
             calls[_name] += 1
-            assert kwargs.get("sample_index") is not None or _name.endswith("norm_grads"), \
+            assert kwargs.get("grouping") is not None or _name.endswith("norm_grads"), \
                 f"{_name} called without the grouping"
             return _original(*args, **kwargs)
 
