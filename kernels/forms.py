@@ -114,6 +114,32 @@ def linear_call(op: str, A, G, sample_index, is_padding, num_samples, grouping=N
     return x, go, LINEAR, rows_of(op, A, sample_index, is_padding, num_samples, grouping)
 
 
+_NORMS_SCHEMA = ("(Tensor x, Tensor go, Tensor? sample_index, Tensor? is_padding, int num_samples, int[] kernel_size, "
+                 "int[] stride, int[] padding, int[] dilation, int groups) -> Tensor")
+
+
+def norms_op(name: str, impl):
+    """Register ``privimage::<name>``, a per-sample norm op of the convolution form over ``impl(x, go, rows,
+    kernel_size, stride, padding, dilation, groups) -> (S,)``, and return ``call(x, go, rows, geometry)``: the
+    registered op while ``torch.compile`` traces (the graph keeps it opaque: its torch path may sync with the
+    host), ``impl`` itself in eager code (the dispatcher's round trip costs more than some ops' work)."""
+
+    def registered(x, go, sample_index, is_padding, num_samples, kernel_size, stride, padding, dilation, groups):
+        return impl(x, go, Grouping.trusted(sample_index, x.shape[0], is_padding, num_samples), tuple(kernel_size),
+                    tuple(stride), tuple(padding), tuple(dilation), groups)
+
+    op = torch.library.custom_op(f"privimage::{name}", registered, mutates_args=(), schema=_NORMS_SCHEMA)
+    op.register_fake(lambda x, go, sample_index, is_padding, num_samples, *geometry:
+                     x.new_empty(num_samples, dtype=acc_dtype(x)))
+
+    def call(x, go, rows: Grouping, geometry):
+        if torch.compiler.is_compiling():
+            return op(x, go, rows.sample_index, rows.is_padding, rows.num_samples, *op_geometry(geometry))
+        return impl(x, go, rows, *geometry)
+
+    return call
+
+
 def op_geometry(geometry) -> list:
     """The geometry as a custom op takes it: four lists of two ints, then groups."""
     return [*map(list, geometry[:4]), geometry[4]]

@@ -15,8 +15,6 @@ sums, folding a uniform grouping's rows into positions for a Linear (one GEMM pe
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import dispatch, native
@@ -85,25 +83,7 @@ def _impl(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups)
     return _torch(x, go, rows, *geometry)
 
 
-@torch.library.custom_op("privimage::per_sample_sq_norms", mutates_args=())
-def _per_sample_sq_norms_op(x: torch.Tensor, go: torch.Tensor, sample_index: Optional[torch.Tensor],
-                            is_padding: Optional[torch.Tensor], num_samples: int, kernel_size: list[int],
-                            stride: list[int], padding: list[int], dilation: list[int],
-                            groups: int) -> torch.Tensor:
-    return _impl(x, go, Grouping.trusted(sample_index, x.shape[0], is_padding, num_samples), tuple(kernel_size),
-                 tuple(stride), tuple(padding), tuple(dilation), groups)
-
-
-def _call(x, go, rows: Grouping, geometry):
-    if torch.compiler.is_compiling():
-        return _per_sample_sq_norms_op(x, go, rows.sample_index, rows.is_padding, rows.num_samples,
-                                       *cm.op_geometry(geometry))
-    return _impl(x, go, rows, *geometry)
-
-
-@_per_sample_sq_norms_op.register_fake
-def _(x, go, sample_index, is_padding, num_samples, kernel_size, stride, padding, dilation, groups):
-    return x.new_empty(num_samples, dtype=cm.acc_dtype(x))
+_call = cm.norms_op("per_sample_sq_norms", _impl)
 
 
 def _torch(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
