@@ -45,7 +45,7 @@ import workload  # noqa: E402
 from privimage.config import CONFIGS  # noqa: E402
 from privimage.engine import PoissonSampler, PrivacyBudget  # noqa: E402
 from privimage.engine.accounting import Mechanism  # noqa: E402
-from privimage.engine.budget import FINETUNE  # noqa: E402
+from privimage.privacy import FINETUNE  # noqa: E402
 from privimage.pipeline import plan_budget  # noqa: E402
 from privimage.train.finetune import finetune  # noqa: E402
 

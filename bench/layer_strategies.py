@@ -9,11 +9,11 @@ run stopped by a time cap has the layers that matter most. Per layer, each sampl
 weight-gradient norm (S,) by:
 
 * ``fused``: ``privimage.kernels``' ``conv_per_sample_sq_norms`` / ``per_sample_sq_norms`` /
-  ``group_norm_sq_norms`` with ``sample_index``: rows summed into samples inside the kernel, nothing
+  ``group_norm_grads`` with ``sample_index``: rows summed into samples inside the kernel, nothing
   materialised (Triton on CUDA; elsewhere the op's torch reference, ``provider`` says which);
 * ``ghost``: ``conv_ghost_sq_norms`` / ``ghost_sq_norms`` with ``sample_index`` (T×T Gram tiles);
 * ``materialise``: the engine's torch path: per-row gradients (one grouped convolution,
-  ``privimage.engine.ops.conv_per_sample_grads``; a bmm for Linear; the GroupNorm affine reductions), summed
+  ``privimage.kernels.conv_per_row_grads``; a bmm for Linear; the GroupNorm affine reductions), summed
   per sample, squared;
 
 and the clipped sum Σ_s c_s ∇W_s: ``clipped-fused`` (``conv_clipped_weight_grad`` / ``clipped_weight_grad``)
@@ -43,7 +43,7 @@ import harness  # noqa: E402
 import workload  # noqa: E402
 
 from privimage import kernels as K  # noqa: E402
-from privimage.engine import ops  # noqa: E402
+from privimage.kernels.forms import sq_norms_of  # noqa: E402
 
 
 def capture(den, bt) -> list[dict]:
@@ -87,13 +87,14 @@ def strategies(entry, idx, S) -> dict:
     c = torch.rand(S, device=a.device)
 
     def to_samples(per_row):
-        return ops.sq_norms_of(per_row.new_zeros((S, *per_row.shape[1:])).index_add_(0, idx, per_row))
+        return sq_norms_of(per_row.new_zeros((S, *per_row.shape[1:])).index_add_(0, idx, per_row))
 
     if isinstance(m, nn.Conv2d):
         geo = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
         return {"fused": lambda: K.conv_per_sample_sq_norms(a, g, m.kernel_size, **geo, **rows),
                 "ghost": lambda: K.conv_ghost_sq_norms(a, g, m.kernel_size, **geo, **rows),
-                "materialise": lambda: to_samples(ops.conv_per_sample_grads(a, g, m.weight.shape, **geo)),
+                "materialise": lambda: to_samples(K.conv_per_row_grads(a, g, m.kernel_size, m.stride, m.padding,
+                                                                       m.dilation, m.groups)),
                 "clipped-fused": lambda: K.conv_clipped_weight_grad(a, g, c, m.kernel_size, **geo, sample_index=idx),
                 "clipped-torch": lambda: K.conv_clipped_weight_grad_ref(a, g, c, m.kernel_size, **geo,
                                                                         sample_index=idx)}
@@ -105,11 +106,15 @@ def strategies(entry, idx, S) -> dict:
                 "clipped-fused": lambda: K.clipped_weight_grad(A, G, c, sample_index=idx),
                 "clipped-torch": lambda: K.clipped_weight_grad_ref(A, G, c, sample_index=idx)}
     gn = dict(eps=m.eps)
-    return {"fused": lambda: K.group_norm_sq_norms(a, g, m.num_groups, **gn, **rows),
-            "materialise": lambda: sum(to_samples(t) for t in ops.group_norm_grads(a, g, m.num_groups, **gn)),
-            "clipped-fused": lambda: K.group_norm_clipped_grads(a, g, c, m.num_groups, **gn, sample_index=idx),
-            "clipped-torch": lambda: K.group_norm_clipped_grads_ref(a, g, c, m.num_groups, **gn,
-                                                                    sample_index=idx)}
+
+    def torch_rows():  # the engine's path on a CPU: per-row (∇γ, ∇β) by the op's torch code
+        with K.dispatch.forced("torch"):
+            return K.group_norm_grads(a, g, m.num_groups, **gn)
+
+    return {"fused": lambda: sum(sq_norms_of(t) for t in K.group_norm_grads(a, g, m.num_groups, **gn, **rows)),
+            "materialise": lambda: sum(to_samples(t) for t in torch_rows()),
+            "clipped-fused": lambda: tuple(c @ t for t in K.group_norm_grads(a, g, m.num_groups, **gn, **rows)),
+            "clipped-torch": lambda: tuple(c @ t for t in K.group_norm_grads_ref(a, g, m.num_groups, **gn, **rows))}
 
 
 def ghost_cost_ratio(entry, k: int) -> float | None:
@@ -145,7 +150,7 @@ def measure(entry, idx, S, args) -> dict:
     a, g, m = entry["a"], entry["g"], entry["module"]
     row = {"name": entry["name"], "kind": type(m).__name__, "count": entry["count"], "a": list(a.shape),
            "g": list(g.shape), "dtype": str(g.dtype).replace("torch.", ""),
-           "provider": "triton" if K.use_triton(a) else "torch reference"}
+           "provider": "triton" if K.dispatch.backend("layer_strategies", a) == K.dispatch.TRITON else "torch reference"}
     if isinstance(m, nn.Conv2d):
         row["geometry"] = f"k={tuple(m.kernel_size)} s={tuple(m.stride)} p={tuple(m.padding)}"
     results, out = {}, {}

@@ -6,26 +6,14 @@ built) and ``opacus`` (its path: per-sample gradients by ``compute_conv_grad_sam
 ``einsum("i,i...", c, grad_sample)``).
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 
 from privimage import kernels as K
 
+import harness as B
 
-def _harness():
-    if "bench_harness" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_harness", Path(__file__).with_name("harness.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["bench_harness"]
-
-
-B = _harness()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # UNet levels (resolution, channels): 32×32 with 32-64 channels, 16×16 with 64-128, 8×8 with 128.
 LEVELS = [(32, 32), (32, 64), (16, 64), (16, 128), (8, 128)] if B.full_shapes(DEVICE) else [(32, 32), (16, 64),

@@ -5,26 +5,14 @@ Providers in one run: ``torch_ref`` (per-sample gradients by one grouped convolu
 ``opacus`` (its per-layer code: ``compute_conv_grad_sample`` per-sample gradients, then their norms).
 """
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 
 from privimage import kernels as K
 
+import harness as B
 
-def _harness():
-    if "bench_harness" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_harness", Path(__file__).with_name("harness.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["bench_harness"]
-
-
-B = _harness()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # UNet levels (resolution, channels): 32×32 with 32-64 channels, 16×16 with 64-128, 8×8 with 128.
 LEVELS = [(32, 32), (32, 64), (16, 64), (16, 128), (8, 128)] if B.full_shapes(DEVICE) else [(32, 32), (16, 64),
@@ -55,9 +43,12 @@ def _fn(provider, x, go):
             pytest.skip(f"native build not loaded: {native.why_unavailable()}")
         if x.device.type != "cpu":
             pytest.skip("the native build is for CPU tensors")
-        if not hasattr(native, "conv_per_sample_sq_norms"):
-            pytest.skip("the native build has no conv_per_sample_sq_norms (not built natively: its torch reference is one weight-gradient convolution)")
-        return lambda: native.conv_per_sample_sq_norms(x, go, **geometry)
+
+        def run_native():
+            with K.dispatch.forced("native"):
+                return K.conv_per_sample_sq_norms(x, go, **geometry)
+
+        return run_native
     from opacus.grad_sample.conv import compute_conv_grad_sample
     layer = nn.Conv2d(x.shape[1], go.shape[1], 3, padding=1, bias=False, device=x.device, dtype=x.dtype)
     return lambda: compute_conv_grad_sample(layer, [x], go)[layer.weight].flatten(1).float().square().sum(1)

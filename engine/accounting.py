@@ -7,8 +7,8 @@ PrivImage query (one Gaussian release of a label histogram) and the DP-SGD steps
 Gaussian) share one (ε, δ) budget.
 
 Where the PRV discretisation cannot represent a composition (very large ε, e.g. σ=0.6, q=0.1, 100 steps,
-where its discrete mean check fails), or where the RDP bound already exceeds 100 (the PRV grid then takes
-minutes), we report the RDP bound of the same mechanisms (Mironov, arXiv 1702.07476; Mironov et al.
+where its discrete mean check fails), or where the RDP bound already exceeds 100 (the PRV grid then grows
+very large), we report the RDP bound of the same mechanisms (Mironov, arXiv 1702.07476; Mironov et al.
 arXiv 1908.10530 for subsampling), which is a valid but looser upper bound, and say so in the report's
 ``accountant`` field.
 """
@@ -31,7 +31,7 @@ from prv_accountant.privacy_random_variables import (
 MAX_NOISE_MULTIPLIER = 1e4
 #: Absolute error allowed in ε; the reported upper bound already includes it.
 EPS_ERROR = 0.01
-#: A coarser grid for calibration's search (about 10x faster); the answer is then verified at EPS_ERROR.
+#: A coarser grid for calibration's search (much cheaper); the answer is then verified at EPS_ERROR.
 _SEARCH_EPS_ERROR = 0.1
 #: Above this RDP ε the PRV accountant is not run (see compose_epsilon).
 _PRV_MAX_EPSILON = 100.0
@@ -101,8 +101,8 @@ def compose_epsilon(mechanisms: Sequence[Mechanism], *, delta: float, eps_error:
     counts = [m.count for m in active]
     rdp_upper = _rdp_epsilon(prvs, counts, delta)
     if rdp_upper > _PRV_MAX_EPSILON:
-        # The PRV grid for such compositions takes minutes (or fails its own checks), for an ε that
-        # protects nothing; the RDP bound is a valid upper bound and costs milliseconds.
+        # The PRV grid for such compositions grows very large (or fails its own checks), for an ε that
+        # protects nothing; the RDP bound is a valid upper bound and cheap.
         return EpsilonReport(rdp_upper, rdp_upper, 0.0, delta, f"rdp (epsilon > {_PRV_MAX_EPSILON:g}: prv skipped)")
     try:
         accountant = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=eps_error,

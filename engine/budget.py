@@ -1,20 +1,25 @@
 """One (ε, δ) budget for a whole private pipeline: a plan, a ledger of what was spent, and a hard stop.
 
-PrivImage (arXiv 2311.12850) spends privacy twice on the sensitive data: once in the semantic query (one
-Gaussian release of a top-k label histogram) and once per DP-SGD step of the fine-tune. Both compose in one
-accountant (:func:`privimage.engine.accounting.compose_epsilon`), so the budget is planned jointly: the
-query gets its noise (directly, or from a share of ε), then the fine-tune's noise multiplier is calibrated
-so the composition of both meets the total.
+A pipeline may spend privacy on the same sensitive data through several mechanisms (a one-off Gaussian
+release and a DP-SGD run, say). All of them compose in one accountant
+(:func:`privimage.engine.accounting.compose_epsilon`), so the budget is planned jointly:
+:meth:`PrivacyBudget.plan` fixes the others' noise and calibrates one mechanism's noise multiplier so that
+the composition of all meets the total.
 
 The ledger counts releases per mechanism. Spending within the plan is always allowed (the plan was checked);
 spending beyond it is allowed only while the composition of what was actually spent stays within the total,
 otherwise :class:`BudgetExceededError` is raised before anything is recorded. ``state_dict()`` goes into
 every checkpoint, and a resumed run continues the same ledger, so no release is counted twice or forgotten.
+
+Deprecated for one release (a DeprecationWarning; PrivImage's plan is ``privimage.privacy``):
+``PrivacyBudget.for_privimage`` (use ``privimage.privacy.plan_privimage_budget``), and this module's
+``QUERY`` and ``FINETUNE`` (use ``privimage.privacy.QUERY`` / ``FINETUNE``).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 from privimage.engine.accounting import (
@@ -24,8 +29,22 @@ from privimage.engine.accounting import (
     compose_epsilon,
 )
 
-QUERY = "query"
-FINETUNE = "finetune"
+_DEPRECATED_NAMES = {"QUERY": "query", "FINETUNE": "finetune"}
+
+
+def __getattr__(name: str):
+    if name in _DEPRECATED_NAMES:
+        warnings.warn(f"privimage.engine.budget.{name} is deprecated and will be removed in the next release; "
+                      f"use privimage.privacy.{name}.", DeprecationWarning, stacklevel=2)
+        return _DEPRECATED_NAMES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def warn_if_delta_too_large(delta: float, num_examples: int | None) -> None:
+    """Warn when δ ≥ 1/n: a δ that large allows releasing one example of the n in the clear."""
+    if num_examples is not None and delta >= 1 / num_examples:
+        warnings.warn(f"delta={delta:g} >= 1/n = {1 / num_examples:g}: a delta this large permits "
+                      f"releasing an individual example; use delta < 1/n (commonly 1/n^1.1 or 1e-5).")
 
 
 class BudgetExceededError(ValueError):
@@ -54,42 +73,55 @@ class PrivacyBudget:
             raise ValueError(f"Expected delta={self.delta} in (0, 1).")
 
     @classmethod
-    def for_privimage(cls, *, epsilon: float, delta: float, sample_rate: float, steps: int,
-                      query_noise_multiplier: float | None = None, query_epsilon_fraction: float = 0.1,
-                      num_examples: int | None = None) -> "PrivacyBudget":
-        """Plan the semantic query plus ``steps`` DP-SGD steps within (ε, δ).
+    def plan(cls, *, epsilon: float, delta: float, calibrate: str, sample_rate: float, steps: int,
+             others: Mapping[str, Mechanism] | None = None, num_examples: int | None = None) -> "PrivacyBudget":
+        """Plan mechanism ``calibrate`` beside the fixed ``others`` so that all of them together meet (ε, δ).
+
+        ``calibrate`` is ``steps`` Poisson-subsampled Gaussian releases at rate ``sample_rate`` (DP-SGD); its
+        noise multiplier is the smallest for which the composition with ``others`` is at most ε
+        (:func:`privimage.engine.calibrate_noise_multiplier` with ``other_mechanisms``). Composing in one
+        accountant spends less than adding the mechanisms' separate ε.
 
         Args:
             epsilon, delta: the total budget.
-            sample_rate, steps: Poisson rate and number of fine-tuning steps.
-            query_noise_multiplier: the query's noise std over its L2 sensitivity (√k for top-k votes). If
-                ``None``, it is calibrated so the query alone spends ``query_epsilon_fraction · ε``.
-            query_epsilon_fraction: share of ε the query may use on its own, in (0, 1); used when
-                ``query_noise_multiplier`` is ``None``. The fine-tune's σ is then calibrated on the
-                composition, which spends less than the sum of the parts.
-            num_examples: size of the sensitive data set, to warn when δ ≥ 1/n (a δ that large allows
-                releasing one example in the clear).
+            calibrate: the name of the mechanism to calibrate, e.g. "train".
+            sample_rate, steps: its Poisson rate and number of releases.
+            others: name -> mechanism with its noise multiplier and count already fixed.
+            num_examples: size of the sensitive data set, to warn when δ ≥ 1/n.
 
         Raises:
-            ValueError: out-of-range settings, a query that alone spends the budget, or a fine-tune that
-                would need σ above ``MAX_NOISE_MULTIPLIER``.
+            ValueError: out-of-range settings, ``others`` that alone spend the budget, or a σ above
+                ``MAX_NOISE_MULTIPLIER``.
+
+        Example:
+            >>> from privimage.engine import Mechanism, PrivacyBudget
+            >>> budget = PrivacyBudget.plan(epsilon=3.0, delta=1e-5, calibrate="train", sample_rate=0.01,
+            ...                             steps=100, others={"release": Mechanism(20.0, 1.0, 1)})
+            >>> sorted(budget.plan), budget.epsilon_planned().upper <= 3.0
+            (['release', 'train'], True)
         """
-        if num_examples is not None and delta >= 1 / num_examples:
-            warnings.warn(f"delta={delta:g} >= 1/n = {1 / num_examples:g}: a delta this large permits "
-                          f"releasing an individual example; use delta < 1/n (commonly 1/n^1.1 or 1e-5).")
-        if query_noise_multiplier is None:
-            if not 0 < query_epsilon_fraction < 1:
-                raise ValueError(f"Expected query_epsilon_fraction={query_epsilon_fraction} in (0, 1).")
-            try:
-                query_noise_multiplier = calibrate_noise_multiplier(
-                    target_epsilon=query_epsilon_fraction * epsilon, sample_rate=1.0, steps=1, delta=delta)
-            except ValueError as err:
-                raise ValueError(f"The semantic query's share of the budget ({query_epsilon_fraction:g} x "
-                                 f"epsilon={epsilon:g}) is too small: {err}") from None
-        query = Mechanism(query_noise_multiplier, 1.0, 1)
+        warn_if_delta_too_large(delta, num_examples)
+        others = dict(others or {})
+        if calibrate in others:
+            raise ValueError(f"Mechanism '{calibrate}' is both fixed (in others) and to be calibrated.")
         sigma = calibrate_noise_multiplier(target_epsilon=epsilon, sample_rate=sample_rate, steps=steps,
-                                           delta=delta, other_mechanisms=[query])
-        return cls(epsilon, delta, plan={QUERY: query, FINETUNE: Mechanism(sigma, sample_rate, steps)})
+                                           delta=delta, other_mechanisms=list(others.values()))
+        return cls(epsilon, delta, plan={**others, calibrate: Mechanism(sigma, sample_rate, steps)})
+
+    @classmethod
+    def for_privimage(cls, *, epsilon: float, delta: float, sample_rate: float, steps: int,
+                      query_noise_multiplier: float | None = None, query_epsilon_fraction: float = 0.1,
+                      num_examples: int | None = None) -> "PrivacyBudget":
+        """Deprecated (removed in the next release): ``privimage.privacy.plan_privimage_budget``, which this
+        reproduces (the query, calibrated alone to ``query_epsilon_fraction · ε`` unless its σ is given, then
+        the fine-tune calibrated on the composition)."""
+        warnings.warn("PrivacyBudget.for_privimage is deprecated and will be removed in the next release; use "
+                      "privimage.privacy.plan_privimage_budget.", DeprecationWarning, stacklevel=2)
+        if query_noise_multiplier is None:
+            query_noise_multiplier = calibrate_noise_multiplier(
+                target_epsilon=query_epsilon_fraction * epsilon, sample_rate=1.0, steps=1, delta=delta)
+        return cls.plan(epsilon=epsilon, delta=delta, calibrate="finetune", sample_rate=sample_rate, steps=steps,
+                        others={"query": Mechanism(query_noise_multiplier, 1.0, 1)}, num_examples=num_examples)
 
     def noise_multiplier(self, name: str) -> float:
         """The planned noise multiplier of mechanism ``name``."""

@@ -1,54 +1,30 @@
-"""The one switch between the Triton kernels and their plain-torch references.
+"""Triton, imported once: its language module, the kernel decorator, autotuning and launch settings.
 
-``use_triton(*tensors)`` is asked by every op before it launches a kernel: Triton runs on CUDA tensors, or on
-CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter, used by the CPU tests); otherwise the op runs
-its ``*_ref`` torch code. The environment variable is read at call time, not import time, so a test can turn
-the interpreter on for itself alone (``monkeypatch.setenv``) without routing every other test in the same
-process through it.
-
-Triton itself fixes "compiled or interpreted" when a function is decorated (``triton.jit`` reads
-``TRITON_INTERPRET`` at import). :func:`jit` instead builds both forms of a kernel and picks one per launch;
-see :class:`_DualKernel`. Triton is optional at run time (it is not a dependency of the CPU install): without
-it the kernel modules still import and every op runs its reference.
+No backend decision is made here (that is :mod:`.dispatch`): this module only builds kernels so that each
+launch can run compiled or interpreted, as ``TRITON_INTERPRET`` says at that moment. Triton itself fixes
+"compiled or interpreted" when a function is decorated (``triton.jit`` reads the variable at import);
+:func:`jit` instead builds both forms of a kernel and picks one per launch (:class:`_DualKernel`). Triton is
+optional at run time (it is not a dependency of the CPU install): without it the kernel modules still
+import and no kernel is ever launched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import types
 
 import torch
 
-try:
+from .dispatch import HAVE_TRITON, interpreting
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
-
-    HAVE_TRITON = True
-except ImportError:  # CPU-only install without triton: kernels are never launched
+else:  # CPU-only install without triton: kernels are never launched
     triton = None
     tl = types.SimpleNamespace(constexpr=None)  # kernel signatures annotate with tl.constexpr
-    HAVE_TRITON = False
-
-
-def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1``: kernels run in Triton's CPU interpreter (tests, not speed)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# As the environment stood at import; ops ask use_triton(), which re-reads it.
-TRITON_AVAILABLE = HAVE_TRITON and (torch.cuda.is_available() or interpreting())
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op on ``tensors`` runs its Triton kernel (True) or its torch reference (False)."""
-    if not HAVE_TRITON:
-        return False
-    if interpreting():
-        return True
-    return all(t.is_cuda for t in tensors)
 
 
 if HAVE_TRITON:

@@ -6,16 +6,20 @@ Goodfellow (arXiv 1510.01799) for T=1; Li et al. (arXiv 2110.05679) for sequence
 gradients. A program owns one (i, j) tile pair of positions, forms the two (BLOCK_T, BLOCK_T) Gram tiles in
 registers over K and P, and adds their inner product to the sample's norm; by symmetry only j ≥ i is
 computed (off-diagonal tiles count twice). Conv2d columns are gathered from x (implicit im2col, no unfold).
+
+Backends (:mod:`.dispatch`): the kernel, or torch, which forms each sample's two Gram matrices with batched
+GEMMs (a convolution's im2col materialised by ``unfold``), a uniform grouping's rows folded into positions;
+ragged groupings are taken one sample at a time (correct, slow: the engine's cost model avoids it).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from . import _common as cm
-from ._triton import autotune, config, is_ieee, jit, tl, triton, use_triton
+from . import dispatch
+from . import forms as cm
+from ._triton import autotune, config, is_ieee, jit, tl, triton
+from .grouping import Grouping
 
 __all__ = ["conv_ghost_sq_norms", "conv_ghost_sq_norms_ref", "ghost_sq_norms", "ghost_sq_norms_ref"]
 
@@ -89,99 +93,126 @@ def _ghost_sq_norms_kernel(
         tl.atomic_add(out_ptr + s, weight * tl.sum(aat * ggt))
 
 
-def _launch(x, go, sample_index, is_padding, S, kernel_size, stride, padding, dilation, groups):
-    R, c_in, H, W = x.shape
-    c_out, Ho, Wo = go.shape[1:]
-    K, P, T = c_in // groups * kernel_size[0] * kernel_size[1], c_out // groups, Ho * Wo
+def _launch(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    d, S = cm.dims(x, go, kernel_size, groups), rows.num_samples
     out = torch.zeros(S, dtype=torch.float32, device=x.device)
-    if R == 0 or S == 0 or T == 0:
+    if d.R == 0 or S == 0 or d.T == 0:
         return out
-    order, offsets = cm.sample_csr(sample_index, R, S, x.device)
-    pad = cm.padding_flags(is_padding, R, x.device)
-    rows = 1 if sample_index is None else int((offsets[1:] - offsets[:-1]).max())  # one host sync
-    U = rows * T
+    order, offsets = rows.csr(x.device)
+    U = d.T * (1 if rows.trivial else int((offsets[1:] - offsets[:-1]).max()))  # one host sync
 
     def grid(meta):
         return (S, triton.cdiv(U, meta["BLOCK_T"]) ** 2, groups)
 
     _ghost_sq_norms_kernel[grid](
-        x, go, order, offsets, pad, out, U, T, K, P, c_in // groups, Wo, H, W,
-        *x.stride(), *go.stride(), *stride, *padding, *dilation,
-        KH=kernel_size[0], KW=kernel_size[1], IEEE=is_ieee(x.dtype))
+        x, go, order, offsets, rows.padding_flags(x.device), out, U, d.T, d.K, d.P, d.CG, d.Wo, d.H, d.W,
+        *cm.launch_args(x, go, stride, padding, dilation), KH=kernel_size[0], KW=kernel_size[1], IEEE=is_ieee(x.dtype))
     return out
 
 
-@torch.library.custom_op("privimage::ghost_sq_norms", mutates_args=())
-def _ghost_sq_norms_op(x: torch.Tensor, go: torch.Tensor, sample_index: Optional[torch.Tensor],
-                       is_padding: Optional[torch.Tensor], num_samples: int, kernel_size: list[int],
-                       stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups)
-    if x.dtype != torch.float64 and use_triton(x, go):
-        return _launch(x, go, sample_index, is_padding, num_samples, *geometry)
-    return _conv_ref(x, go, sample_index, is_padding, num_samples, *geometry)
+def _impl(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """The op on checked arguments: the backend :mod:`.dispatch` picks, then its code."""
+    if dispatch.backend("ghost_sq_norms", x, go) == dispatch.TRITON:
+        return _launch(x, go, rows, kernel_size, stride, padding, dilation, groups)
+    return _torch(x, go, rows, kernel_size, stride, padding, dilation, groups)
 
 
-@_ghost_sq_norms_op.register_fake
-def _(x, go, sample_index, is_padding, num_samples, kernel_size, stride, padding, dilation, groups):
-    return x.new_empty(num_samples, dtype=cm.acc_dtype(x))
+_call = cm.norms_op("ghost_sq_norms", _impl)
 
 
-def _conv_ref(x, go, sample_index, is_padding, S, kernel_size, stride, padding, dilation, groups):
+def _gram_norms(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """⟨A_bA_bᵀ, G_bG_bᵀ⟩_F for each b of A (B, U, K), G (B, U, P), accumulated in float32 or wider."""
+    A, G = cm.as_acc(A), cm.as_acc(G)
+    if A.shape[1] == 1:  # one position: ‖a‖²‖g‖², no U×U Gram needed
+        return A.square().sum((1, 2)) * G.square().sum((1, 2))
+    return (torch.bmm(A, A.transpose(1, 2)) * torch.bmm(G, G.transpose(1, 2))).sum((1, 2))
+
+
+def _per_sample(rows: Grouping, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """:func:`_gram_norms` per sample of A (R, T, ...), G (R, T, ...): a sample's rows stacked as positions."""
+    if rows.trivial:
+        return _gram_norms(A.flatten(2), G.flatten(2))
+    A, G = rows.drop_padding(A), rows.drop_padding(G)
+    if rows.uniform:
+        return _gram_norms(rows.fold(A).flatten(2), rows.fold(G).flatten(2))
+    out = []
+    for s in range(rows.num_samples):  # ragged: one sample at a time
+        own = (rows.sample_index == s).nonzero().flatten()
+        a, g = A[own].flatten(0, 1).unsqueeze(0), G[own].flatten(0, 1).unsqueeze(0)
+        out.append(_gram_norms(a.flatten(2), g.flatten(2)) if own.numel() else a.new_zeros(1, dtype=cm.acc_dtype(a)))
+    return torch.cat(out) if out else A.new_zeros(0, dtype=cm.acc_dtype(A))
+
+
+def _torch(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """The torch path: Gram matrices by batched GEMMs (a convolution's im2col by ``unfold``)."""
+    if x.shape[0] == 0:
+        return torch.zeros(rows.num_samples, dtype=cm.acc_dtype(x), device=x.device)
+    if cm.is_linear(kernel_size, stride, padding, dilation, groups):
+        norms = _per_sample(rows, cm.as_linear(x), cm.as_linear(go))
+        return rows.drop_padding(norms) if rows.trivial else norms
+    dtype = cm.gemm_dtype(go)
+    R = x.shape[0]
+    cols = cm.unfold_ref(x.to(dtype), kernel_size, stride, padding, dilation, groups)  # (R, groups, T, K)
+    T = cols.shape[2]
+    grads = go.to(dtype).reshape(R, groups, -1, T).transpose(2, 3)                  # (R, groups, T, P)
+    if rows.trivial:  # each (row, group) on its own, then the groups summed
+        norms = _gram_norms(cols.reshape(R * groups, T, -1), grads.reshape(R * groups, T, -1))
+        return rows.drop_padding(norms.view(R, groups).sum(1))
+    return sum(_per_sample(rows, cols[:, j], grads[:, j]) for j in range(groups))
+
+
+def _ref(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
     """Gram matrices of the materialised im2col, per sample (rows of a sample stacked as positions)."""
     dtype = cm.acc_dtype(x)
+    S = rows.num_samples
     out = torch.zeros(S, dtype=dtype, device=x.device)
     if x.shape[0] == 0:
         return out
     R = x.shape[0]
     cols = cm.unfold_ref(x.to(dtype), kernel_size, stride, padding, dilation, groups)  # (R, groups, T, K)
     grads = go.to(dtype).reshape(R, groups, go.shape[1] // groups, -1).transpose(2, 3)  # (R, groups, T, P)
-    if is_padding is not None:
-        keep = ~is_padding.view(R, 1, 1, 1)
-        cols, grads = torch.where(keep, cols, 0), torch.where(keep, grads, 0)
-    if sample_index is None:
+    cols, grads = rows.drop_padding(cols), rows.drop_padding(grads)
+    if rows.trivial:
         aat = cols @ cols.transpose(2, 3)
         ggt = grads @ grads.transpose(2, 3)
         return (aat * ggt).sum((1, 2, 3))
-    for s in range(S):  # ragged samples: stack each sample's rows as positions (reference only)
-        rows = (sample_index == s).nonzero().flatten()
-        a = cols[rows].transpose(0, 1).flatten(1, 2)  # (groups, rows·T, K)
-        g = grads[rows].transpose(0, 1).flatten(1, 2)
+    for s in range(S):  # stack each sample's rows as positions
+        own = (rows.sample_index == s).nonzero().flatten()
+        a = cols[own].transpose(0, 1).flatten(1, 2)  # (groups, rows·T, K)
+        g = grads[own].transpose(0, 1).flatten(1, 2)
         out[s] = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).sum()
     return out
 
 
 def conv_ghost_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, *, stride=1, padding=0,
                         dilation=1, groups: int = 1, sample_index: torch.Tensor | None = None,
-                        is_padding: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+                        is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                        grouping: Grouping | None = None) -> torch.Tensor:
     """Each sample's ‖∇W‖²_F for a Conv2d by ghost norms; arguments and result as
     :func:`privimage.kernels.conv_per_sample_sq_norms`, cost ~U²·(K+P) per sample instead of U·K·P."""
-    op = "conv_ghost_sq_norms"
-    geometry = cm.check_conv(op, x, grad_out, kernel_size, stride, padding, dilation, groups)
-    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, num_samples)
-    return _ghost_sq_norms_op(x, grad_out, sample_index, is_padding, S, *map(list, geometry), groups)
+    geometry, rows = cm.conv_call("conv_ghost_sq_norms", x, grad_out, kernel_size, stride, padding, dilation, groups,
+                                  sample_index, is_padding, num_samples, grouping)
+    return _call(x, grad_out, rows, geometry)
 
 
 def ghost_sq_norms(A: torch.Tensor, G: torch.Tensor, *, sample_index: torch.Tensor | None = None,
-                   is_padding: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+                   is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                   grouping: Grouping | None = None) -> torch.Tensor:
     """⟨A_sA_sᵀ, G_sG_sᵀ⟩_F per sample for a Linear layer, A (R, *, d), G (R, *, p): equal to
-    :func:`privimage.kernels.per_sample_sq_norms` and cheaper when T is small. Matches
-    ``privimage.engine.ops.ghost_sq_norms``."""
-    x, go = cm.linear_as_conv("ghost_sq_norms", A, G)
-    S = cm.check_rows("ghost_sq_norms", A.shape[0], A.device, sample_index, is_padding, num_samples)
-    return _ghost_sq_norms_op(x, go, sample_index, is_padding, S, [1, 1], [1, 1], [0, 0], [1, 1], 1)
+    :func:`privimage.kernels.per_sample_sq_norms` and cheaper when T is small."""
+    x, go, geometry, rows = cm.linear_call("ghost_sq_norms", A, G, sample_index, is_padding, num_samples, grouping)
+    return _call(x, go, rows, geometry)
 
 
 def conv_ghost_sq_norms_ref(x, grad_out, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,
                             sample_index=None, is_padding=None, num_samples=None) -> torch.Tensor:
     """Plain-torch reference of :func:`conv_ghost_sq_norms` (unfold, then Gram matrices)."""
-    op = "conv_ghost_sq_norms_ref"
-    geometry = cm.check_conv(op, x, grad_out, kernel_size, stride, padding, dilation, groups)
-    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, num_samples)
-    return _conv_ref(x, grad_out, sample_index, is_padding, S, *geometry, groups)
+    geometry, rows = cm.conv_call("conv_ghost_sq_norms_ref", x, grad_out, kernel_size, stride, padding, dilation,
+                                  groups, sample_index, is_padding, num_samples)
+    return _ref(x, grad_out, rows, *geometry)
 
 
 def ghost_sq_norms_ref(A, G, *, sample_index=None, is_padding=None, num_samples=None) -> torch.Tensor:
     """Plain-torch reference of :func:`ghost_sq_norms`."""
-    x, go = cm.linear_as_conv("ghost_sq_norms_ref", A, G)
-    S = cm.check_rows("ghost_sq_norms_ref", A.shape[0], A.device, sample_index, is_padding, num_samples)
-    return _conv_ref(x, go, sample_index, is_padding, S, (1, 1), (1, 1), (0, 0), (1, 1), 1)
+    x, go, geometry, rows = cm.linear_call("ghost_sq_norms_ref", A, G, sample_index, is_padding, num_samples)
+    return _ref(x, go, rows, *geometry)

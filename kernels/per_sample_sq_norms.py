@@ -5,27 +5,28 @@ multiply-adds, as much as the weight gradient itself, but in torch they also wri
 gradients to memory and read them back. Here each program owns one (P, K) tile of one sample's gradient,
 accumulates it in registers over the sample's rows and positions, squares and sums it, and adds the number
 to the sample's norm: memory traffic is reading A and G once per tile. Conv2d is implicit im2col (the
-columns are gathered inside the kernel, :mod:`._common`); Linear is its 1×1 case.
+columns are gathered inside the kernel, :mod:`.forms`); Linear is its 1×1 case.
+
+Backends (:mod:`.dispatch`): the kernel; the native CPU build where a sample's gradient is large against its
+positions (:func:`privimage.kernels.native.prefer_for_weight_norms`); else torch, which materialises the
+per-row gradients (one batched GEMM, or one grouped convolution, :mod:`.forms`) and squares their per-sample
+sums, folding a uniform grouping's rows into positions for a Linear (one GEMM per sample).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
-from . import _common as cm
-from ._triton import autotune, config, is_ieee, jit, tl, triton, use_triton
+from . import dispatch, native
+from . import forms as cm
+from ._triton import autotune, is_ieee, jit, tl, triton
+from .grouping import Grouping
 
 __all__ = ["conv_per_sample_sq_norms", "conv_per_sample_sq_norms_ref", "per_sample_sq_norms",
            "per_sample_sq_norms_ref"]
 
 
-@autotune(configs=[config(BLOCK_T=16, BLOCK_P=16, BLOCK_K=16),
-                   config(BLOCK_T=32, BLOCK_P=64, BLOCK_K=64),
-                   config(BLOCK_T=64, BLOCK_P=64, BLOCK_K=64),
-                   config(BLOCK_T=32, BLOCK_P=128, BLOCK_K=64, num_warps=8),
-                   config(BLOCK_T=32, BLOCK_P=64, BLOCK_K=128, num_warps=8)],
+@autotune(configs=cm.GEMM_CONFIGS,
           key=["T", "K", "P"], reset_to_zero=["out_ptr"])
 @jit
 def _per_sample_sq_norms_kernel(
@@ -41,90 +42,82 @@ def _per_sample_sq_norms_kernel(
     their squared norms add up to the sample's.
     """
     s = tl.program_id(0)
-    tile = tl.program_id(1)
-    n_p = tl.cdiv(P, BLOCK_P)
-    n_k = tl.cdiv(K, BLOCK_K)
-    grp = tile // (n_p * n_k)
-    o = ((tile // n_k) % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    k = (tile % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    o_mask = o < P
-    k_mask = k < K
-    tt = tl.arange(0, BLOCK_T)
-    zero = tl.zeros([BLOCK_T], dtype=tl.int64)
+    grp, o, k = cm._weight_tile(tl.program_id(1), P, K, BLOCK_P, BLOCK_K)
     acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
     start = tl.load(offsets_ptr + s)
     end = tl.load(offsets_ptr + s + 1)
     for j in range(start, end):
         r = tl.load(order_ptr + j)
         t_end = T * (1 - tl.load(pad_ptr + r).to(tl.int32))  # 0 for padding: its memory is never read
-        x_off = zero + r * sxr
-        g_off = zero + r * sgr
-        for t0 in range(0, T, BLOCK_T):
-            t = t0 + tt
-            t_mask = t < t_end
-            a = cm._load_cols(x_ptr, x_off, t, k, t_mask, k_mask, grp * CG, Wo, H, W, sxc, sxh, sxw,
-                              sh, sw, ph, pw, dh, dw, KH, KW)
-            g = cm._load_grads(g_ptr, g_off, t, o, t_mask, o_mask, grp * P, Wo, sgc, sgh, sgw)
-            if IEEE:
-                acc = tl.dot(tl.trans(g).to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(tl.trans(g), a, acc)
+        acc = cm._add_row_grad(acc, x_ptr, g_ptr, r, t_end, T, K, P, CG, Wo, H, W, grp, o, k,
+                               sxr, sxc, sxh, sxw, sgr, sgc, sgh, sgw, sh, sw, ph, pw, dh, dw, KH, KW, IEEE, BLOCK_T)
     tl.atomic_add(out_ptr + s, tl.sum(acc * acc))
 
 
-def _launch(x, go, sample_index, is_padding, S, kernel_size, stride, padding, dilation, groups):
-    R, c_in, H, W = x.shape
-    c_out, Ho, Wo = go.shape[1:]
-    K, P, T = c_in // groups * kernel_size[0] * kernel_size[1], c_out // groups, Ho * Wo
+def _launch(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    d, S = cm.dims(x, go, kernel_size, groups), rows.num_samples
     out = torch.zeros(S, dtype=torch.float32, device=x.device)
-    if R == 0 or S == 0 or T == 0:
+    if d.R == 0 or S == 0 or d.T == 0:
         return out
-    order, offsets = cm.sample_csr(sample_index, R, S, x.device)
-    pad = cm.padding_flags(is_padding, R, x.device)
+    order, offsets = rows.csr(x.device)
 
     def grid(meta):
-        return (S, groups * triton.cdiv(P, meta["BLOCK_P"]) * triton.cdiv(K, meta["BLOCK_K"]))
+        return (S, groups * triton.cdiv(d.P, meta["BLOCK_P"]) * triton.cdiv(d.K, meta["BLOCK_K"]))
 
     _per_sample_sq_norms_kernel[grid](
-        x, go, order, offsets, pad, out, T, K, P, c_in // groups, Wo, H, W,
-        *x.stride(), *go.stride(), *stride, *padding, *dilation,
-        KH=kernel_size[0], KW=kernel_size[1], IEEE=is_ieee(x.dtype))
+        x, go, order, offsets, rows.padding_flags(x.device), out, d.T, d.K, d.P, d.CG, d.Wo, d.H, d.W,
+        *cm.launch_args(x, go, stride, padding, dilation), KH=kernel_size[0], KW=kernel_size[1], IEEE=is_ieee(x.dtype))
     return out
 
 
-@torch.library.custom_op("privimage::per_sample_sq_norms", mutates_args=())
-def _per_sample_sq_norms_op(x: torch.Tensor, go: torch.Tensor, sample_index: Optional[torch.Tensor],
-                            is_padding: Optional[torch.Tensor], num_samples: int, kernel_size: list[int],
-                            stride: list[int], padding: list[int], dilation: list[int],
-                            groups: int) -> torch.Tensor:
-    geometry = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation), groups)
-    if x.dtype != torch.float64 and use_triton(x, go):
-        return _launch(x, go, sample_index, is_padding, num_samples, *geometry)
-    from . import native  # the optional C++ build, for CPU tensors when it is built
-
-    c_out, Ho, Wo = go.shape[1:]
-    K, P = x.shape[1] // groups * kernel_size[0] * kernel_size[1], c_out // groups
-    if native.enabled(x, go) and native.prefer_for_weight_norms(Ho * Wo, K, P):
-        return native.conv_per_sample_sq_norms_raw(x, go, sample_index, is_padding, num_samples, *geometry)
-    return _conv_ref(x, go, sample_index, is_padding, num_samples, *geometry)
+def _impl(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """The op on checked arguments: the backend :mod:`.dispatch` picks, then its code."""
+    geometry = (kernel_size, stride, padding, dilation, groups)
+    K = x.shape[1] // groups * kernel_size[0] * kernel_size[1]
+    pays = native.prefer_for_weight_norms(go.shape[2] * go.shape[3], K, go.shape[1] // groups)
+    which = dispatch.backend("per_sample_sq_norms", x, go, native_pays=pays)
+    if which == dispatch.NATIVE:
+        return native.per_sample_sq_norms(x, go, rows.sample_index, rows.is_padding, rows.num_samples, *geometry)
+    if which == dispatch.TRITON:
+        return _launch(x, go, rows, *geometry)
+    return _torch(x, go, rows, *geometry)
 
 
-@_per_sample_sq_norms_op.register_fake
-def _(x, go, sample_index, is_padding, num_samples, kernel_size, stride, padding, dilation, groups):
-    return x.new_empty(num_samples, dtype=cm.acc_dtype(x))
+_call = cm.norms_op("per_sample_sq_norms", _impl)
 
 
-def _conv_ref(x, go, sample_index, is_padding, S, kernel_size, stride, padding, dilation, groups):
+def _torch(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """The torch path: per-row gradients materialised, summed per sample, squared (padding rows zeroed)."""
     if x.shape[0] == 0:
-        return torch.zeros(S, dtype=cm.acc_dtype(x), device=x.device)
-    grads = cm.per_row_conv_grads_ref(x, go, kernel_size, stride, padding, dilation, groups)
-    return cm.to_samples_ref(grads, sample_index, is_padding, S).flatten(1).square().sum(1)
+        return torch.zeros(rows.num_samples, dtype=cm.acc_dtype(x), device=x.device)
+    if cm.is_linear(kernel_size, stride, padding, dilation, groups):
+        A, G = cm.as_linear(x), cm.as_linear(go)
+        if not rows.trivial and rows.uniform:  # a sample's rows become positions: one GEMM per sample
+            A, G = rows.fold(rows.drop_padding(A)), rows.fold(rows.drop_padding(G))
+            return cm.sq_norms_of(cm.linear_per_row_grads(A, G))
+        grads = cm.linear_per_row_grads(A, G)
+    else:
+        grads = cm.conv_per_row_grads(x, go, kernel_size, stride, padding, dilation, groups)
+    return cm.sq_norms_of(rows.to_samples(rows.drop_padding(grads)))
+
+
+def _ref(x, go, rows: Grouping, kernel_size, stride, padding, dilation, groups):
+    """Per-row gradients in float32 or wider (a batched GEMM, or one grouped convolution), summed per
+    sample over the non-padding rows, squared."""
+    if x.shape[0] == 0:
+        return torch.zeros(rows.num_samples, dtype=cm.acc_dtype(x), device=x.device)
+    dtype = cm.acc_dtype(x)
+    if cm.is_linear(kernel_size, stride, padding, dilation, groups):
+        grads = cm.linear_per_row_grads(cm.as_linear(x), cm.as_linear(go), dtype)
+    else:
+        grads = cm.conv_per_row_grads(x, go, kernel_size, stride, padding, dilation, groups, dtype)
+    return cm.sq_norms_of(rows.to_samples(rows.drop_padding(grads)))
 
 
 def conv_per_sample_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_size, *, stride=1, padding=0,
                              dilation=1, groups: int = 1, sample_index: torch.Tensor | None = None,
-                             is_padding: torch.Tensor | None = None,
-                             num_samples: int | None = None) -> torch.Tensor:
+                             is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                             grouping: Grouping | None = None) -> torch.Tensor:
     """Each sample's ‖∇W‖²_F for a Conv2d (zero padding), from its input and output gradient.
 
     Args:
@@ -135,42 +128,40 @@ def conv_per_sample_sq_norms(x: torch.Tensor, grad_out: torch.Tensor, kernel_siz
             None: one sample per row.
         is_padding: (R,) bool; padding rows contribute nothing (their memory is never read).
         num_samples: S; needed under ``torch.compile`` when ``sample_index`` is given.
+        grouping: instead of the three arguments above, a :class:`~privimage.kernels.Grouping` already checked
+            (the engine makes one per step: no host sync per op call).
 
     Returns:
-        (S,) float32 (float64 for float64 inputs) squared norms over the weight only (bias: see
-        :func:`privimage.kernels.bias_sq_norms`).
+        (S,) float32 (float64 for float64 inputs) squared norms over the weight only.
     """
-    op = "conv_per_sample_sq_norms"
-    geometry = cm.check_conv(op, x, grad_out, kernel_size, stride, padding, dilation, groups)
-    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, num_samples)
-    return _per_sample_sq_norms_op(x, grad_out, sample_index, is_padding, S, *map(list, geometry), groups)
+    geometry, rows = cm.conv_call("conv_per_sample_sq_norms", x, grad_out, kernel_size, stride, padding, dilation,
+                                  groups, sample_index, is_padding, num_samples, grouping)
+    return _call(x, grad_out, rows, geometry)
 
 
 def per_sample_sq_norms(A: torch.Tensor, G: torch.Tensor, *, sample_index: torch.Tensor | None = None,
-                        is_padding: torch.Tensor | None = None, num_samples: int | None = None) -> torch.Tensor:
+                        is_padding: torch.Tensor | None = None, num_samples: int | None = None,
+                        grouping: Grouping | None = None) -> torch.Tensor:
     """Each sample's ‖Σ_{r∈s} G_rᵀA_r‖²_F for a Linear layer: A (R, *, d) inputs, G (R, *, p) output grads.
 
     The extra dims (tokens) are positions; without them (A (R, d)) each row has one position. Other arguments
-    and the result as in :func:`conv_per_sample_sq_norms`. Signature and result match
-    ``privimage.engine.ops.per_sample_sq_norms``, which calls this on CUDA.
+    and the result as in :func:`conv_per_sample_sq_norms`.
     """
-    x, go = cm.linear_as_conv("per_sample_sq_norms", A, G)
-    S = cm.check_rows("per_sample_sq_norms", A.shape[0], A.device, sample_index, is_padding, num_samples)
-    return _per_sample_sq_norms_op(x, go, sample_index, is_padding, S, [1, 1], [1, 1], [0, 0], [1, 1], 1)
+    x, go, geometry, rows = cm.linear_call("per_sample_sq_norms", A, G, sample_index, is_padding, num_samples,
+                                           grouping)
+    return _call(x, go, rows, geometry)
 
 
 def conv_per_sample_sq_norms_ref(x, grad_out, kernel_size, *, stride=1, padding=0, dilation=1, groups=1,
                                  sample_index=None, is_padding=None, num_samples=None) -> torch.Tensor:
     """Plain-torch reference of :func:`conv_per_sample_sq_norms`: per-row gradients by one grouped
     convolution, summed per sample, squared."""
-    op = "conv_per_sample_sq_norms_ref"
-    geometry = cm.check_conv(op, x, grad_out, kernel_size, stride, padding, dilation, groups)
-    S = cm.check_rows(op, x.shape[0], x.device, sample_index, is_padding, num_samples)
-    return _conv_ref(x, grad_out, sample_index, is_padding, S, *geometry, groups)
+    geometry, rows = cm.conv_call("conv_per_sample_sq_norms_ref", x, grad_out, kernel_size, stride, padding, dilation,
+                                  groups, sample_index, is_padding, num_samples)
+    return _ref(x, grad_out, rows, *geometry)
 
 
 def per_sample_sq_norms_ref(A, G, *, sample_index=None, is_padding=None, num_samples=None) -> torch.Tensor:
     """Plain-torch reference of :func:`per_sample_sq_norms` (a batched GEMM per row, then squares)."""
-    x, go = cm.linear_as_conv("per_sample_sq_norms_ref", A, G)
-    S = cm.check_rows("per_sample_sq_norms_ref", A.shape[0], A.device, sample_index, is_padding, num_samples)
-    return _conv_ref(x, go, sample_index, is_padding, S, (1, 1), (1, 1), (0, 0), (1, 1), 1)
+    x, go, geometry, rows = cm.linear_call("per_sample_sq_norms_ref", A, G, sample_index, is_padding, num_samples)
+    return _ref(x, go, rows, *geometry)

@@ -129,17 +129,16 @@ def sensitive_size(cfg: RunConfig) -> tuple[int, str]:
 
 def plan_budget(cfg: RunConfig, num_sensitive: int):
     """The run's PrivacyBudget: the query's σ from its ε share, the fine-tune's σ calibrated on the rest."""
-    from privimage.engine import PrivacyBudget
+    from privimage.privacy import plan_privimage_budget
 
     q = cfg.finetune.sample_rate(num_sensitive)
     steps = cfg.finetune.steps(num_sensitive)
-    return PrivacyBudget.for_privimage(epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q, steps=steps,
-                                       query_epsilon_fraction=cfg.query.epsilon_fraction,
-                                       num_examples=num_sensitive)
+    return plan_privimage_budget(epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q, steps=steps,
+                                 query_epsilon_fraction=cfg.query.epsilon_fraction, num_examples=num_sensitive)
 
 
 def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:
-    from privimage.engine.budget import FINETUNE, QUERY
+    from privimage.privacy import FINETUNE, QUERY
 
     ft = budget.plan[FINETUNE]
     return {"num_sensitive": num_sensitive, "epsilon": cfg.epsilon, "delta": cfg.delta,
@@ -162,7 +161,7 @@ def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=No
     public label -> sensitive class).
     """
     from privimage.engine import PrivacyBudget, secure_generator
-    from privimage.engine.budget import QUERY
+    from privimage.privacy import QUERY
     from privimage.io import save_json, save_npz
     from privimage.query import ClassifierConfig, SemanticQuery, train_classifier
     from privimage.query.subset import subset_indices

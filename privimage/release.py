@@ -42,7 +42,7 @@ _COPIED = {"query/histogram.npy": "query/histogram.npy", "query/selected_labels.
 
 def export_release(run_dir: str | Path, *, log=print) -> Path:
     """Write ``run_dir/release/`` from the finished fine-tune (module docstring); returns the folder."""
-    from privimage.engine.budget import FINETUNE
+    from privimage.privacy import FINETUNE
     from privimage.train import load_checkpoint
 
     run_dir = Path(run_dir)
@@ -139,7 +139,7 @@ TEST_MODE = ("NOT PRIVATE: the run used the non-secure test mode (finetune.secur
 
 
 def _statement(run_dir: Path, finetune: dict) -> dict:
-    from privimage.engine.budget import QUERY
+    from privimage.privacy import QUERY
     from privimage.evaluate.privacy import generator_privacy, load_evaluation_ledger, privacy_summary
 
     summary = privacy_summary(generator_privacy(run_dir), load_evaluation_ledger(run_dir), secure=finetune["secure"])

@@ -8,10 +8,13 @@ tight absolute tolerances; any other dtype by ``within_precision``, i.e. against
 tolerance from the dtype's own rounding (STYLE.md §3).
 """
 
+import functools
 import os
 
 import pytest
 import torch
+
+import kernel_cases
 
 
 @pytest.fixture(autouse=True)
@@ -65,25 +68,8 @@ def device():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def _within_precision(ours, ref_same, ref64, atol: float, what: str = "") -> None:
-    """err(ours) ≤ 2·err(reference at the same dtype) + atol·max|ref64|, errors against the float64 reference
-    ``ref64`` (STYLE.md §3); on failure names the worst element with all three values."""
-    ours, ref_same, ref64 = (torch.as_tensor(t).detach().cpu().double() for t in (ours, ref_same, ref64))
-    assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    if ref64.numel() == 0:
-        return
-    assert torch.isfinite(ours).all(), f"{what}: non-finite values"
-    err = (ours - ref64).abs()
-    bound = 2 * (ref_same - ref64).abs().max() + atol * ref64.abs().max().clamp_min(1e-30)
-    if not err.max() <= bound:
-        i = int(err.flatten().argmax())
-        raise AssertionError(f"{what}: max error {float(err.max()):.3e} > bound {float(bound):.3e}; worst flat "
-                             f"index {i}: ours {float(ours.flatten()[i]):.8g}, same-dtype reference "
-                             f"{float(ref_same.flatten()[i]):.8g}, float64 {float(ref64.flatten()[i]):.8g}")
-
-
 @pytest.fixture
 def within_precision():
-    """The precision check as a fixture (test files are not importable modules here):
+    """The precision check (``kernel_cases.assert_within``) for results in any dtype:
     ``within_precision(ours, ref_same_dtype, ref_float64, atol, what)``."""
-    return _within_precision
+    return functools.partial(kernel_cases.assert_within, accumulated=False)

@@ -1,7 +1,8 @@
 """The slow, obviously correct DP-SGD reference: one fresh forward and backward per sample.
 
 Independent of ``privimage.engine`` on purpose (Opacus' ``compute_microbatch_grad_sample`` plays the same
-role there): every engine method is tested against these loops.
+role there): every engine method and norm strategy is tested against these loops. Imported by name
+(``import reference as ref``: pyproject's pytest ``pythonpath`` puts tests/ on sys.path).
 """
 
 from __future__ import annotations

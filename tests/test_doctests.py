@@ -8,8 +8,11 @@ import pytest
 MODULES = [
     "privimage.engine.accounting",
     "privimage.engine.auditing",
+    "privimage.engine.budget",
     "privimage.engine.dp_sgd",
+    "privimage.engine.optimizer",
     "privimage.engine.sampling",
+    "privimage.kernels.dispatch",
     "privimage.progress",
 ]
 

@@ -67,11 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from privimage.engine import PrivacyBudget
-    from privimage.engine.budget import FINETUNE, QUERY
+    from privimage.privacy import FINETUNE, QUERY, plan_privimage_budget
 
     start = time.perf_counter()
-    budget = PrivacyBudget.for_privimage(
+    budget = plan_privimage_budget(
         epsilon=args.epsilon, delta=args.delta, sample_rate=args.sample_rate, steps=args.steps,
         query_noise_multiplier=args.query_sigma, query_epsilon_fraction=args.query_fraction,
         num_examples=args.num_examples)

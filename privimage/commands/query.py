@@ -114,7 +114,7 @@ def _noise_generator(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from privimage.data import load_spec
     from privimage.engine import PrivacyBudget
-    from privimage.engine.budget import QUERY
+    from privimage.privacy import QUERY
     from privimage.io import save_json, save_npz
     from privimage.query import (ClassifierConfig, SemanticQuery, ffcv_available, query_budget, select_subset,
                                  train_classifier, write_ffcv)

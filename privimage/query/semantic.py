@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from privimage.engine import ClippedSum, PrivacyBudget, add_gaussian_noise
-from privimage.engine.budget import QUERY
+from privimage.privacy import QUERY
 
 
 @dataclass(frozen=True)

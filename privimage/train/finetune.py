@@ -46,8 +46,8 @@ import torch
 
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA, to_model_range
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
-from privimage.engine.budget import FINETUNE
 from privimage.engine.sampling import PhysicalBatch
+from privimage.privacy import FINETUNE
 from privimage.io import save_json
 from privimage.models import UNet, UNetConfig
 from privimage.progress import Progress

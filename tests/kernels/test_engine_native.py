@@ -1,7 +1,8 @@
-"""The engine's DP step with the native CPU build equals the step with the torch code of engine.ops (σ = 0).
+"""The engine's DP step with the native CPU build equals the step with the ops' torch paths (σ = 0).
 
-With ``PRIVIMAGE_NATIVE=1`` (opt-in for the engine) and no Triton interpreter, privimage.engine.ops hands
-GroupNorm affine gradients on CPU to the native C++ build; unset or 0, the engine runs its torch code. The
+With ``PRIVIMAGE_NATIVE=1`` (opt-in) and no Triton interpreter, the kernels' dispatch hands GroupNorm affine
+gradients on CPU to the native C++ build (the engine's default plans use no other op it implements); unset
+or 0, everything runs torch. The
 profiler shows which ``privimage_native::*`` ops ran, so each test proves the native code was used in one
 step and not in the other.
 

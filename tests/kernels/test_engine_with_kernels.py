@@ -1,13 +1,13 @@
 """The engine's DP step with the kernels (Triton interpreter) equals the step with the torch references.
 
-privimage.engine.ops calls the privimage.kernels op of the same name when TRITON_INTERPRET=1 (or on CUDA);
-counting wrappers prove the kernels ran. The kernels run on ``$PRIVIMAGE_TEST_DEVICE`` (the ``device``
-fixture): under Triton's interpreter on the CPU (default), compiled on CUDA (the GPU suite); the reference is
-always the torch code on the CPU, and the comparison is by precision (tests/conftest.py, ``within_precision``).
-The model mixes a layer the engine takes ghost norms of (few positions, wide) with one it takes materialised
-norms of (many positions, narrow), so bk-mixed exercises ghost_sq_norms + clipped_weight_grad, and the ghost
-method (which keeps no per-sample gradients) also per_sample_sq_norms. The native CPU build's counterpart is
-test_engine_native.py.
+The engine's layer rules call the privimage.kernels ops, whose dispatch runs Triton (its interpreter under
+TRITON_INTERPRET=1, or compiled on CUDA) or the torch path; counting wrappers prove the kernels ran. The kernels
+run on ``$PRIVIMAGE_TEST_DEVICE`` (the ``device`` fixture): under Triton's interpreter on the CPU (default),
+compiled on CUDA (the GPU suite); the reference is always the ops' torch path on the CPU, and the comparison is
+by precision (tests/conftest.py, ``within_precision``). The model mixes a layer the engine takes ghost norms
+of (few positions, wide) with one it takes materialised norms of (many positions, narrow), so bk-mixed
+exercises ghost_sq_norms + clipped_weight_grad, and the ghost method (which keeps no per-sample gradients)
+also per_sample_sq_norms. The native CPU build's counterpart is test_engine_native.py.
 """
 
 import pytest
@@ -58,7 +58,7 @@ def test_dp_step_with_kernels_equals_references(kernels_device, monkeypatch, wit
     kw = dict(is_padding=torch.tensor([False, False, True, False, False, False]),
               groups=torch.tensor([0, 1, 2, 1, 0, 2]))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("PRIVIMAGE_NATIVE", raising=False)  # the reference is engine.ops' torch code
+    monkeypatch.delenv("PRIVIMAGE_NATIVE", raising=False)  # the reference is the ops' torch path
     want = _grads(method, x, **kw)
     want64 = _grads(method, x.double(), **kw)
     _kernels_on(kernels_device, monkeypatch)
@@ -93,13 +93,13 @@ def test_dp_step_with_conv_kernels_equals_references(kernels_device, monkeypatch
     """Convolutions: materialised norms (first conv, T=20), ghost norms (second, T=6, wide) and the clipped
     weight gradient, with per-sample gradients not kept (KEEP_FACTOR=0) so every conv op goes to a kernel;
     GroupNorm's per-sample affine gradients by its fused kernel."""
-    from privimage.engine import layers
+    from privimage.engine import plan
 
-    monkeypatch.setattr(layers, "KEEP_FACTOR", 0.0)
+    monkeypatch.setattr(plan, "KEEP_FACTOR", 0.0)
     x = torch.randn(3, 3, 5, 4)
     is_padding = torch.tensor([False, True, False])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("PRIVIMAGE_NATIVE", raising=False)  # the reference is engine.ops' torch code
+    monkeypatch.delenv("PRIVIMAGE_NATIVE", raising=False)  # the reference is the ops' torch path
     want = _conv_grads(x, is_padding)
     want64 = _conv_grads(x.double(), is_padding)
     _kernels_on(kernels_device, monkeypatch)

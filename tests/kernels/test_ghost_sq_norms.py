@@ -1,26 +1,13 @@
 """ghost_sq_norms / conv_ghost_sq_norms in the interpreter against the reference, float64, and the
 materialised norms (the two formulas must agree)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from privimage.kernels import (conv_ghost_sq_norms, conv_ghost_sq_norms_ref, conv_per_sample_sq_norms_ref,
                                ghost_sq_norms, ghost_sq_norms_ref, per_sample_sq_norms_ref)
 
-
-def _helpers():
-    if "kernel_test_helpers" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kernel_test_helpers", Path(__file__).with_name("helpers.py"))
-        sys.modules[spec.name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["kernel_test_helpers"]
-
-
-H = _helpers()
+import kernel_cases as H
 
 
 def _poison(kw, *tensors):

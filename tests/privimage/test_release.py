@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from privimage.data import load_dataset
 from privimage.engine import Mechanism, PrivacyBudget
-from privimage.engine.budget import FINETUNE, QUERY
+from privimage.privacy import FINETUNE, QUERY
 from privimage.io import save_json
 from privimage.models import UNet
 from privimage.models.unet import PRESETS, UNetConfig

@@ -10,7 +10,7 @@ import torch
 from privimage.data import embedded, load_dataset
 from privimage.query import ClassifierConfig, QueryClassifier, SemanticQuery, query_budget, train_classifier
 from privimage.engine import compute_epsilon
-from privimage.engine.budget import QUERY
+from privimage.privacy import QUERY
 
 # Small and quick (about 15 s on one CPU core); the defaults (width 32, 5 epochs, batch 128) are for real runs.
 CONFIG = ClassifierConfig(width=16, epochs=5, batch_size=32, lr=5e-3)

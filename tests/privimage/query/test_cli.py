@@ -7,7 +7,7 @@ import pytest
 
 from privimage.cli import main
 from privimage.engine import Mechanism, PrivacyBudget
-from privimage.engine.budget import QUERY
+from privimage.privacy import QUERY
 from privimage.query import ffcv_available
 
 ARGS = ["query", "--sensitive", "embedded:sensitive,size=100", "--public", "embedded:public,size=600",

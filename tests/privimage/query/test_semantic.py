@@ -10,7 +10,7 @@ import torch
 from scipy import stats
 
 from privimage.engine import BudgetExceededError, PrivacyBudget, compute_epsilon
-from privimage.engine.budget import FINETUNE, QUERY
+from privimage.privacy import FINETUNE, QUERY, plan_privimage_budget
 from privimage.query import SemanticQuery, assign_per_class, query_budget
 
 
@@ -72,8 +72,8 @@ def test_top_n_is_the_largest_noisy_counts_and_exact_counts_never_leave(tmp_path
 
 
 def test_ledger_records_the_query_spend_once():
-    budget = PrivacyBudget.for_privimage(epsilon=5.0, delta=1e-5, sample_rate=0.05, steps=100,
-                                         query_epsilon_fraction=0.2)
+    budget = plan_privimage_budget(epsilon=5.0, delta=1e-5, sample_rate=0.05, steps=100,
+                                   query_epsilon_fraction=0.2)
     q = SemanticQuery.from_budget(budget, top_k=2, top_n=3)
     assert q.sigma == budget.noise_multiplier(QUERY)
     assert budget.spent.get(QUERY, 0) == 0
@@ -159,7 +159,7 @@ def test_per_class_selection_is_right_at_generous_epsilon_and_noise_at_tiny_epsi
 
 
 def test_per_class_release_spends_once_and_saves(tmp_path):
-    budget = PrivacyBudget.for_privimage(epsilon=5.0, delta=1e-5, sample_rate=0.05, steps=100)
+    budget = plan_privimage_budget(epsilon=5.0, delta=1e-5, sample_rate=0.05, steps=100)
     q = SemanticQuery.from_budget(budget, top_k=1, top_n=4)
     with pytest.raises(ValueError, match="exceed the 3 public classes"):  # refused before any spend
         q.release_per_class(torch.zeros(2, 3), budget=budget)

@@ -12,7 +12,7 @@ import torch
 from privimage.data import load_dataset
 from privimage.diffusion import EDMDenoiser, EDMLoss, to_model_range
 from privimage.engine import DPEngine, Mechanism, PrivacyBudget
-from privimage.engine.budget import FINETUNE
+from privimage.privacy import FINETUNE
 from privimage.engine.sampling import PhysicalBatch
 from privimage.models import UNet
 from privimage.models.unet import PRESETS

@@ -8,7 +8,7 @@ import torch
 
 from privimage.data import load_dataset
 from privimage.engine import PrivacyBudget
-from privimage.engine.budget import FINETUNE
+from privimage.privacy import FINETUNE, plan_privimage_budget
 from privimage.models.unet import PRESETS
 from privimage.train import finetune, load_checkpoint, pretrain
 
@@ -31,7 +31,7 @@ def data():
 @pytest.fixture(scope="module")
 def budget_state():
     # Planned once: calibrating σ on the composition is the slow part of the accountant.
-    budget = PrivacyBudget.for_privimage(epsilon=8.0, delta=1e-4, sample_rate=0.25, steps=4)
+    budget = plan_privimage_budget(epsilon=8.0, delta=1e-4, sample_rate=0.25, steps=4)
     budget.spend("query")
     return budget.state_dict()
 

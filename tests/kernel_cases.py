@@ -1,5 +1,7 @@
-"""Shared helpers of the kernel tests: the precision check and random layer cases (loaded by file path,
-since tests are not a package under pytest's importlib mode)."""
+"""Shared helpers of the kernel tests: the precision check and random layer cases.
+
+Imported by name (``import kernel_cases as H``): pyproject's pytest ``pythonpath`` puts tests/ on sys.path.
+"""
 
 import pytest
 import torch
@@ -10,17 +12,22 @@ import torch.nn.functional as F
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4)]
 
 
-def assert_within(ours, ref_same, ref64, atol, what=""):
+def assert_within(ours, ref_same, ref64, atol, what="", *, accumulated=True):
     """err(ours) ≤ 2·err(reference at the same dtype) + atol·max|ref64| (STYLE.md §3), errors against the
-    float64 reference; on failure name the worst element with all three values."""
-    ours, ref_same = torch.as_tensor(ours), torch.as_tensor(ref_same)
+    float64 reference, on any device; on failure name the worst element with all three values.
+
+    ``accumulated``: ``ours`` must be float32 or float64 (the kernels accumulate norms and sums so).
+    Also the ``within_precision`` fixture (tests/conftest.py), with ``accumulated=False``."""
+    ours = torch.as_tensor(ours).detach()
     assert ours.shape == ref64.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref64.shape)}"
-    assert ours.dtype in (torch.float32, torch.float64), f"{what}: result dtype {ours.dtype}, want fp32 accumulation"
+    if accumulated:
+        assert ours.dtype in (torch.float32, torch.float64), f"{what}: result dtype {ours.dtype}, want fp32 accumulation"
+    ours, ref_same, ref64 = (torch.as_tensor(t).detach().cpu().double() for t in (ours, ref_same, ref64))
     if ref64.numel() == 0:
         return
     assert torch.isfinite(ours).all(), f"{what}: non-finite values {ours}"
-    err = (ours.double() - ref64).abs()
-    err_ref = (ref_same.double() - ref64).abs().max()
+    err = (ours - ref64).abs()
+    err_ref = (ref_same - ref64).abs().max()
     bound = 2 * err_ref + atol * ref64.abs().max().clamp_min(1e-30)
     if not err.max() <= bound:
         i = int(err.flatten().argmax())
