@@ -95,8 +95,8 @@ from privimage.engine.auditing import (
     epsilon_lower_bound,
     replay_noise,
 )
-from privimage.engine.budget import FINETUNE
 from privimage.models.unet import ResBlock, UNet, UNetConfig
+from privimage.privacy import FINETUNE
 
 __all__ = ["AuditSettings", "CaseResult", "PlantedBug", "audit_engine", "crafted_init", "format_report", "run_audit"]
 
