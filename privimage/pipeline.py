@@ -268,7 +268,7 @@ def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
     """
     from privimage.diffusion import SamplerConfig, sample_in_batches
     from privimage.io import save_npz, save_png_grid
-    from privimage.progress import Progress
+    from privimage.progress import progress_bar
     from privimage.release import RELEASE_DIR, export_release, load_release_denoiser
     from privimage.train import resolve_device
 
@@ -279,7 +279,7 @@ def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
     den = load_release_denoiser(run_dir, device=device)
     c = den.net.config
     s = cfg.sample
-    bar = Progress(total=s.num_samples, desc="sampling (released EMA model)", unit="img")
+    bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img")
     images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
                                        num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
                                        config=SamplerConfig(num_steps=s.num_steps, guidance=s.guidance,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privimage.progress import Progress
+from privimage.progress import progress_bar
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def train_classifier(images, labels, *, num_classes: int, config: CAConfig = OFF
     total = config.epochs * steps_per_epoch
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if config.schedule == "cosine"
              else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    bar = Progress(total=total, desc=f"{desc} {config.arch}", unit="step")
+    bar = progress_bar(total, desc=f"{desc} {config.arch}", unit="step")
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(n, generator=gen)
@@ -247,7 +247,7 @@ def train_classifier(images, labels, *, num_classes: int, config: CAConfig = OFF
             loss.backward()
             opt.step()
             sched.step()
-            bar.set(epoch=epoch + 1, loss=loss.item())
+            bar.set_postfix(epoch=epoch + 1, loss=loss.item(), refresh=False)
             bar.update()
         if on_epoch is not None:
             on_epoch(epoch, model)

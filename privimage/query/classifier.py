@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -215,7 +214,7 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
     Returns:
         The classifier in eval mode; ``.public_accuracy`` is its accuracy on the held-out public images.
     """
-    from privimage.progress import Progress
+    from privimage.progress import progress_bar
 
     resolution = resolution or public.resolution
     cache = Path(cache_dir or default_cache_dir()) if use_cache else None
@@ -242,8 +241,7 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
     total = steps_per_epoch * config.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)
-    bar = Progress(total=total, desc="query classifier (public data)", unit="step",
-                   stream=None if log is None else sys.stderr)
+    bar = progress_bar(total, desc="query classifier (public data)", unit="step", enabled=log is not None)
     start = time.perf_counter()
     model.train()
     for _ in range(config.epochs):
@@ -262,7 +260,7 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
             loss.backward()
             opt.step()
             sched.step()
-            bar.set(loss=loss.item())
+            bar.set_postfix(loss=loss.item(), refresh=False)
             bar.update()
     bar.close()
     model.eval()
