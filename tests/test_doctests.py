@@ -10,6 +10,7 @@ MODULES = [
     "privimage.engine.dp_sgd",
     "privimage.engine.sampling",
     "privimage.progress",
+    "privimage.query.semantic",
 ]
 
 
