@@ -289,7 +289,7 @@ def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
     Sampling reads ``release/model.safetensors``, never the private checkpoint; a run directory without a
     release is exported first (:func:`privimage.release.export_release`, which refuses an unfinished fine-tune).
     """
-    from privimage.diffusion import SamplerConfig, sample_in_batches
+    from privimage.diffusion import sample_in_batches
     from privimage.io import save_npz, save_png_grid
     from privimage.progress import progress_bar
     from privimage.release import RELEASE_DIR, export_release, load_release_denoiser
@@ -305,9 +305,7 @@ def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
     bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img")
     images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
                                        num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
-                                       config=SamplerConfig(num_steps=s.num_steps, guidance=s.guidance,
-                                                            stochastic=s.stochastic),
-                                       device=device, progress=bar)
+                                       config=s, device=device, progress=bar)
     bar.close()
     out = run_dir / "samples"
     save_npz(out / "samples.npz", images=images.numpy(), labels=labels.numpy())
