@@ -7,7 +7,7 @@ directory's ``config.json`` and into every checkpoint.
 
 Presets (``privimage run --config NAME``):
 
-* ``demo``: the embedded procedural data at 16×16, a small UNet; finishes on a 2-core CPU in minutes.
+* ``demo``: the embedded procedural data at 16×16, a small UNet; sized for a CPU (``bench/results/demo.md``).
 * ``test``: the smallest end-to-end run, for the test suite.
 * ``fmnist``: the data issue's Fashion-MNIST split (three sensitive classes, the other seven public),
   padded to 32×32 grayscale.
@@ -86,7 +86,7 @@ class PretrainConfig:
     checkpoint_every: int = 500
     sample_every: int = 0             # PNG grid of EMA samples every N steps (0: only at the end)
     log_every: int = 50
-    compile: bool | None = None       # torch.compile the step; None: on for CUDA, off on CPU (~20 s compile)
+    compile: bool | None = None       # torch.compile the step; None: on for CUDA, off on CPU (compile time)
     loader: str = "auto"              # stream the subset: "device" (uint8 on the device), "ffcv" (file), "auto"
 
     def __post_init__(self) -> None:

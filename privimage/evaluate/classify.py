@@ -120,7 +120,7 @@ class WideResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU-pool stages and a linear head: seconds per epoch on CPU at 32x32."""
+    """Three conv-BN-ReLU-pool stages and a linear head: small enough to train on a CPU (the ``small`` preset)."""
 
     def __init__(self, in_channels: int, num_classes: int, *, width: int = 32) -> None:
         super().__init__()

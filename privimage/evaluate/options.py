@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from privimage.evaluate import classify
+import privimage.evaluate.classify as classify
 
 __all__ = ["EvaluateOptions"]
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from privimage.evaluate import classify
+import privimage.evaluate.classify as classify
 from privimage.evaluate.figures import match_images
 from privimage.evaluate.options import EvaluateOptions
 from privimage.evaluate.privacy import HELD_OUT, NOISY_SELECTION, Coverage, Reports

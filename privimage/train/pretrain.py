@@ -52,7 +52,7 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
         loader: "device", "ffcv" or "auto" (see :func:`privimage.query.loaders.loader_kind`).
         ffcv_path: the FFCV file of the subset (default ``run_dir/query/subset.ffcv``); a fresh run writes
             it from ``images``/``labels``, a resumed one streams the file the interrupted run wrote.
-        compile: torch.compile the loss step; ``None``: only on CUDA, where the ~20 s compile pays.
+        compile: torch.compile the loss step; ``None``: only on CUDA, where the compile time pays off.
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
