@@ -18,8 +18,8 @@ what the previous one wrote into ``runs/NNNNN-<config>/``:
                            config, privacy statement, the query's DP outputs, samples grid, public report
 
 The query stage (:func:`stage_query`, also what ``privimage query`` runs) is a thin caller of
-:mod:`privimage.query.semantic`'s pieces (votes, release, subset; the per-class mechanism, its sensitivity and
-its ledger entry are documented there).
+:mod:`privimage.query.stage` (classifier, votes, this run's release) built on :mod:`privimage.query.semantic`
+(the per-class mechanism, its sensitivity, its ledger entry and the privacy contract).
 
 Data roots. ``--sensitive-root``/``--public-root`` are written into the config's data specs
 (:meth:`RunConfig.with_roots`) before config.json is saved, so every stage, ``privimage finetune --resume``
@@ -173,57 +173,22 @@ def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=No
     (public data only), the per-class DP query's release, and the public subset relabelled to the sensitive
     classes.
 
-    The steps are :mod:`privimage.query.semantic`'s pieces (its docstring holds the privacy contract): the
-    votes stay in memory; the spend is in ``budget.json`` before the noise is drawn; only the release and
-    what is computed from it are written. ``sensitive``: the already loaded sensitive split (default: load
-    it). Returns the label map (selected public label -> sensitive class).
+    The steps are :mod:`privimage.query.stage`'s (the privacy contract is :mod:`privimage.query.semantic`'s):
+    the classifier, the votes (kept in memory), then this run's release. ``sensitive``: the already loaded
+    sensitive split (default: load it). Returns the label map (selected public label -> sensitive class).
     """
-    from privimage.engine import PrivacyBudget, secure_generator
-    from privimage.engine.budget import QUERY
-    from privimage.io import save_json, save_npz
-    from privimage.query import (ClassifierConfig, SemanticQuery, query_votes, release_histogram, subset_for,
-                                 train_query_classifier)
-    from privimage.train import resolve_device
+    from privimage.query import query_votes
+    from privimage.query.stage import query_classifier, release_query, unspent_query_budget
 
-    budget_path = run_dir / "budget.json"
-    budget = PrivacyBudget.from_state_dict(json.loads(budget_path.read_text()))
-    if QUERY not in budget.plan:
-        raise ValueError(f"{budget_path}: the budget plans no 'query' mechanism.")
-    if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
-        raise ValueError(f"{budget_path}: the query was already spent; a second one would cost more privacy. "
-                         f"Start a new run directory.")
+    unspent_query_budget(run_dir)  # before any work: a spent query is refused at once
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     public = load_split(cfg, "public", root=public_root)
-    qc = cfg.query
-    if qc.top_k > public.num_classes:
-        raise ValueError(f"query.top_k={qc.top_k} exceeds the {public.num_classes} public classes.")
-    classifier = train_query_classifier(
-        public, resolution=sensitive.resolution, device=resolve_device(cfg.device), log=log,
-        config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
-                                style_noise=qc.classifier_style_noise, style_gain=qc.classifier_style_gain,
-                                seed=cfg.seed))
-    out = run_dir / "query"
-    classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
-    query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=qc.top_n)
-    if cfg.finetune.secure_noise:
-        generator = secure_generator()
-    else:
-        log("query: finetune.secure_noise=false: the query's noise is derived from the PUBLIC seed. NOT private; "
-            "for tests only.")
-        generator = torch.Generator().manual_seed(cfg.seed + 11)
+    classifier = query_classifier(cfg, public, resolution=sensitive.resolution, log=log)
+    classifier.save(run_dir / "query" / "classifier.pt", public_accuracy=classifier.public_accuracy)
+    log(f"query: classifier public accuracy {classifier.public_accuracy:.3f}")
     votes = query_votes(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
-                        top_k=qc.top_k)
-    release = release_histogram(votes, query, generator=generator, budget=budget,
-                                persist=lambda spent: save_json(spent.state_dict(), budget_path))
-    del votes  # secret: nothing below may use them
-    release.save(out, class_names=public.class_names, sensitive_class_names=sensitive.class_names)
-    subset = subset_for(release, public, max_per_label=qc.max_per_label, seed=cfg.seed,
-                        class_names=sensitive.class_names)
-    save_npz(out / "subset.npz", images=subset.images.numpy(), labels=subset.labels.numpy())
-    log(f"query: sigma={query.sigma:.4g}, classifier public accuracy {classifier.public_accuracy:.3f}; selected "
-        f"{', '.join(f'{public.class_names[j]}->{sensitive.class_names[c]}' for j, c in release.label_map.items())}"
-        f"; subset {len(subset)} public images")
-    return release.label_map
+                        top_k=cfg.query.top_k)
+    return release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive.class_names, log=log)
 
 
 def _load_subset(run_dir: Path):

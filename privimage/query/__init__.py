@@ -7,7 +7,8 @@
   :func:`release_histogram` makes one Gaussian release of them (:class:`QueryRelease`), recording the
   spend first; :func:`subset_for` gives the public images of the selected classes, relabelled to the
   sensitive classes that chose them. :class:`SemanticQuery` ``(top_k, top_n, sigma)`` holds the public
-  settings.
+  settings. :mod:`privimage.query.stage` runs them for a run directory (``privimage query``, ``privimage
+  run``; ``release_query`` once per run for votes computed once).
 - :func:`select_subset`: the public images of given labels.
 - :func:`write_ffcv`, :class:`FFCVLoader`, :class:`DeviceLoader`, :func:`make_loader`: stream the subset.
 """
