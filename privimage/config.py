@@ -7,7 +7,7 @@ directory's ``config.json`` and into every checkpoint.
 
 Presets (``privimage run --config NAME``):
 
-* ``demo``: the embedded procedural data at 16×16, a small UNet; finishes on a 2-core CPU in minutes.
+* ``demo``: the embedded procedural data at 16×16, a small UNet; sized for a CPU (``bench/results/demo.md``).
 * ``test``: the smallest end-to-end run, for the test suite.
 * ``fmnist``: the data issue's Fashion-MNIST split (three sensitive classes, the other seven public),
   padded to 32×32 grayscale.
@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from privimage.diffusion.sampling import SamplerConfig
 from privimage.models.unet import PRESETS as UNET_PRESETS, UNetConfig
 
 __all__ = ["CONFIGS", "DataConfig", "FinetuneConfig", "PretrainConfig", "QueryConfig", "RunConfig",
@@ -85,7 +86,7 @@ class PretrainConfig:
     checkpoint_every: int = 500
     sample_every: int = 0             # PNG grid of EMA samples every N steps (0: only at the end)
     log_every: int = 50
-    compile: bool | None = None       # torch.compile the step; None: on for CUDA, off on CPU (~20 s compile)
+    compile: bool | None = None       # torch.compile the step; None: on for CUDA, off on CPU (compile time)
     loader: str = "auto"              # stream the subset: "device" (uint8 on the device), "ffcv" (file), "auto"
 
     def __post_init__(self) -> None:
@@ -139,21 +140,19 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    """Sampling the final (EMA) model (DPDM: deterministic DDIM, 50 steps, σ ∈ [0.002, 80], ρ = 7)."""
+class SampleConfig(SamplerConfig):
+    """Sampling the final (EMA) model: the sampler's own settings (:class:`~privimage.diffusion.SamplerConfig`,
+    DPDM's deterministic DDIM, 50 steps, σ ∈ [0.002, 80], ρ = 7, guidance, stochastic) plus how many images,
+    in which batches, and the grid."""
 
     num_samples: int = 1000
     batch_size: int = 250
-    num_steps: int = 50
-    guidance: float = 0.0
-    stochastic: bool = False
     grid_per_class: int = 10
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.num_samples >= 1 and self.batch_size >= 1, f"Expected sample.num_samples="
                                                                f"{self.num_samples} and batch_size >= 1.")
-        _check(self.num_steps >= 2, f"Expected sample.num_steps={self.num_steps} >= 2.")
-        _check(self.guidance >= 0, f"Expected sample.guidance={self.guidance} >= 0.")
 
 
 @dataclass(frozen=True)

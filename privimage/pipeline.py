@@ -17,8 +17,9 @@ what the previous one wrote into ``runs/NNNNN-<config>/``:
     release/               what may be published (privimage.release): EMA weights (safetensors), public
                            config, privacy statement, the query's DP outputs, samples grid, public report
 
-The query stage is a thin caller of :meth:`privimage.query.SemanticQuery.run_per_class` (the per-class
-mechanism, its sensitivity and its ledger entry are documented there).
+The query stage (:func:`stage_query`, also what ``privimage query`` runs) is a thin caller of
+:mod:`privimage.query.stage` (classifier, votes, this run's release) built on :mod:`privimage.query.semantic`
+(the per-class mechanism, its sensitivity, its ledger entry and the privacy contract).
 
 Data roots. ``--sensitive-root``/``--public-root`` are written into the config's data specs
 (:meth:`RunConfig.with_roots`) before config.json is saved, so every stage, ``privimage finetune --resume``
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from privimage.config import CONFIGS, RunConfig
 
 __all__ = ["load_run_config", "new_run_dir", "plan_budget", "run_pipeline", "stage_finetune", "stage_pretrain",
-           "stage_query", "stage_sample", "stage_evaluate"]
+           "stage_query", "stage_sample", "stage_evaluate", "write_run_plan"]
 
 # Sizes of well-known training splits, so --dry-run can report σ and steps without reading the files.
 KNOWN_SIZES = {("cifar10", "train"): 50_000, ("celeba", "train"): 162_770}
@@ -137,6 +138,18 @@ def plan_budget(cfg: RunConfig, num_sensitive: int):
                                  query_epsilon_fraction=cfg.query.epsilon_fraction, num_examples=num_sensitive)
 
 
+def write_run_plan(run_dir: Path, cfg: RunConfig, budget, num_sensitive: int) -> None:
+    """``config.json``, ``budget.json`` and, when the budget plans a fine-tune, ``plan.json``: what the stages
+    read (``privimage run`` and ``privimage query`` start a run directory with it)."""
+    from privimage.privacy import FINETUNE
+    from privimage.io import save_json
+
+    save_json(config_json(cfg), run_dir / "config.json")
+    save_json(budget.state_dict(), run_dir / "budget.json")
+    if FINETUNE in budget.plan:
+        save_json(describe_plan(cfg, budget, num_sensitive), run_dir / "plan.json")
+
+
 def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:
     from privimage.privacy import FINETUNE, QUERY
 
@@ -155,56 +168,26 @@ def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:
 
 def stage_query(run_dir: Path, cfg: RunConfig, *, sensitive=None, public_root=None, sensitive_root=None,
                 log=_log) -> dict[int, int]:
-    """Query classifier on public data, the per-class DP query, and the relabelled subset (query/).
+    """The query stage of ``privimage run`` and ``privimage query``: into ``query/``, the query classifier
+    (public data only), the per-class DP query's release, and the public subset relabelled to the sensitive
+    classes.
 
-    ``sensitive``: the already loaded sensitive split (default: load it). Returns the label map (selected
-    public label -> sensitive class).
+    The steps are :mod:`privimage.query.stage`'s (the privacy contract is :mod:`privimage.query.semantic`'s):
+    the classifier, the votes (kept in memory), then this run's release. ``sensitive``: the already loaded
+    sensitive split (default: load it). Returns the label map (selected public label -> sensitive class).
     """
-    from privimage.engine import PrivacyBudget, secure_generator
-    from privimage.privacy import QUERY
-    from privimage.io import save_json, save_npz
-    from privimage.query import ClassifierConfig, SemanticQuery, train_classifier
-    from privimage.query.subset import subset_indices
-    from privimage.train import resolve_device
+    from privimage.query import query_votes
+    from privimage.query.stage import query_classifier, release_query, unspent_query_budget
 
-    budget = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text()))
-    if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
-        raise ValueError(f"{run_dir}/budget.json: the query was already spent; a second one would cost more "
-                         f"privacy. Start a new run directory.")
+    unspent_query_budget(run_dir)  # before any work: a spent query is refused at once
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     public = load_split(cfg, "public", root=public_root)
-    qc = cfg.query
-    if qc.top_k > public.num_classes:
-        raise ValueError(f"query.top_k={qc.top_k} exceeds the {public.num_classes} public classes.")
-    classifier = train_classifier(public, resolution=sensitive.resolution, device=resolve_device(cfg.device),
-                                  config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
-                                                          style_noise=qc.classifier_style_noise,
-                                                          style_gain=qc.classifier_style_gain, seed=cfg.seed),
-                                  log=log)
-    out = run_dir / "query"
-    classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
-    query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=qc.top_n)
-    if not cfg.finetune.secure_noise:
-        log("query: finetune.secure_noise=false: the query's noise is derived from the PUBLIC seed. NOT private; "
-            "for tests only.")
-    result = query.run_per_class(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
-                                 budget=budget, generator=secure_generator() if cfg.finetune.secure_noise else
-                                 torch.Generator().manual_seed(cfg.seed + 11))
-    save_json(budget.state_dict(), run_dir / "budget.json")  # the spend is on disk before anything is written
-    result.save(out, class_names=public.class_names, sensitive_class_names=sensitive.class_names)
-    label_map = result.label_map
-    idx = subset_indices(public.labels, result.selected, max_per_label=qc.max_per_label, seed=cfg.seed)
-    if len(idx) == 0:
-        raise ValueError(f"The public data ({cfg.data.public}) holds no images of the selected classes "
-                         f"{result.selected}; nothing to pre-train on.")
-    remap = torch.full((public.num_classes,), -1, dtype=torch.long)
-    for j, c in label_map.items():
-        remap[j] = c
-    save_npz(out / "subset.npz", images=public.images[idx].numpy(), labels=remap[public.labels[idx]].numpy())
-    log(f"query: sigma={query.sigma:.4g}, classifier public accuracy {classifier.public_accuracy:.3f}; "
-        f"selected {', '.join(f'{public.class_names[j]}->{sensitive.class_names[c]}' for j, c in label_map.items())}"
-        f"; subset {len(idx)} public images")
-    return label_map
+    classifier = query_classifier(cfg, public, resolution=sensitive.resolution, log=log)
+    classifier.save(run_dir / "query" / "classifier.pt", public_accuracy=classifier.public_accuracy)
+    log(f"query: classifier public accuracy {classifier.public_accuracy:.3f}")
+    votes = query_votes(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
+                        top_k=cfg.query.top_k)
+    return release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive.class_names, log=log)
 
 
 def _load_subset(run_dir: Path):
@@ -241,9 +224,14 @@ def stage_finetune(run_dir: Path, cfg: RunConfig, *, resume: bool = False, sensi
                    stop_at_step: int | None = None, log=_log) -> Path:
     """DP fine-tune on the sensitive split (``sensitive``: already loaded; default: load it)."""
     from privimage.engine import PrivacyBudget
+    from privimage.privacy import FINETUNE
     from privimage.train import finetune, load_checkpoint, resolve_device
 
     budget = PrivacyBudget.from_state_dict(json.loads((run_dir / "budget.json").read_text()))
+    if FINETUNE not in budget.plan:
+        raise ValueError(f"{run_dir / 'budget.json'} plans no fine-tune (a standalone `privimage query "
+                         f"--epsilon-query` plans the query alone). Plan the whole run: `privimage query --config "
+                         f"NAME` without --epsilon-query, or `privimage run`.")
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     pre = run_dir / "checkpoints" / "pretrain.pt"
     init = load_checkpoint(pre)["model"] if cfg.pretrain.steps > 0 and pre.is_file() else None
@@ -265,9 +253,9 @@ def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
     Sampling reads ``release/model.safetensors``, never the private checkpoint; a run directory without a
     release is exported first (:func:`privimage.release.export_release`, which refuses an unfinished fine-tune).
     """
-    from privimage.diffusion import SamplerConfig, sample_in_batches
+    from privimage.diffusion import sample_in_batches
     from privimage.io import save_npz, save_png_grid
-    from privimage.progress import Progress
+    from privimage.progress import progress_bar
     from privimage.release import RELEASE_DIR, export_release, load_release_denoiser
     from privimage.train import resolve_device
 
@@ -278,12 +266,10 @@ def stage_sample(run_dir: Path, cfg: RunConfig, *, log=_log) -> Path:
     den = load_release_denoiser(run_dir, device=device)
     c = den.net.config
     s = cfg.sample
-    bar = Progress(total=s.num_samples, desc="sampling (released EMA model)", unit="img")
+    bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img")
     images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
                                        num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
-                                       config=SamplerConfig(num_steps=s.num_steps, guidance=s.guidance,
-                                                            stochastic=s.stochastic),
-                                       device=device, progress=bar)
+                                       config=s, device=device, progress=bar)
     bar.close()
     out = run_dir / "samples"
     save_npz(out / "samples.npz", images=images.numpy(), labels=labels.numpy())
@@ -325,9 +311,7 @@ def run_pipeline(cfg: RunConfig, *, out: str | Path = "runs", sensitive_root=Non
     budget = plan_budget(cfg, n)
     run_dir = new_run_dir(out, cfg.name)
     log(f"run directory: {run_dir}")
-    save_json(config_json(cfg), run_dir / "config.json")
-    save_json(budget.state_dict(), run_dir / "budget.json")
-    save_json(describe_plan(cfg, budget, n), run_dir / "plan.json")
+    write_run_plan(run_dir, cfg, budget, n)
     from privimage.release import export_release
 
     times = {}

@@ -14,6 +14,7 @@ MODULES = [
     "privimage.engine.sampling",
     "privimage.kernels.dispatch",
     "privimage.progress",
+    "privimage.query.semantic",
 ]
 
 

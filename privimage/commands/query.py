@@ -1,28 +1,40 @@
-"""Run the DP semantic query: pick the public classes that the sensitive images resemble, build the subset.
+"""Run the DP semantic query: the first stage of a run, into a run directory the later stages continue.
 
-Steps: (1) train the query classifier on the PUBLIC data at the sensitive resolution (cached; it never sees
-sensitive images, so this spends no privacy); (2) every sensitive image votes for the classifier's top-k
-public classes; (3) Gaussian noise of std sigma*sqrt(k) is added to the vote histogram (one image changes
-k counts by 1: L2 sensitivity sqrt(k)) and the top-N classes of the noisy histogram are selected; (4) the
-public images of those classes become the pre-training subset, written once to an FFCV file.
+Steps (the query stage of `privimage run`, exactly): (1) train the query classifier on the PUBLIC data at the
+sensitive resolution (cached; it never sees sensitive images, so this spends no privacy); (2) every
+sensitive image votes for the classifier's top-k public classes in its own class's row of a histogram;
+(3) Gaussian noise of std sigma*sqrt(k) is added to the whole histogram (one image changes k counts of one
+row by 1: L2 sensitivity sqrt(k)) and each sensitive class gets its top public classes of the noisy
+histogram; (4) the public images of those classes, relabelled to the sensitive class that chose them, are
+the pre-training subset. Then `privimage pretrain RUN_DIR`, `privimage finetune RUN_DIR` and
+`privimage sample RUN_DIR` continue the run.
+
+Settings come from a run config (--config, default demo); the flags below override its fields. A run
+directory that already holds a config.json keeps it (a flag that would change it is refused).
 
 Privacy meaning of the settings:
-  --epsilon-query E, --delta D   the (E, D)-DP guarantee of this one release; sigma is calibrated so one
-                                 Gaussian release meets it. If the run directory already holds a
-                                 budget.json (planned by `privimage run`), its query plan is used instead
-                                 and the spend is recorded in that same ledger.
+  budget       without --epsilon-query, the whole run's budget is planned from the config's epsilon and
+               delta, as `privimage run` does (the query takes query.epsilon_fraction of epsilon, the
+               fine-tune the rest); a budget.json already in the run directory is used as it is.
+  --epsilon-query E, --delta D   a standalone query: the (E, D)-DP guarantee of this one release, sigma
+               calibrated so one Gaussian release meets it. Such a directory can be pre-trained but not
+               fine-tuned: no fine-tune is planned.
   --top-k K    votes per sensitive image. Larger K spreads each image's vote over more classes but raises
                the sensitivity to sqrt(K), so the noise grows with it.
-  --top-n N    classes selected. Free (post-processing), but the noisy ranking is less reliable deep down.
+  --top-n N    public classes selected in all, split over the sensitive classes. Free (post-processing),
+               but the noisy ranking is less reliable deep down.
   Only the noisy histogram and the selected labels leave this command; the exact votes are never written.
-  The noise comes from a cryptographically seeded generator; --insecure-test-noise (tests only) seeds it from
-  the public --seed instead, which makes the histogram NOT private.
+  The spend is in budget.json before the noise is drawn. The noise comes from a cryptographically seeded
+  generator; --insecure-test-noise (tests only) seeds it from the public seed instead, which makes the
+  histogram NOT private (and sets finetune.secure_noise = false in the run's config, so the reports say so).
 
-Writes into the run directory: query/selected_labels.json, query/histogram.npy (noisy), query/classifier.pt,
-query/subset.ffcv (or query/subset.npz without FFCV), budget.json (the ledger with the query's spend) and,
-unless one exists, config.json (these settings).
+Writes into the run directory: config.json, budget.json (the ledger with the query's spend), plan.json
+(when the fine-tune is planned), query/classifier.pt, query/histogram.npy (noisy), query/selected_labels.json
+and query/subset.npz (the relabelled public subset; pre-training writes query/subset.ffcv from it when it
+streams from FFCV).
 
 Example:
+  privimage query --config test --run-dir runs/q && privimage pretrain runs/q && privimage finetune runs/q
   privimage query --sensitive embedded:sensitive,size=2000 --public embedded:public,size=20000 \\
       --epsilon-query 1 --delta 1e-5 --top-k 2 --top-n 5
 """
@@ -57,114 +69,120 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sensitive", required=True, metavar="SPEC",
+    parser.add_argument("--config", default="demo", metavar="NAME|FILE",
+                        help="the run config (data, query and the later stages' settings): a preset name or a JSON "
+                             "file (default: %(default)s; a RUN_DIR's own config.json wins)")
+    parser.add_argument("--sensitive", default=None, metavar="SPEC",
                         help="sensitive data, name[:split][,key=value] (e.g. embedded:sensitive, "
-                             "cifar10:train,root=DIR); default split 'sensitive'")
-    parser.add_argument("--public", required=True, metavar="SPEC",
-                        help="public data spec (e.g. embedded:public, imagenet32:train,root=DIR); default split "
-                             "'public'")
+                             "cifar10:train,root=DIR); default: the config's data.sensitive")
+    parser.add_argument("--public", default=None, metavar="SPEC",
+                        help="public data spec (e.g. embedded:public, imagenet32:train,root=DIR); default: the "
+                             "config's data.public")
     parser.add_argument("--epsilon-query", type=_positive_float, default=None,
-                        help="epsilon of this query alone (required unless the run directory has a budget.json)")
-    parser.add_argument("--delta", type=_unit_interval, default=1e-5, help="delta, below 1/n (default: %(default)s)")
-    parser.add_argument("--top-k", type=_positive_int, default=1, help="votes per sensitive image (default: %(default)s)")
-    parser.add_argument("--top-n", type=_positive_int, required=True, help="number of public classes to select")
+                        help="a standalone query spending this epsilon alone (no fine-tune planned); default: plan "
+                             "the whole run's budget from the config, as `privimage run` does")
+    parser.add_argument("--delta", type=_unit_interval, default=None,
+                        help="delta, below 1/n (default: the config's)")
+    parser.add_argument("--top-k", type=_positive_int, default=None, help="votes per sensitive image (default: config)")
+    parser.add_argument("--top-n", type=_positive_int, default=None,
+                        help="public classes to select in all (default: config)")
     parser.add_argument("--max-per-label", type=_positive_int, default=None,
-                        help="cap on public images per selected class in the subset (default: no cap)")
+                        help="cap on public images per selected class in the subset (default: config)")
     parser.add_argument("--run-dir", type=Path, default=None,
-                        help="run directory to write into (default: a new runs/NNNNN-query)")
-    parser.add_argument("--classifier-width", type=_positive_int, default=32,
-                        help="query classifier width (default: %(default)s)")
-    parser.add_argument("--classifier-epochs", type=_positive_int, default=5,
-                        help="query classifier epochs on the public data (default: %(default)s)")
-    parser.add_argument("--no-ffcv", action="store_true", help="write the subset as npz even if FFCV is installed")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data subsets and the classifier (public)")
+                        help="run directory to write into (default: a new runs/NNNNN-NAME)")
+    parser.add_argument("--classifier-width", type=_positive_int, default=None,
+                        help="query classifier width (default: config)")
+    parser.add_argument("--classifier-epochs", type=_positive_int, default=None,
+                        help="query classifier epochs on the public data (default: config)")
+    parser.add_argument("--seed", type=int, default=None, help="the run's public seed (default: config)")
+    parser.add_argument("--no-ffcv", action="store_true",
+                        help="deprecated, no effect: the subset is query/subset.npz, and pre-training writes "
+                             "query/subset.ffcv from it when it streams from FFCV (will be removed)")
     parser.add_argument("--insecure-test-noise", action="store_true",
-                        help="FOR TESTS ONLY, NOT PRIVATE: draw the query noise from a generator seeded by --seed "
-                             "(public), so the noisy histogram can be reproduced and its noise subtracted. Without "
-                             "it (the default) the noise comes from a cryptographically seeded generator")
+                        help="FOR TESTS ONLY, NOT PRIVATE: draw the query noise from a generator seeded by the "
+                             "public seed, so the noisy histogram can be reproduced and its noise subtracted (sets "
+                             "finetune.secure_noise = false). Without it (the default) the noise comes from a "
+                             "cryptographically seeded generator")
     parser.add_argument("--secure-noise", action="store_true",
                         help="deprecated, no effect: secure noise is the default (will be removed)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
 
 
-def _new_run_dir(root: Path, name: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[:5]) for p in root.iterdir() if p.name[:5].isdigit()]
-    path = root / f"{max(numbers, default=-1) + 1:05d}-{name}"
-    path.mkdir()
-    return path
+def _resolve_config(args: argparse.Namespace):
+    """The run config: RUN_DIR's config.json if there is one (flags may not change it), else --config with
+    the flags applied. Returns (config, whether it came from RUN_DIR)."""
+    from dataclasses import replace
+
+    from privimage.config import load_config
+    from privimage.pipeline import load_run_config
+
+    existing = args.run_dir is not None and (args.run_dir / "config.json").is_file()
+    cfg = load_run_config(args.run_dir) if existing else load_config(args.config)
+    sections = {"data": {"sensitive": args.sensitive, "public": args.public},
+                "query": {"top_k": args.top_k, "top_n": args.top_n, "max_per_label": args.max_per_label,
+                          "classifier_width": args.classifier_width, "classifier_epochs": args.classifier_epochs},
+                "finetune": {"secure_noise": False if args.insecure_test_noise else None}}
+    over = {name: replace(getattr(cfg, name), **{k: v for k, v in fields.items() if v is not None})
+            for name, fields in sections.items()}
+    top = {k: v for k, v in (("seed", args.seed), ("delta", args.delta)) if v is not None}
+    resolved = replace(cfg, **over, **top)
+    if existing and resolved != cfg:
+        raise ValueError(f"{args.run_dir / 'config.json'} fixes this run's settings, and the flags given would "
+                         f"change them: drop them, or query into a new --run-dir.")
+    return resolved, existing
 
 
-def _noise_generator(args: argparse.Namespace):
-    """The query noise's source: secure (OS-seeded) unless --insecure-test-noise, which says it is not private."""
-    import torch
+def _budget(args: argparse.Namespace, cfg, sensitive_size):
+    """(budget, where it came from): RUN_DIR's budget.json, a standalone query's, or the whole run's plan."""
+    from privimage.engine import PrivacyBudget
+    from privimage.pipeline import plan_budget
+    from privimage.query import query_budget
 
-    from privimage.engine import secure_generator
-
-    if args.secure_noise:
-        print("privimage query: --secure-noise is deprecated and has no effect: secure noise is the default.",
-              file=sys.stderr)
-    if args.insecure_test_noise:
-        print("privimage query: --insecure-test-noise: the query noise is seeded by the PUBLIC --seed. The released "
-              "histogram is NOT private; use this for tests only.", file=sys.stderr)
-        return torch.Generator().manual_seed(args.seed + 11)
-    return secure_generator()
+    path = args.run_dir / "budget.json" if args.run_dir is not None else None
+    if path is not None and path.is_file():
+        if args.epsilon_query is not None:
+            print(f"privimage query: {path} plans this run's budget; --epsilon-query is ignored.", file=sys.stderr)
+        return PrivacyBudget.from_state_dict(json.loads(path.read_text())), str(path)
+    if args.epsilon_query is not None:
+        return query_budget(epsilon=args.epsilon_query, delta=cfg.delta), "a standalone query (--epsilon-query)"
+    return plan_budget(cfg, sensitive_size()), "the whole run, planned from the config"
 
 
 def run(args: argparse.Namespace) -> int:
-    from privimage.data import load_spec
-    from privimage.engine import PrivacyBudget
     from privimage.privacy import QUERY
-    from privimage.io import save_json, save_npz
-    from privimage.query import (ClassifierConfig, SemanticQuery, ffcv_available, query_budget, select_subset,
-                                 train_classifier, write_ffcv)
+    from privimage.pipeline import (config_json, load_split, new_run_dir, sensitive_size, stage_query,
+                                    write_run_plan)
 
-    run_dir = args.run_dir
-    budget_path = run_dir / "budget.json" if run_dir else None
-    if budget_path is not None and budget_path.is_file():
-        budget = PrivacyBudget.from_state_dict(json.loads(budget_path.read_text()))
-        if QUERY not in budget.plan:
-            raise ValueError(f"{budget_path}: the budget plans no 'query' mechanism.")
-        if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
-            raise ValueError(f"{budget_path}: the planned query was already spent; a second query would cost "
-                             f"more privacy. Start a new run directory.")
-    elif args.epsilon_query is None:
-        raise ValueError("--epsilon-query is required (no budget.json in the run directory to take it from).")
-    else:
-        budget = query_budget(epsilon=args.epsilon_query, delta=args.delta)
-    query = SemanticQuery.from_budget(budget, top_k=args.top_k, top_n=args.top_n)
-    config = ClassifierConfig(width=args.classifier_width, epochs=args.classifier_epochs, seed=args.seed)
-    settings = {"sensitive": args.sensitive, "public": args.public, "top_k": query.top_k, "top_n": query.top_n,
-                "sigma": query.sigma, "noise_std": query.noise_std, "epsilon_query": budget.epsilon_of(QUERY).upper,
-                "delta": budget.delta, "max_per_label": args.max_per_label, "classifier": config.__dict__}
+    for flag, used in (("--secure-noise", args.secure_noise), ("--no-ffcv", args.no_ffcv)):
+        if used:
+            print(f"privimage query: {flag} is deprecated and has no effect.", file=sys.stderr)
+    cfg, existing = _resolve_config(args)
+    if args.insecure_test_noise:
+        print("privimage query: --insecure-test-noise: the query noise is seeded by the PUBLIC seed. The released "
+              "histogram is NOT private; use this for tests only.", file=sys.stderr)
     if args.dry_run:
-        print(json.dumps(settings, indent=2))
+        budget, source = _budget(args, cfg, lambda: sensitive_size(cfg)[0])
+        sigma = budget.noise_multiplier(QUERY)
+        print(json.dumps({"config": config_json(cfg), "budget": source, "query_noise_multiplier": sigma,
+                          "query_noise_std": sigma * cfg.query.top_k ** 0.5,
+                          "query_epsilon_alone": budget.epsilon_of(QUERY).upper, "delta": budget.delta}, indent=2))
         return 0
 
-    sensitive = load_spec(args.sensitive, split="sensitive", seed=args.seed)
-    public = load_spec(args.public, split="public", seed=args.seed)
-    if query.top_n > public.num_classes or query.top_k > public.num_classes:
-        raise ValueError(f"--top-k {query.top_k} / --top-n {query.top_n} exceed the {public.num_classes} public "
-                         f"classes.")
-    run_dir = run_dir or _new_run_dir(Path("runs"), "query")
-    out = run_dir / "query"
-    if not (run_dir / "config.json").exists():  # a standalone query run; `privimage run` writes its own
-        save_json({"command": "query", **settings}, run_dir / "config.json")
-    classifier = train_classifier(public, resolution=sensitive.resolution, config=config)
-    classifier.save(out / "classifier.pt", public_accuracy=classifier.public_accuracy)
-    result = query.run(classifier, sensitive.images, budget=budget, generator=_noise_generator(args))
-    save_json(budget.state_dict(), run_dir / "budget.json")  # the spend is on disk before anything else
-    result.save(out, class_names=public.class_names)
-    subset = select_subset(public, result.selected, max_per_label=args.max_per_label,
-                           resolution=sensitive.resolution, seed=args.seed)
-    if ffcv_available() and not args.no_ffcv:
-        subset_path = write_ffcv(subset, out / "subset.ffcv")
-    else:
-        subset_path = out / "subset.npz"
-        save_npz(subset_path, images=subset.images.numpy(), labels=subset.labels.numpy())
-    print(f"query: sigma={query.sigma:.4g} (noise std {query.noise_std:.4g}), epsilon={budget.epsilon_of(QUERY).upper:.4g} "
-          f"at delta={budget.delta:g}; classifier public accuracy {classifier.public_accuracy:.3f}")
-    print("selected: " + ", ".join(f"{i} {public.class_names[i]}" for i in result.selected))
-    print(f"subset: {len(subset)} public images -> {subset_path}")
-    print(f"run directory: {run_dir}")
+    sensitive = load_split(cfg, "sensitive")
+    budget, source = _budget(args, cfg, lambda: len(sensitive))
+    run_dir = args.run_dir or new_run_dir("runs", cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "budget.json").is_file():
+        write_run_plan(run_dir, cfg, budget, len(sensitive))
+    elif not existing:
+        from privimage.io import save_json
+
+        save_json(config_json(cfg), run_dir / "config.json")
+    label_map = stage_query(run_dir, cfg, sensitive=sensitive)
+    selected = json.loads((run_dir / "query" / "selected_labels.json").read_text())
+    print(f"query: sigma={budget.noise_multiplier(QUERY):.4g}, epsilon={budget.epsilon_of(QUERY).upper:.4g} at "
+          f"delta={budget.delta:g} (budget: {source})")
+    print("selected: " + ", ".join(f"{name} -> {selected['sensitive_class_names'][c]}"
+                                   for name, c in zip(selected["selected_names"], label_map.values())))
+    print(f"run directory: {run_dir} (next: privimage pretrain {run_dir})")
     return 0

@@ -8,7 +8,7 @@ two-tone backgrounds, dimmer foregrounds and pixel noise. So the DP semantic que
 distribution shift to adapt to.
 
 Generation is vectorised over chunks of images in numpy (signed-distance shapes with one pixel of
-antialiasing): 50k 32×32 images take a few seconds. Every random draw comes from generators seeded by
+antialiasing), cheap enough to generate on every load. Every random draw comes from generators seeded by
 ``(seed, split)``, so the same call always returns the same images.
 """
 

@@ -194,7 +194,7 @@ def decode_images(paths: list[Path], resolution: int | None, *, crop: int | None
     Returns the (M, 3, S, S) array, the indices of ``paths`` kept, and the number skipped as corrupt.
     Without ``resolution`` every image must have the same size after cropping.
     """
-    from privimage.progress import Progress
+    from privimage.progress import progress_bar
 
     def one(path: Path):
         try:
@@ -204,7 +204,7 @@ def decode_images(paths: list[Path], resolution: int | None, *, crop: int | None
                 return None
             raise
 
-    bar = Progress(total=len(paths), desc=desc, unit="img")
+    bar = progress_bar(len(paths), desc=desc, unit="img")
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         decoded = []
         for arr in pool.map(one, paths, chunksize=64):

@@ -35,7 +35,8 @@ class StackedRandomGenerator:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Public sampler settings (DPDM defaults)."""
+    """Public sampler settings (DPDM defaults). The run config's sampling stage,
+    :class:`privimage.config.SampleConfig`, is this plus how many images and in which batches."""
 
     num_steps: int = 50
     sigma_min: float = 0.002

@@ -1,12 +1,24 @@
 """privimage.evaluate: how good and how useful the synthetic images are, and what they cost in privacy.
 
-Fidelity: FID with the standard FID Inception-v3 (weights from a local file, :mod:`.inception`), or a proxy
-FID on the project's own classifier features when that file is absent (:mod:`.features`; always labelled
-``proxy_*``); Inception Score and k-NN precision/recall (:mod:`.metrics`); Fréchet distance and the
-``mu``/``sigma`` statistics files (:mod:`.fid`). Utility: classification accuracy of classifiers trained on
-synthetic data and tested on real data (:mod:`.classify`). :func:`evaluate_run` reads a run directory and
-writes the publishable report into ``release/`` and the private one into ``private/`` (:mod:`.report`, with
-:mod:`.privacy` for the ledgers and each metric's coverage, :mod:`.figures`, :mod:`.markdown`, :mod:`.plots`).
+The measurements:
+
+- :mod:`.inception`: the standard FID Inception-v3 (weights from a local file); :mod:`.features`: feature
+  networks (that Inception, or a proxy on the project's own classifier, always labelled ``proxy_*``);
+  :mod:`.fid`: Fréchet distance and the ``mu``/``sigma`` statistics files; :mod:`.metrics`: Inception Score
+  and k-NN precision/recall;
+- :mod:`.classify`: classification accuracy (CA) of classifiers trained on synthetic data and tested on
+  real data (the classifiers, the training recipe, the DPImageBench noisy selection).
+
+The report of a run directory (:func:`evaluate_run` in :mod:`.report`, publishable into ``release/``,
+private into ``private/``), one module per concern:
+
+- :mod:`.options`: :class:`EvaluateOptions`, what to compute and from where;
+- :mod:`.real_data`: the only reader of real images (config.json's data specs or ``.npz`` files);
+- :mod:`.fidelity`: FID / IS / precision-recall into the report its reference's coverage allows;
+- :mod:`.utility`: CA in the report, one function per protocol (official, dpimagebench);
+- :mod:`.figures` (with :mod:`.plots`): sample grids and training curves, publishable or private;
+- :mod:`.privacy`: each metric's coverage, the evaluation ledger, the privacy section;
+- :mod:`.markdown`: the report files (JSON and Markdown).
 """
 
 from privimage.evaluate.classify import OFFICIAL, SMALL, CAConfig, classification_accuracy, dpimagebench_accuracy
@@ -14,7 +26,8 @@ from privimage.evaluate.features import FeatureNet, extract_features, inception_
 from privimage.evaluate.fid import FeatureStats, frechet_distance, load_stats, save_stats
 from privimage.evaluate.inception import FIDInceptionV3, load_fid_inception
 from privimage.evaluate.metrics import inception_score, precision_recall
-from privimage.evaluate.report import EvaluateOptions, evaluate_run
+from privimage.evaluate.options import EvaluateOptions
+from privimage.evaluate.report import evaluate_run
 
 __all__ = [
     "CAConfig",

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privimage.progress import Progress
+from privimage.progress import progress_bar
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class WideResNet(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU-pool stages and a linear head: seconds per epoch on CPU at 32x32."""
+    """Three conv-BN-ReLU-pool stages and a linear head: small enough to train on a CPU (the ``small`` preset)."""
 
     def __init__(self, in_channels: int, num_classes: int, *, width: int = 32) -> None:
         super().__init__()
@@ -213,8 +213,8 @@ def count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return correct
 
 
-def train_classifier(images, labels, *, num_classes: int, config: CAConfig = OFFICIAL,
-                     device: str | torch.device = "cpu", on_epoch=None, desc: str = "CA train") -> nn.Module:
+def train_ca_classifier(images, labels, *, num_classes: int, config: CAConfig = OFFICIAL,
+                        device: str | torch.device = "cpu", on_epoch=None, desc: str = "CA train") -> nn.Module:
     """Train ``config.arch`` on uint8 ``images`` with ``labels``; ``on_epoch(epoch, model)`` after each epoch."""
     images, labels = _check_labelled(images, labels, "training")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -230,7 +230,7 @@ def train_classifier(images, labels, *, num_classes: int, config: CAConfig = OFF
     total = config.epochs * steps_per_epoch
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if config.schedule == "cosine"
              else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
-    bar = Progress(total=total, desc=f"{desc} {config.arch}", unit="step")
+    bar = progress_bar(total, desc=f"{desc} {config.arch}", unit="step")
     for epoch in range(config.epochs):
         model.train()
         order = torch.randperm(n, generator=gen)
@@ -247,7 +247,7 @@ def train_classifier(images, labels, *, num_classes: int, config: CAConfig = OFF
             loss.backward()
             opt.step()
             sched.step()
-            bar.set(epoch=epoch + 1, loss=loss.item())
+            bar.set_postfix(epoch=epoch + 1, loss=loss.item(), refresh=False)
             bar.update()
         if on_epoch is not None:
             on_epoch(epoch, model)
@@ -260,7 +260,7 @@ def classification_accuracy(train_images, train_labels, test_images, test_labels
     """The official CA: train on (synthetic) images, accuracy in [0, 1] on the real test set after the last
     epoch. Returns a dict for the report."""
     test_images, test_labels = _check_labelled(test_images, test_labels, "test")
-    model = train_classifier(train_images, train_labels, num_classes=num_classes, config=config, device=device)
+    model = train_ca_classifier(train_images, train_labels, num_classes=num_classes, config=config, device=device)
     correct = count_correct(model, test_images, test_labels, batch_size=config.eval_batch_size, device=device)
     return {"protocol": "official", "accuracy": correct / max(1, test_images.shape[0]),
             "num_train": int(torch.as_tensor(train_labels).numel()), "num_test": int(test_images.shape[0]),
@@ -316,8 +316,8 @@ def dpimagebench_accuracy(train_images, train_labels, val_images, val_labels, te
                 best.update(noisy_correct=noisy, epoch=epoch + 1, test_accuracy=test_correct / test_images.shape[0])
             model.train()
 
-        train_classifier(train_images, train_labels, num_classes=num_classes, config=cfg, device=device,
-                         on_epoch=on_epoch, desc=f"CA (DPImageBench) {arch}")
+        train_ca_classifier(train_images, train_labels, num_classes=num_classes, config=cfg, device=device,
+                            on_epoch=on_epoch, desc=f"CA (DPImageBench) {arch}")
         per_arch.append({"arch": arch, "selected_epoch": best["epoch"], "accuracy": best["test_accuracy"]})
     accs = np.array([a["accuracy"] for a in per_arch])
     return {"protocol": "dpimagebench", "accuracy": float(accs.mean()), "std": float(accs.std()),

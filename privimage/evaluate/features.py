@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from privimage.progress import Progress
+from privimage.progress import progress_bar
 
 INCEPTION = "inception"
 PROXY = "proxy"
@@ -146,7 +146,7 @@ def extract_features(net: FeatureNet, images: torch.Tensor | np.ndarray, *, batc
     model = net.model.to(device).eval()
     use_bf16 = bf16 and device.type == "cuda"
     feats, logits = [], []
-    bar = Progress(total=images.shape[0], desc=f"{desc} ({net.kind})", unit="img")
+    bar = progress_bar(images.shape[0], desc=f"{desc} ({net.kind})", unit="img")
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from privimage.evaluate.plots import save_line_plot
 from privimage.io import save_png_grid
 
-__all__ = ["PUBLIC_CURVES", "match_images", "read_log", "samples_grid", "samples_vs_real_grid", "training_plots"]
+__all__ = ["PUBLIC_CURVES", "match_images", "read_log", "report_figures", "samples_grid", "samples_vs_real_grid",
+           "training_plots"]
 
 #: (log name, column) pairs whose curve may be published: ε is computed from public parameters, and the
 #: pre-training loss from public images only. Every other curve goes to the private report.
@@ -109,3 +110,19 @@ def training_plots(run_dir: Path, public_dir: Path, private_dir: Path) -> tuple[
                            xlabel="step", ylabel=label)
             written[0 if public else 1].append(target)
     return written
+
+
+def report_figures(run_dir: Path, public_dir: Path, private_dir: Path, samples, sample_labels, real, real_labels, *,
+                   per_class: int = 8, max_classes: int = 10) -> tuple[list[Path], list[Path]]:
+    """Every figure of the two reports: the samples grid (public), the samples beside the real test images
+    (private; only with ``real``), the training curves (:func:`training_plots`). Returns the written
+    (public, private) paths, each under ``<dir>/figures/``."""
+    public = [public_dir / "figures" / "samples.png"]
+    samples_grid(samples, sample_labels, public[0], per_class=per_class, max_classes=max_classes)
+    private = []
+    if real is not None:
+        private.append(private_dir / "figures" / "samples_vs_real.png")
+        samples_vs_real_grid(samples, sample_labels, real, real_labels, private[0], per_class=per_class,
+                             max_classes=max_classes)
+    public_curves, private_curves = training_plots(run_dir, public_dir / "figures", private_dir / "figures")
+    return public + public_curves, private + private_curves

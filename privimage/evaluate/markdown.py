@@ -1,4 +1,5 @@
-"""The evaluation reports as Markdown: the publishable ``report.md`` and the private ``report-private.md``.
+"""The evaluation reports as files: ``report.json`` beside the Markdown ``report.md`` (publishable), and
+``report-private.json`` beside ``report-private.md`` (private).
 
 Both render the same structure (metrics with their kind and :class:`~privimage.evaluate.privacy.Coverage`,
 privacy, samples, notes, figures, versions); the private one adds what must not be published and says so in
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["privacy_markdown", "render_markdown"]
+from privimage.io import atomic_write, save_json
+
+__all__ = ["privacy_markdown", "render_markdown", "write_report"]
 
 TEST_MODE_WARNING = ("**NOT PRIVATE: this run used the non-secure test mode (`finetune.secure_noise = false`): the "
                      "sampling, the DP noise and the diffusion randomness came from the public seed. The ε below "
@@ -92,3 +95,10 @@ def render_markdown(report: dict, *, private: bool = False) -> str:
     if "timings" in report:
         lines += ["Timings: " + ", ".join(f"{k} {t:.1f}" for k, t in report["timings"].items()), ""]
     return "\n".join(lines)
+
+
+def write_report(report: dict, path: Path, *, private: bool) -> None:
+    """``report`` as JSON at ``path`` and as Markdown beside it (``.md``), each written atomically."""
+    save_json(report, path)
+    with atomic_write(path.with_suffix(".md"), "w") as f:
+        f.write(render_markdown(report, private=private))

@@ -4,20 +4,21 @@ Two questions every number in a report must answer: which privacy releases it re
 ``budget.json``, the evaluation ledger ``evaluation_ledger.json``, composed here), and which data it was
 computed on (its :class:`Coverage`): only numbers on DP outputs, held-out test data or data the user
 declared public go into the publishable report; numbers computed on the sensitive training data without
-noise go into the private report only (:mod:`privimage.evaluate.report`).
+noise go into the private report only. :class:`Reports` files every metric and note by that rule while
+:func:`privimage.evaluate.report.evaluate_run` assembles the two reports.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from privimage.io import save_json
 
 __all__ = ["COMPOSITION", "Coverage", "EVALUATION_LEDGER", "HELD_OUT", "NOISY_SELECTION", "PUBLIC_REFERENCE",
-           "SAMPLES", "SENSITIVE_TRAINING", "generator_privacy", "load_evaluation_ledger", "privacy_summary",
-           "read_json", "record_evaluation_release"]
+           "Reports", "SAMPLES", "SENSITIVE_TRAINING", "add_privacy", "generator_privacy",
+           "load_evaluation_ledger", "privacy_summary", "read_json", "record_evaluation_release"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,30 @@ NOISY_SELECTION = Coverage("held_out_noisy_selection", True, "classifiers traine
                            "data by Report Noisy Max, whose ε is added to the total")
 SENSITIVE_TRAINING = Coverage("sensitive_training", False, "synthetic samples against the sensitive TRAINING "
                               "images, without noise: not covered by ε, private")
+
+
+@dataclass
+class Reports:
+    """The publishable and the private report being assembled (each a dict with ``notes`` and ``metrics``).
+
+    Every metric goes where its coverage allows (:meth:`add`); ``not_private`` collects the sentences the
+    private report's privacy section must say about statistics that ε does not cover.
+    """
+
+    public: dict
+    private: dict
+    not_private: list[str] = field(default_factory=list)
+
+    def holder(self, coverage: Coverage) -> dict:
+        """The report a number of this coverage belongs in."""
+        return self.public if coverage.publishable else self.private
+
+    def add(self, name: str, metric: dict, coverage: Coverage) -> None:
+        metric.update(coverage=coverage.text, computed_on=coverage.data)
+        self.holder(coverage)["metrics"][name] = metric
+
+    def note(self, text: str, coverage: Coverage = SAMPLES) -> None:
+        self.holder(coverage)["notes"].append(text)
 
 
 def read_json(path: Path) -> dict:
@@ -127,3 +152,19 @@ def privacy_summary(generator: dict | None, releases: list[dict], not_private: l
                            "ledger_file": EVALUATION_LEDGER},
             "total": total, "composition": COMPOSITION, "secure_randomness": secure,
             **({} if not_private is None else {"not_private": not_private})}
+
+
+def add_privacy(reports: Reports, run_dir: Path, release: dict | None, *, secure: bool | None) -> None:
+    """Record the evaluation's own ``release`` (if any) in the ledger FIRST, then write both reports'
+    privacy sections and the notes they call for (non-secure test mode, unknown training ε, over budget)."""
+    releases = record_evaluation_release(run_dir, release) if release else load_evaluation_ledger(run_dir)
+    generator = generator_privacy(run_dir)
+    privacy = reports.public["privacy"] = privacy_summary(generator, releases, secure=secure)
+    reports.private["privacy"] = privacy_summary(generator, releases, reports.not_private, secure=secure)
+    if secure is False:
+        reports.note("NOT PRIVATE: the run used the non-secure test mode (finetune.secure_noise = false).")
+    if privacy["generator"] is None:
+        reports.note("No budget.json: the privacy spent by training, and so the total, is unknown.")
+    elif not privacy["total"]["within_budget"]:
+        reports.note(f"The total epsilon {privacy['total']['epsilon']:.4g} (training plus evaluation) exceeds the "
+                     f"run's budget epsilon {privacy['generator']['epsilon_budget']:g}.")

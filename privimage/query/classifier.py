@@ -7,10 +7,10 @@ Only its predictions on sensitive images are private, and those are released onl
 histogram of :mod:`privimage.query.semantic`.
 
 The network is a small ResNet (He et al., arXiv 1512.03385): a 3×3 stem, three stages of basic blocks that
-each halve the resolution (halving already in the first stage cuts the cost ~2.5× at 32×32; measured: 0.99
-held-out accuracy on the 60 embedded classes after 5 epochs on 3 600 images, against 0.5 with a full-
-resolution first stage in the same time), global average pooling (so position does not matter) and a
-linear head; ``features(x)`` is the pooled vector, also used by the evaluation's proxy FID.
+each halve the resolution (the first one too, which keeps the cost low at 32×32), global average pooling (so
+position does not matter) and a linear head; ``features(x)`` is the pooled vector, also used by the
+evaluation's proxy FID. Its accuracy and the query it serves are measured by ``bench/query.py``
+(``bench/results/query.md``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ class ClassifierConfig:
 
     width: int = 32            # channels of the first stage; stages use width, 2·width, 4·width
     blocks: int = 1            # basic blocks per stage
-    epochs: int = 5             # 0.999 held-out accuracy on 10k embedded images at width 32 (measured)
+    epochs: int = 5
     batch_size: int = 128
     lr: float = 3e-3           # Adam, decayed linearly to 0
     weight_decay: float = 5e-4
@@ -44,9 +43,8 @@ class ClassifierConfig:
     seed: int = 0
     # Style augmentation (public data only, so free of privacy cost): each training image's pixels, in
     # [-1, 1] units, are scaled by U(1 - style_gain, 1) around black and get N(0, style_noise²) noise, so the
-    # classifier keeps recognising classes under the dimmer, noisier style that sensitive data often has.
-    # Measured on the demo (16x16): 0.15 / 0.3 made the query pick the right public class for 5 of 5
-    # sensitive classes instead of 3 (held-out public accuracy 0.86 instead of 0.91).
+    # classifier keeps recognising classes under the dimmer, noisier style that sensitive data often has
+    # (the demo's 0.15 / 0.3: bench/results/query.md).
     style_noise: float = 0.0
     style_gain: float = 0.0
 
@@ -197,9 +195,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PRIVIMAGE_CACHE_DIR", Path.home() / ".cache" / "privimage")) / "query"
 
 
-def train_classifier(public: ImageDataset, *, resolution: int | None = None,
-                     config: ClassifierConfig = ClassifierConfig(), cache_dir: str | os.PathLike | None = None,
-                     use_cache: bool = True, device: str | torch.device = "cpu", log=print) -> QueryClassifier:
+def train_query_classifier(public: ImageDataset, *, resolution: int | None = None,
+                           config: ClassifierConfig = ClassifierConfig(), cache_dir: str | os.PathLike | None = None,
+                           use_cache: bool = True, device: str | torch.device = "cpu", log=print) -> QueryClassifier:
     """Train (or load from the cache) the query classifier on ``public`` at ``resolution``.
 
     Args:
@@ -215,7 +213,7 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
     Returns:
         The classifier in eval mode; ``.public_accuracy`` is its accuracy on the held-out public images.
     """
-    from privimage.progress import Progress
+    from privimage.progress import progress_bar
 
     resolution = resolution or public.resolution
     cache = Path(cache_dir or default_cache_dir()) if use_cache else None
@@ -242,8 +240,7 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
     steps_per_epoch = max(1, len(train_idx) // config.batch_size)
     total = steps_per_epoch * config.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / total)
-    bar = Progress(total=total, desc="query classifier (public data)", unit="step",
-                   stream=None if log is None else sys.stderr)
+    bar = progress_bar(total, desc="query classifier (public data)", unit="step", enabled=log is not None)
     start = time.perf_counter()
     model.train()
     for _ in range(config.epochs):
@@ -262,7 +259,7 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
             loss.backward()
             opt.step()
             sched.step()
-            bar.set(loss=loss.item())
+            bar.set_postfix(loss=loss.item(), refresh=False)
             bar.update()
     bar.close()
     model.eval()
@@ -278,3 +275,12 @@ def train_classifier(public: ImageDataset, *, resolution: int | None = None,
     if path is not None:
         model.save(path, public_accuracy=accuracy, config=asdict(config))
     return model
+
+
+def train_classifier(*args, **kwargs) -> QueryClassifier:
+    """Deprecated name of :func:`train_query_classifier` (kept for one release)."""
+    import warnings
+
+    warnings.warn("privimage.query.train_classifier is renamed train_query_classifier; the old name will be "
+                  "removed in the next release.", DeprecationWarning, stacklevel=2)
+    return train_query_classifier(*args, **kwargs)

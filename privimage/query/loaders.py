@@ -19,11 +19,8 @@ two stream identical epochs.
   40 MB) and gathers each batch with one indexing op: no host work, no copies per step.
 
 :func:`make_loader` chooses: the device loader whenever the uint8 data fits in a quarter of the device's
-memory, else FFCV. On a shared 2-core CPU with one torch thread the two were within 20% of each other
-(``bench/results/loaders.md``: device 128k vs FFCV 152k images/s at 32×32, where FFCV's own gather threads
-run beside the main thread; 26k vs 26k at 64×64; runs on the busy machine varied by ~2×). The device
-loader needs no file and no extra dependency, and on a GPU it also skips every host-to-device copy (not
-measured here: no GPU was available when the benchmark ran).
+memory, else FFCV. The device loader needs no file and no extra dependency, and on a GPU it also skips every
+host-to-device copy; their throughput is measured by ``bench/loaders.py`` (``bench/results/loaders.md``).
 """
 
 from __future__ import annotations
@@ -128,8 +125,8 @@ class DeviceLoader(_Epochs):
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device).contiguous()
         self.labels = dataset.labels.to(self.device)
-        # Gather whole rows as int64 words when the row size allows: indexing 8-byte elements is ~10x faster
-        # than indexing single bytes on CPU (measured: 0.35 ms vs 5 ms per 256×3×32×32 batch).
+        # Gather whole rows as int64 words when the row size allows: indexing 8-byte elements is much faster
+        # than indexing single bytes on CPU.
         n, row = self.images.shape[0], self.images[0].numel()
         rows = self.images.view(n, row)
         self._rows = rows.view(torch.int64) if row % 8 == 0 else rows

@@ -50,7 +50,7 @@ from privimage.engine.sampling import PhysicalBatch
 from privimage.privacy import FINETUNE
 from privimage.io import save_json
 from privimage.models import UNet, UNetConfig
-from privimage.progress import Progress
+from privimage.progress import progress_bar
 from privimage.train.common import load_checkpoint, save_checkpoint, save_sample_grid, write_csv
 from privimage.train.randomness import PerRecordRandomness
 
@@ -207,8 +207,8 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
             save_sample_grid(ema.module, run_dir / "samples" / f"finetune-{step:06d}.png", shape=shape,
                              num_classes=num_classes, seed=seed, device=device)
 
-    bar = Progress(total=steps, desc=f"DP fine-tune (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step")
-    bar.count = start
+    bar = progress_bar(steps, desc=f"DP fine-tune (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
+                       initial=start)
     t_last, steps_since_log, done, last_saved = time.perf_counter(), 0, start, start
     net.train()
     for batch in sampler.logical_batches(n, start_step=start):
@@ -237,7 +237,7 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
             value = float(loss_sum) / max(batch.size, 1)
             rows.append({"step": done, "loss": round(value, 6), "epsilon": round(eps, 4),
                          "images_per_s": round(ips, 2), "sigma": sigma, "lr": lr, "dropped_nonfinite": nonfinite})
-            bar.set(eps=f"{eps:.2f}", img_s=f"{ips:.0f}")
+            bar.set_postfix(eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
             t_last, steps_since_log = now, 0
         bar.update()
         if done % checkpoint_every == 0 or done == steps:

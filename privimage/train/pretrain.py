@@ -26,7 +26,7 @@ import torch
 from privimage.data import ImageDataset
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA
 from privimage.models import UNet, UNetConfig
-from privimage.progress import Progress
+from privimage.progress import progress_bar
 from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.train.common import (load_checkpoint, save_checkpoint, save_sample_grid, step_generator, unwrap,
                                     write_csv)
@@ -52,7 +52,7 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
         loader: "device", "ffcv" or "auto" (see :func:`privimage.query.loaders.loader_kind`).
         ffcv_path: the FFCV file of the subset (default ``run_dir/query/subset.ffcv``); a fresh run writes
             it from ``images``/``labels``, a resumed one streams the file the interrupted run wrote.
-        compile: torch.compile the loss step; ``None``: only on CUDA, where the ~20 s compile pays.
+        compile: torch.compile the loss step; ``None``: only on CUDA, where the compile time pays off.
     """
     run_dir = Path(run_dir)
     device = torch.device(device)
@@ -101,8 +101,7 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
                          "log": rows, "config": config}, ckpt_path)
         write_csv(rows, run_dir / "logs" / "pretrain.csv")
 
-    bar = Progress(total=steps, desc="pre-train (public subset)", unit="step")
-    bar.count = start
+    bar = progress_bar(steps, desc="pre-train (public subset)", unit="step", initial=start)
     t_last, n_last = time.perf_counter(), 0
     done = start
     end = steps if stop_at_step is None else max(start, min(steps, stop_at_step))
@@ -125,7 +124,7 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
             value = float(total.detach())
             rows.append({"step": done, "loss": round(value, 6), "epsilon": 0.0, "images_per_s": round(ips, 2),
                          "lr": lr})
-            bar.set(loss=f"{value:.4f}", img_s=f"{ips:.0f}")
+            bar.set_postfix(loss=f"{value:.4f}", img_s=f"{ips:.0f}", refresh=False)
             t_last, n_last = now, 0
         bar.update()
         if sample_every and done % sample_every == 0:

@@ -341,25 +341,25 @@ def test_feature_extraction_and_classifier_training_show_progress(run_dir, tmp_p
     import io
 
     from privimage.evaluate import classify, features
-    from privimage.progress import Progress
+    from privimage.progress import progress_bar
 
     bars = []
 
-    class Recorded(Progress):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "stream": io.StringIO(), "log_every": 0.0})
-            bars.append(self)
+    def recorded(*args, **kwargs):
+        bars.append(progress_bar(*args, **{**kwargs, "file": io.StringIO(), "log_interval": 0.0}))
+        return bars[-1]
 
-    monkeypatch.setattr(features, "Progress", Recorded)
-    monkeypatch.setattr(classify, "Progress", Recorded)
+    monkeypatch.setattr(features, "progress_bar", recorded)
+    monkeypatch.setattr(classify, "progress_bar", recorded)
     evaluate_run(run_dir, EvaluateOptions(real=str(tmp_path / "real.npz"), ca=TINY_CA, is_splits=2,
                                           cache_dir=str(tmp_path / "cache")), log=lambda _: None)
     shown = {bar.desc.split(" (")[0]: bar for bar in bars}
     assert set(shown) == {"reference features", "sample features", "CA train cnn"}
-    assert shown["sample features"].count == 40 and shown["reference features"].count == 60
-    assert shown["CA train cnn"].count == shown["CA train cnn"].total == 2 * 2  # 2 epochs of 40 images, batch 20
+    assert shown["sample features"].n == 40 and shown["reference features"].n == 60
+    assert shown["CA train cnn"].n == shown["CA train cnn"].total == 2 * 2  # 2 epochs of 40 images, batch 20
     for bar in bars:
-        assert bar.stream.getvalue().count("\n") >= 2 and "loss=" in shown["CA train cnn"].stream.getvalue()
+        assert bar.fp.getvalue().count("\r") >= 2
+    assert "loss=" in shown["CA train cnn"].fp.getvalue()
 
 
 def test_real_data_comes_from_the_pipeline_config(run_dir, tmp_path):

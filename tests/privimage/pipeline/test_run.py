@@ -1,4 +1,5 @@
-"""`privimage run` end to end on the smallest config, then the stage subcommands on its run directory."""
+"""`privimage run` end to end on the smallest config, then the stage subcommands on its run directory; the same run
+as separate stage commands (`privimage query`, `pretrain`, `finetune`, `sample`) gives the same result."""
 
 import json
 
@@ -10,10 +11,48 @@ from privimage.cli import main
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_run_end_to_end_then_stages(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(tmp_path / "cache"))
-    assert main(["run", "--config", "test", "--out", str(tmp_path / "runs")]) == 0
-    run_dir = tmp_path / "runs" / "00000-test"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """`privimage run --config test` once for the module: (folder of run directories, class cache)."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+        assert main(["run", "--config", "test", "--out", str(tmp / "runs")]) == 0
+    torch.set_num_threads(threads)
+    return tmp / "runs", tmp / "cache"
+
+
+def test_query_pretrain_finetune_sample_as_separate_commands_equal_privimage_run(runs, tmp_path, monkeypatch):
+    """One query stage: `privimage query` then the stage commands make what `privimage run` makes (the test
+    config's non-secure test mode makes both reproducible from the seed)."""
+    import torch
+
+    out, cache = runs
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(cache))
+    run_dir, whole = tmp_path / "stages", out / "00000-test"
+    assert main(["query", "--config", "test", "--run-dir", str(run_dir)]) == 0
+    assert main(["pretrain", str(run_dir)]) == 0
+    assert main(["finetune", str(run_dir)]) == 0
+    assert main(["sample", str(run_dir)]) == 0
+    assert np.array_equal(np.load(run_dir / "query" / "histogram.npy"), np.load(whole / "query" / "histogram.npy"))
+    for rel in ("query/subset.npz", "samples/samples.npz"):
+        with np.load(run_dir / rel) as ours, np.load(whole / rel) as theirs:
+            assert ours.files == theirs.files and all(np.array_equal(ours[k], theirs[k]) for k in ours.files), rel
+    for rel in ("query/selected_labels.json", "budget.json", "plan.json"):
+        assert json.loads((run_dir / rel).read_text()) == json.loads((whole / rel).read_text()), rel
+    ours = torch.load(run_dir / "checkpoints" / "finetune.pt", weights_only=False)["ema"]
+    theirs = torch.load(whole / "checkpoints" / "finetune.pt", weights_only=False)["ema"]
+    assert all(torch.equal(ours["module"][k], theirs["module"][k]) for k in theirs["module"])
+
+
+def test_run_end_to_end_then_stages(runs, tmp_path, monkeypatch, capsys):
+    out, cache = runs
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(cache))
+    run_dir = out / "00000-test"
     for rel in ("config.json", "budget.json", "plan.json", "query/classifier.pt", "query/histogram.npy",
                 "query/selected_labels.json", "query/subset.npz", "checkpoints/pretrain.pt",
                 "checkpoints/finetune.pt", "logs/pretrain.csv", "logs/finetune.csv", "samples/samples.npz",
@@ -71,7 +110,7 @@ def test_run_end_to_end_then_stages(tmp_path, monkeypatch, capsys):
     assert main(["finetune", str(run_dir)]) == 2
     assert "refusing to start afresh" in capsys.readouterr().err
 
-    # The next run gets the next number; a bad option names the value.
+    # A bad option names the value.
     assert main(["run", "--config", "nope", "--out", str(tmp_path / "runs")]) == 2
     assert "'nope'" in capsys.readouterr().err
 

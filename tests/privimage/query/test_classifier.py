@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from privimage.data import embedded, load_dataset
-from privimage.query import ClassifierConfig, QueryClassifier, SemanticQuery, query_budget, train_classifier
+from privimage.query import (ClassifierConfig, QueryClassifier, SemanticQuery, count_votes, query_budget, query_votes,
+                             release_histogram, train_query_classifier)
 from privimage.engine import compute_epsilon
 from privimage.privacy import QUERY
 
@@ -20,7 +21,7 @@ CONFIG = ClassifierConfig(width=16, epochs=5, batch_size=32, lr=5e-3)
 def trained(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     public = load_dataset("embedded", split="public", size=4000, seed=0)
-    model = train_classifier(public, config=CONFIG, cache_dir=cache, log=None)
+    model = train_query_classifier(public, config=CONFIG, cache_dir=cache, log=None)
     return public, model, cache
 
 
@@ -49,7 +50,7 @@ def test_cache_by_config_and_data(trained):
     public, model, cache = trained
     assert len(list(cache.glob("classifier-*.pt"))) == 1
     start = time.perf_counter()
-    again = train_classifier(public, config=CONFIG, cache_dir=cache, log=None)
+    again = train_query_classifier(public, config=CONFIG, cache_dir=cache, log=None)
     assert time.perf_counter() - start < 5
     assert again.public_accuracy == model.public_accuracy
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
@@ -82,21 +83,22 @@ def test_cache_hit_is_only_a_model_with_the_requested_settings(tmp_path):
 
     public = load_dataset("embedded", split="public", size=64, seed=0)
     small = ClassifierConfig(width=4, epochs=1, batch_size=16)
-    first = train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=None)
+    first = train_query_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=None)
     (path,) = tmp_path.glob("classifier-*.pt")
-    hit = train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=None)
+    hit = train_query_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=None)
     assert (hit.width, hit.resolution, hit.channels) == (4, 16, 3) and hit.public_accuracy == first.public_accuracy
     assert all(torch.equal(a, b) for a, b in zip(hit.state_dict().values(), first.state_dict().values()))
     # A file under this key that holds another model (here: width 8) is retrained, not returned.
     wider = replace(small, width=8)
-    train_classifier(public, resolution=16, config=wider, cache_dir=tmp_path, log=None)
+    train_query_classifier(public, resolution=16, config=wider, cache_dir=tmp_path, log=None)
     (tmp_path / f"classifier-{_fingerprint(public, 16, wider)}.pt").replace(path)
     messages = []
-    again = train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=messages.append)
+    again = train_query_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=messages.append)
     assert again.width == 4 and any("other settings" in m for m in messages)
     path.write_bytes(b"not a checkpoint")
     messages.clear()
-    assert train_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=messages.append).width == 4
+    retrained = train_query_classifier(public, resolution=16, config=small, cache_dir=tmp_path, log=messages.append)
+    assert retrained.width == 4
     assert any("unreadable" in m for m in messages)
 
 
@@ -110,9 +112,9 @@ def test_save_and_load(trained, tmp_path):
 def _recovery(logits, true_classes, *, sigma, top_k, top_n, draws=40):
     """Share of noise draws whose selected top-N contains every true sensitive class."""
     query = SemanticQuery(top_k=top_k, top_n=top_n, sigma=sigma)
-    hist = query.votes(logits)
+    votes = count_votes(logits, top_k=top_k)  # pooled: one row
     gen = torch.Generator().manual_seed(0)
-    hits = [set(true_classes) <= set(query.release(hist, generator=gen).selected) for _ in range(draws)]
+    hits = [set(true_classes) <= set(release_histogram(votes, query, generator=gen).selected) for _ in range(draws)]
     return sum(hits) / draws
 
 
@@ -131,12 +133,14 @@ def test_query_recovers_the_sensitive_classes_at_generous_epsilon_only(sensitive
     assert _recovery(logits, true_classes, sigma=tiny, top_k=top_k, top_n=top_n) < 0.2
 
 
-def test_query_run_spends_the_budget(trained):
+def test_query_spends_the_budget(trained):
     _, model, _ = trained
     sensitive = load_dataset("embedded", split="sensitive", size=200, seed=0)
     budget = query_budget(epsilon=10.0, delta=1e-5)
-    result = SemanticQuery.from_budget(budget, top_k=1, top_n=5).run(model, sensitive.images, budget=budget)
-    assert budget.spent[QUERY] == 1 and len(result.selected) == 5 and result.noisy_histogram.shape == (60,)
+    votes = query_votes(model, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes, top_k=1)
+    release = release_histogram(votes, SemanticQuery.from_budget(budget, top_k=1, top_n=5),
+                                generator=torch.Generator().manual_seed(0), budget=budget)
+    assert budget.spent[QUERY] == 1 and len(release.selected) == 5 and release.noisy_histogram.shape == (5, 60)
 
 
 @pytest.mark.parametrize("bad", [dict(style_noise=-0.1), dict(style_gain=1.0), dict(style_gain=-0.5)])
@@ -149,12 +153,21 @@ def test_style_augmentation_changes_training_but_not_inputs_at_evaluation():
     """The augmentation acts on training batches only: same seed, other weights; prediction is unaugmented."""
     public = load_dataset("embedded", split="public", size=96, seed=0, resolution=16)
     small = ClassifierConfig(width=4, epochs=1, batch_size=32)
-    plain = train_classifier(public, config=small, use_cache=False, log=None)
-    styled = train_classifier(public, config=replace(small, style_noise=0.15, style_gain=0.3), use_cache=False,
-                              log=None)
-    again = train_classifier(public, config=replace(small, style_noise=0.15, style_gain=0.3), use_cache=False,
-                             log=None)
+    plain = train_query_classifier(public, config=small, use_cache=False, log=None)
+    styled_config = replace(small, style_noise=0.15, style_gain=0.3)
+    styled = train_query_classifier(public, config=styled_config, use_cache=False, log=None)
+    again = train_query_classifier(public, config=styled_config, use_cache=False, log=None)
     weights = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
     assert not torch.equal(weights(plain), weights(styled))
     assert torch.equal(weights(styled), weights(again))  # seeded: the augmentation is reproducible
     assert torch.equal(styled.predict_logits(public.images[:8]), styled.predict_logits(public.images[:8]))
+
+
+def test_the_old_name_train_classifier_still_works_and_warns():
+    from privimage.query import train_classifier
+
+    public = load_dataset("embedded", split="public", size=64, seed=0, resolution=8)
+    with pytest.warns(DeprecationWarning, match="train_query_classifier"):
+        model = train_classifier(public, config=ClassifierConfig(width=4, epochs=1, batch_size=32), use_cache=False,
+                                 log=None)
+    assert isinstance(model, QueryClassifier)
