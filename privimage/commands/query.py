@@ -35,25 +35,8 @@ import sys
 from pathlib import Path
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
+from privimage.commands.validators import epsilon as _epsilon, positive_int as _positive_int, seed as _seed
+from privimage.commands.validators import unit_interval as _unit_interval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public", required=True, metavar="SPEC",
                         help="public data spec (e.g. embedded:public, imagenet32:train,root=DIR); default split "
                              "'public'")
-    parser.add_argument("--epsilon-query", type=_positive_float, default=None,
+    parser.add_argument("--epsilon-query", type=_epsilon, default=None,
                         help="epsilon of this query alone (required unless the run directory has a budget.json)")
     parser.add_argument("--delta", type=_unit_interval, default=1e-5, help="delta, below 1/n (default: %(default)s)")
     parser.add_argument("--top-k", type=_positive_int, default=1, help="votes per sensitive image (default: %(default)s)")
@@ -77,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier-epochs", type=_positive_int, default=5,
                         help="query classifier epochs on the public data (default: %(default)s)")
     parser.add_argument("--no-ffcv", action="store_true", help="write the subset as npz even if FFCV is installed")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data subsets and the classifier (public)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed for data subsets and the classifier (public)")
     parser.add_argument("--insecure-test-noise", action="store_true",
                         help="FOR TESTS ONLY, NOT PRIVATE: draw the query noise from a generator seeded by --seed "
                              "(public), so the noisy histogram can be reproduced and its noise subtracted. Without "
@@ -88,11 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _new_run_dir(root: Path, name: str) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name[:5]) for p in root.iterdir() if p.name[:5].isdigit()]
-    path = root / f"{max(numbers, default=-1) + 1:05d}-{name}"
-    path.mkdir()
-    return path
+    from privimage.rundir import RunDir
+
+    return RunDir.make(root, name).path
 
 
 def _noise_generator(args: argparse.Namespace):
@@ -112,6 +93,15 @@ def _noise_generator(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.run_dir is not None and args.run_dir.is_dir() and not args.dry_run:  # one writer per run directory
+        from privimage.rundir import RunDir
+
+        with RunDir(args.run_dir).lock("query"):
+            return _query(args)
+    return _query(args)
+
+
+def _query(args: argparse.Namespace) -> int:
     from privimage.data import load_spec
     from privimage.engine import PrivacyBudget
     from privimage.engine.budget import QUERY
@@ -142,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     sensitive = load_spec(args.sensitive, split="sensitive", seed=args.seed)
+    from privimage.preflight import check_delta
+
+    check_delta(budget.delta, len(sensitive))  # delta >= 1/n promises nothing
     public = load_spec(args.public, split="public", seed=args.seed)
     if query.top_n > public.num_classes or query.top_k > public.num_classes:
         raise ValueError(f"--top-k {query.top_k} / --top-n {query.top_n} exceed the {public.num_classes} public "

@@ -67,13 +67,14 @@ from privimage.evaluate.privacy import (
     record_evaluation_release,
 )
 from privimage.io import atomic_write, save_json
+from privimage.rundir import RunDir
 
 __all__ = ["EvaluateOptions", "PRIVATE_REPORT", "PUBLIC_REPORT", "data_options", "evaluate_run", "load_real",
            "samples_vs_real_grid"]
 
 #: Where the two reports go, relative to the run directory (figures in ``figures/`` beside each).
-PUBLIC_REPORT = Path("release") / "report.json"
-PRIVATE_REPORT = Path("private") / "report-private.json"
+PUBLIC_REPORT = Path(RunDir.PUBLIC_REPORT)
+PRIVATE_REPORT = Path(RunDir.PRIVATE_REPORT)
 
 
 @dataclass
@@ -281,14 +282,14 @@ def feature_network(run_dir: Path, opts: EvaluateOptions, log) -> FeatureNet | N
     if weights is not None:
         log(f"FID: standard Inception-v3 from {weights}")
         return inception_feature_net(weights)
-    classifier = run_dir / "query" / "classifier.pt"
+    classifier = RunDir(run_dir).classifier_path
     log(f"No Inception weights file (--inception-weights or ${WEIGHTS_ENV}; the file is {WEIGHTS_FILE_NAME}).")
     if not classifier.is_file():
         log(f"No proxy either ({classifier} does not exist): fidelity metrics are skipped.")
         return None
     log(f"Computing the PROXY FID on features of {classifier}: useful to compare runs of this data set, "
         f"NOT comparable to published FIDs. Every such number is labelled proxy_*.")
-    return proxy_feature_net(load_proxy_classifier(classifier), name=str(Path("query") / "classifier.pt"))
+    return proxy_feature_net(load_proxy_classifier(classifier), name=str(classifier.relative_to(run_dir)))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -342,7 +343,7 @@ def _fid_reference(config: dict, opts: EvaluateOptions, test_images: torch.Tenso
 
 def _training_diagnostics(run_dir: Path) -> dict:
     """Aggregates of the fine-tune's private log (computed on drawn sensitive batches without noise)."""
-    path = run_dir / "logs" / "finetune.csv"
+    path = RunDir(run_dir).log_path("finetune")
     cols = read_log(path) if path.is_file() else {}
     out = {}
     if "loss" in cols and np.isfinite(cols["loss"]).any():
@@ -360,13 +361,13 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run directory {run_dir} does not exist.")
-    config_path = run_dir / "config.json"
+    config_path = RunDir(run_dir).config_path
     config = read_json(config_path) if config_path.is_file() else {}
     if not config:
         log(f"Note: {config_path} is missing or empty; real data must come from --real/--fid-real.")
     finetune_config = config.get("finetune")
     secure = finetune_config.get("secure_noise") if isinstance(finetune_config, dict) else None
-    samples, sample_labels = load_npz_images(run_dir / "samples" / "samples.npz")
+    samples, sample_labels = load_npz_images(RunDir(run_dir).samples_path)
     if opts.num_samples:
         if opts.num_samples > samples.shape[0]:
             raise ValueError(f"--num-samples {opts.num_samples} > {samples.shape[0]} images in samples.npz.")
@@ -421,7 +422,7 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
                                    f"at small N (the official protocol uses 5,000, the community 50,000); compare "
                                    f"values only at equal N.")
         fid = fidelity(net, samples, fid_real, opts, cache_dir=Path(opts.cache_dir) if opts.cache_dir else
-                       private_dir / "fid")
+                       RunDir(run_dir).fid_cache_dir)
         timings["fidelity_s"] = fid.pop("_seconds")
         for name, metric in fid.items():
             add(name, metric, SAMPLES if name.endswith("inception_score") else coverage)
