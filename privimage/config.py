@@ -142,7 +142,7 @@ class PretrainConfig:
 
 
 #: The most DP-SGD steps a config may plan (the accountant composes them; more is a typo, not a plan).
-MAX_FINETUNE_STEPS = 10_000_000
+MAX_FINETUNE_STEPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -264,6 +264,7 @@ class RunConfig:
             need(key in UNET_OVERRIDES, "model_overrides", key, f"keys among {', '.join(UNET_OVERRIDES)}"
                  + suggest(key, UNET_OVERRIDES) + " (resolution, channels and classes come from the data)")
             over[key] = coerce(value, hints[key], f"model_overrides.{key}")
+        object.__setattr__(self, "model_overrides", over)  # JSON lists become the UNet's tuples
         need(over.get("dropout", UNET_PRESETS[self.model].dropout) == 0, "model_overrides.dropout",
              over.get("dropout"), "0: the DP fine-tune refuses dropout (its masks would not be secret randomness)")
         try:

@@ -12,13 +12,15 @@ stage commands before they take a run directory's lock-protected files any furth
    the images' side, the expected batch against N;
 5. privacy: δ < 1/n (:func:`check_delta`), a budget that can be planned (σ calibrated for the query and the
    fine-tune together), the number of steps;
-6. the output folder: ``--out`` is a folder or can be made one (no file in its way, writable).
+6. the output folder: ``--out`` is a folder or can be made one (no file in its way, writable); checked first,
+   as it is the cheapest.
 
 Each failure is a :class:`~privimage.errors.PrivimageError` naming the setting, flag or file.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,8 @@ def preflight(cfg: RunConfig, *, splits=SPLITS, plan: bool = True, out: str | os
     from privimage.data import inspect_spec
     from privimage.train import resolve_device
 
+    if out is not None:
+        _check_out(Path(out))
     found = Preflight(device=str(resolve_device(cfg.device)))
     for which in splits:
         try:
@@ -72,8 +76,6 @@ def preflight(cfg: RunConfig, *, splits=SPLITS, plan: bool = True, out: str | os
     if plan:
         found.num_sensitive, found.num_sensitive_from = _sensitive_size(cfg, found.specs.get("sensitive"), load_sizes)
         found.budget = plan_budget(cfg, found.num_sensitive)
-    if out is not None:
-        _check_out(Path(out))
     return found
 
 
@@ -144,18 +146,29 @@ def large_delta_note(delta: float, n: int | None) -> str | None:
 
 
 def plan_budget(cfg: RunConfig, num_sensitive: int):
-    """The run's PrivacyBudget: the query's σ from its ε share, the fine-tune's σ calibrated on the rest."""
+    """The run's PrivacyBudget (a fresh one, nothing spent): the query's σ from its ε share, the fine-tune's σ
+    calibrated on the rest."""
     from privimage.engine import PrivacyBudget
 
     check_delta(cfg.delta, num_sensitive, allow=cfg.allow_large_delta)
     q = cfg.finetune.sample_rate(num_sensitive)
     steps = cfg.finetune.steps(num_sensitive)
     try:
-        return PrivacyBudget.for_privimage(epsilon=cfg.epsilon, delta=cfg.delta, sample_rate=q, steps=steps,
-                                           query_epsilon_fraction=cfg.query.epsilon_fraction)
+        state = _planned(cfg.epsilon, cfg.delta, q, steps, cfg.query.epsilon_fraction)
     except (ValueError, ArithmeticError) as err:  # an impossible budget (epsilon too small for the steps, ...)
         raise PrivacyError(f"epsilon={cfg.epsilon:g}, delta={cfg.delta:g} with {steps} steps at sample rate {q:.4g}: "
                            f"{err}") from None
+    return PrivacyBudget.from_state_dict(state)
+
+
+@functools.lru_cache(maxsize=32)
+def _planned(epsilon: float, delta: float, sample_rate: float, steps: int, query_fraction: float) -> dict:
+    """The calibrated plan's state (calibration is deterministic and slow: a dry run followed by the run, or a
+    sweep over the same settings, calibrates once per process)."""
+    from privimage.engine import PrivacyBudget
+
+    return PrivacyBudget.for_privimage(epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                                       query_epsilon_fraction=query_fraction).state_dict()
 
 
 def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:

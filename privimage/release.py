@@ -88,8 +88,8 @@ def _save_weights(ema_state: dict, unet: dict, path: Path) -> None:
 
     from privimage.diffusion import SIGMA_DATA
 
-    tensors = {k[len("net."):]: v.detach().cpu().contiguous().clone() for k, v in ema_state.items()
-               if k.startswith("net.")}
+    tensors = {k[len("net."):]: v.detach().cpu().contiguous().clone() for k, v in sorted(ema_state.items())
+               if k.startswith("net.")}  # sorted: the same weights give the same bytes
     metadata = {"format": MODEL_FORMAT, "unet_config": json.dumps(unet, sort_keys=True),
                 "sigma_data": repr(SIGMA_DATA), "weights": "ema"}
     with atomic_write(path) as f:
