@@ -49,6 +49,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument prints one line (and the hint to use --help), exit code 2."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
+        message = " ".join(message.split())  # one line, whatever line breaks a value held
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -98,6 +99,8 @@ def _one_line(err: Exception) -> str | None:
     from privimage.errors import PrivimageError, describe_os_error
 
     if isinstance(err, (PrivimageError, ValueError)):  # StorageError (an OSError too) words its own message
+        text = str(err)
+    elif isinstance(err, OSError) and err.errno is None:  # raised with a message of its own
         text = str(err)
     elif isinstance(err, OSError):
         text = f"{err.filename or 'a file'}: {describe_os_error(err)}" + (f" ({err.filename2})" if err.filename2 else "")

@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     from privimage.evaluate.report import PRIVATE_REPORT, PUBLIC_REPORT, evaluate_run
 
+    from privimage.errors import MissingRunFile
     from privimage.rundir import RunDir
     from privimage.train import resolve_device
 
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     if not run.path.is_dir():
         RunDir.open(run.path)  # the error naming it
+    if not run.samples_path.is_file():
+        raise MissingRunFile(f"{run.samples_path} does not exist: run `privimage sample {run.path}` first.")
     resolve_device(opts.device)
     if args.dry_run:
         print(json.dumps({"run_dir": args.run_dir, **asdict(opts),

@@ -171,6 +171,7 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
         start, rows, nonfinite = state["step"], state["log"], state.get("num_nonfinite", 0)
         log(f"finetune: resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
+        run.save_log("finetune", rows)  # the checkpoint's log (a write that failed after it is redone)
     else:
         _refuse_fresh_start(run, budget)
         sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
