@@ -187,8 +187,7 @@ def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
 
     run = RunDir.of(run_dir)
     device = resolve_device(cfg.device)
-    if not run.release_model_path.is_file():
-        log(f"no release in {run.path} yet: exporting it from the finished fine-tune first")
+    if not run.release_model_path.is_file():  # none yet: export it from the finished fine-tune first
         export_release(run, log=log)
     den = load_release_denoiser(run, device=device)
     c = den.net.config

@@ -63,24 +63,22 @@ def rate(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str, low: int, high: int, span: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= 2 ** 53:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer in [1, 2**53]")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{text} is not an integer in {span}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1, 2 ** 53, "[1, 2**53]")
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2 ** 63:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer in [0, 2**63)")
-    return value
+    return _integer(text, 0, 2 ** 63 - 1, "[0, 2**63)")
 
 
 def device(text: str) -> str:

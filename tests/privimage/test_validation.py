@@ -206,3 +206,28 @@ def test_data_spec_checks_name_the_spec_and_the_file(tmp_path, cifar10_writer, i
     (tmp_path / "i" / "train_data_batch_1.npz").write_bytes(b"PK\x03\x04 cut")
     with pytest.raises(DataError, match="train_data_batch_1.npz: truncated or corrupt npz"):
         inspect_spec(f"imagenet32:train,root={tmp_path / 'i'}", "public")
+
+
+def test_stage_commands_check_first_and_name_what_is_missing(tmp_path, capsys):
+    from privimage.engine import Mechanism, PrivacyBudget
+    from privimage.rundir import RunDir
+
+    budget = PrivacyBudget(8.0, 1e-4, plan={"query": Mechanism(5.0), "finetune": Mechanism(1.0, 0.25, 2)})
+    with RunDir.create(tmp_path, "test", command="test", config=CONFIGS["test"], budget=budget, plan={},
+                       log=lambda *_: None) as run:
+        pass
+    files = sorted(p.name for p in run.path.iterdir())
+    assert main(["finetune", str(run.path), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["checked"]["data.sensitive"] == "generated (no files)"
+    for argv, message in ((["pretrain", str(run.path)], "subset.npz does not exist: run the query stage first"),
+                          (["finetune", str(run.path)], "pretrain.pt does not exist: the pretrain stage has not checkpointed"),
+                          (["sample", str(run.path)], "finetune.pt does not exist"),
+                          (["export", str(run.path)], "finetune.pt does not exist"),
+                          (["evaluate", str(run.path)], "samples.npz does not exist: run `privimage sample"),
+                          (["finetune", str(tmp_path)], "is not a run directory: it has no config.json"),
+                          (["finetune", str(run.path), "--sensitive-root", str(tmp_path)],
+                           "unknown key 'root' for embedded")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (argv, err)
+    assert sorted(p.name for p in run.path.iterdir()) == files  # nothing written, no lock left
