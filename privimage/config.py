@@ -26,6 +26,9 @@ must agree on (the UNet's shape, ``compile`` with the method). Every error is a
 :class:`~privimage.errors.ConfigError` whose message names the key path. What needs the data or the machine
 (class counts, files, the device, δ against the data set's size) is checked by :mod:`privimage.preflight`,
 still before anything is written or spent.
+
+(Over 400 lines on purpose: each section's fields sit beside the checks of their values, and the presets
+beside the sections they fill; the generic type checking lives in :mod:`privimage.checks`.)
 """
 
 from __future__ import annotations
