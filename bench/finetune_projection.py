@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -98,11 +99,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         for step in range(1, args.steps + 1):
             t0 = time.perf_counter()
-            finetune(run_dir, images=images, labels=labels, unet=unet, budget=budget, init_state=init,
-                     physical_batch_size=ft.physical_batch_size, num_noise=ft.num_noise,
-                     max_grad_norm=ft.max_grad_norm, lr=ft.lr, ema_decay=ft.ema_decay, seed=SEED, device=args.device,
-                     compile=args.compile, secure_noise=False, checkpoint_every=10 ** 9, log_every=1,
-                     resume=step > 1, stop_at_step=step, log=lambda message: None)
+            config = dataclasses.replace(ft, compile=args.compile, secure_noise=False, checkpoint_every=10 ** 9,
+                                         log_every=1, sample_every=0)
+            finetune(run_dir, config, images=images, labels=labels, unet=unet, budget=budget, init_state=init,
+                     seed=SEED, device=args.device, resume=step > 1, stop_at_step=step, log=lambda message: None)
             call_s = time.perf_counter() - t0
             with open(Path(run_dir) / "logs" / "finetune.csv") as f:
                 row = list(csv.DictReader(f))[-1]

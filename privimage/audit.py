@@ -334,6 +334,7 @@ def _fine_tune(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, *, set
     Public settings chosen by the auditor: learning rate 0, label dropout 0, secure noise and secret diffusion
     randomness (the defaults), no intermediate checkpoints or logs. Its progress bar is silenced.
     """
+    from privimage.config import FinetuneConfig
     from privimage.train import finetune
 
     releases: list[dict[str, torch.Tensor]] = []
@@ -344,11 +345,11 @@ def _fine_tune(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, *, set
                          if p.requires_grad})
 
     with contextlib.redirect_stderr(io.StringIO()):
-        finetune(run_dir, images=images, labels=labels, unet=settings.unet(), budget=budget, init_state=init_state,
-                 physical_batch_size=settings.physical_batch_size, num_noise=settings.num_noise,
-                 max_grad_norm=settings.max_grad_norm, lr=0.0, label_dropout=0.0, seed=settings.seed,
-                 secure_noise=True, checkpoint_every=settings.steps, log_every=settings.steps,
-                 on_release=on_release, log=lambda *_: None)
+        config = FinetuneConfig(physical_batch_size=settings.physical_batch_size, num_noise=settings.num_noise,
+                                max_grad_norm=settings.max_grad_norm, lr=0.0, label_dropout=0.0, secure_noise=True,
+                                checkpoint_every=settings.steps, log_every=settings.steps)
+        finetune(run_dir, config, images=images, labels=labels, unet=settings.unet(), budget=budget,
+                 init_state=init_state, seed=settings.seed, on_release=on_release, log=lambda *_: None)
     if len(releases) != settings.steps:
         raise RuntimeError(f"The fine-tune reported {len(releases)} releases for {settings.steps} steps: its "
                            f"on_release hook no longer sees every step.")

@@ -4,8 +4,12 @@ Each subcommand lives in ``privimage/commands/<name>.py`` and provides ``add_arg
 ``run(args) -> int``. Modules are imported only to build their own parser, so ``privimage --help`` stays
 fast and does not load torch.
 
-Errors in what the user asked for (bad ranges, impossible budgets, missing files) end with exit code 2
-and one line naming the problem; set ``PRIVIMAGE_DEBUG=1`` to see the traceback instead.
+Errors in what the user asked for or in the files a run keeps (:mod:`privimage.errors`: bad settings,
+impossible budgets, missing or corrupt files, a busy run directory) and refused writes (a full disk, a
+read-only file system, no permission) end with exit code 2 and one line naming the value or the path and the
+cause; set ``PRIVIMAGE_DEBUG=1`` to see the traceback instead. Ctrl-C ends with exit code 130; the run
+directory's lock is released and ``--resume`` continues from the last checkpoint. Anything else is a bug in
+privimage and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from privimage.progress import close_all
 
 # name -> (module, one-line summary shown by `privimage --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -47,6 +53,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad argument prints one line (and the hint to use --help), exit code 2."""
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse's signature
+        message = " ".join(message.split())  # one line, whatever line breaks a value held
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -73,11 +80,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("PRIVIMAGE_DEBUG"):
+    except KeyboardInterrupt:
+        if _debug():
             raise
-        print(f"privimage {args.command}: error: {err}", file=sys.stderr)
+        close_all()
+        print(f"privimage {args.command}: interrupted (a run continues from its last checkpoint with --resume)",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - only the user's errors are turned into one line, see _one_line
+        line = _one_line(err)
+        if line is None or _debug():
+            raise
+        close_all()
+        print(f"privimage {args.command}: error: {line}", file=sys.stderr)
         return 2
+
+
+def _debug() -> bool:
+    return os.environ.get("PRIVIMAGE_DEBUG", "") not in ("", "0")
+
+
+def _one_line(err: Exception) -> str | None:
+    """The one-line message for an error the user can act on; ``None`` for a bug (which keeps its traceback)."""
+    from privimage.errors import PrivimageError, describe_os_error
+
+    if isinstance(err, (PrivimageError, ValueError)):  # StorageError (an OSError too) words its own message
+        text = str(err)
+    elif isinstance(err, OSError) and err.errno is None:  # raised with a message of its own
+        text = str(err)
+    elif isinstance(err, OSError):
+        text = f"{err.filename or 'a file'}: {describe_os_error(err)}" + (f" ({err.filename2})" if err.filename2 else "")
+    elif isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        text = (f"out of memory ({str(err).splitlines()[0][:120] if str(err) else 'MemoryError'}): lower the batch "
+                f"sizes in the config; a run continues from its last checkpoint with --resume")
+    else:
+        return None
+    return " ".join(text.split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -18,26 +18,48 @@ Presets (``privimage run --config NAME``):
 
 A JSON file with the same nested keys (any subset: missing keys take the ``base`` preset's values, default
 ``demo``) is accepted wherever a name is.
+
+Every value is checked when a config is built (:mod:`privimage.checks`): its type against the field's
+annotation (a string where a number belongs, ``2.5`` steps, ``NaN``, ``"data": "oops"`` are refused), its
+range, its name (unknown keys, methods, presets and data sets get a "did you mean"), and what the fields
+must agree on (the UNet's shape, ``compile`` with the method). Every error is a
+:class:`~privimage.errors.ConfigError` whose message names the key path. What needs the data or the machine
+(class counts, files, the device, δ against the data set's size) is checked by :mod:`privimage.preflight`,
+still before anything is written or spent.
+
+(Over 400 lines on purpose: each section's fields sit beside the checks of their values, and the presets
+beside the sections they fill; the generic type checking lives in :mod:`privimage.checks`.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from privimage.checks import check_fields, coerce, describe, need, suggest
 from privimage.diffusion.sampling import SamplerConfig
+from privimage.errors import ConfigError, DataError
 from privimage.models.unet import PRESETS as UNET_PRESETS, UNetConfig
 
 __all__ = ["CONFIGS", "DataConfig", "FinetuneConfig", "PretrainConfig", "QueryConfig", "RunConfig",
            "SampleConfig", "load_config"]
 
+#: UNet fields a config may override (resolution, channels and classes come from the data).
+UNET_OVERRIDES = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
+
+def _fraction(key: str, value: float, *, closed_right: bool = False) -> None:
+    need(0 <= value <= 1 if closed_right else 0 <= value < 1, key, value, "a number in [0, 1]" if closed_right
+         else "a number in [0, 1)")
+
+
+def _every(key: str, value: int, low: int) -> None:
+    need(low <= value <= 10 ** 9, key, value, f"an integer >= {low}" + (" (0: never)" if low == 0 else ""))
 
 
 @dataclass(frozen=True)
@@ -52,7 +74,18 @@ class DataConfig:
     seed: int = 0                                  # data generation / subset seed (public)
 
     def __post_init__(self) -> None:
-        _check(self.resolution >= 8, f"Expected data.resolution={self.resolution} >= 8.")
+        check_fields(self, "data")
+        from privimage.data import resolve_spec
+
+        for which in ("sensitive", "sensitive_test", "public"):
+            try:
+                resolve_spec(getattr(self, which), which)
+            except DataError as err:
+                raise ConfigError(f"data.{which}: {err}") from None
+        need(8 <= self.resolution <= 1024, "data.resolution", self.resolution, "an integer in [8, 1024]")
+        need(self.pad_to is None or self.pad_to == self.resolution, "data.pad_to", self.pad_to,
+             f"null or data.resolution={self.resolution} (images are padded to the model's resolution)")
+        need(0 <= self.seed < 2 ** 63, "data.seed", self.seed, "an integer in [0, 2**63)")
 
 
 @dataclass(frozen=True)
@@ -69,9 +102,18 @@ class QueryConfig:
     max_per_label: int | None = None  # cap of public images per selected class
 
     def __post_init__(self) -> None:
-        _check(self.top_k >= 1 and self.top_n >= 1, f"Expected query.top_k={self.top_k} and query.top_n="
-                                                     f"{self.top_n} >= 1.")
-        _check(0 < self.epsilon_fraction < 1, f"Expected query.epsilon_fraction={self.epsilon_fraction} in (0, 1).")
+        check_fields(self, "query")
+        need(1 <= self.top_k <= 10_000, "query.top_k", self.top_k, "an integer >= 1")
+        need(1 <= self.top_n <= 100_000, "query.top_n", self.top_n, "an integer >= 1")
+        need(0 < self.epsilon_fraction < 1, "query.epsilon_fraction", self.epsilon_fraction, "a number in (0, 1)")
+        need(1 <= self.classifier_width <= 1024, "query.classifier_width", self.classifier_width,
+             "an integer in [1, 1024]")
+        need(1 <= self.classifier_epochs <= 100_000, "query.classifier_epochs", self.classifier_epochs,
+             "an integer >= 1")
+        need(self.classifier_style_noise >= 0, "query.classifier_style_noise", self.classifier_style_noise, ">= 0")
+        need(self.classifier_style_gain >= 0, "query.classifier_style_gain", self.classifier_style_gain, ">= 0")
+        need(self.max_per_label is None or self.max_per_label >= 1, "query.max_per_label", self.max_per_label,
+             "null (no cap) or an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -90,12 +132,21 @@ class PretrainConfig:
     loader: str = "auto"              # stream the subset: "device" (uint8 on the device), "ffcv" (file), "auto"
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 0, f"Expected pretrain.steps={self.steps} >= 0.")
-        _check(self.loader in ("auto", "device", "ffcv"),
-               f"Expected pretrain.loader in ('auto', 'device', 'ffcv'), got {self.loader!r}.")
-        _check(self.batch_size >= 1, f"Expected pretrain.batch_size={self.batch_size} >= 1.")
-        _check(self.lr > 0, f"Expected pretrain.lr={self.lr} > 0.")
-        _check(0 <= self.ema_decay < 1, f"Expected pretrain.ema_decay={self.ema_decay} in [0, 1).")
+        check_fields(self, "pretrain")
+        need(0 <= self.steps <= 10 ** 9, "pretrain.steps", self.steps, "an integer >= 0")
+        need(self.loader in ("auto", "device", "ffcv"), "pretrain.loader", self.loader,
+             "one of 'auto', 'device', 'ffcv'" + suggest(self.loader, ("auto", "device", "ffcv")))
+        need(1 <= self.batch_size <= 2 ** 20, "pretrain.batch_size", self.batch_size, "an integer >= 1")
+        need(0 < self.lr <= 10, "pretrain.lr", self.lr, "a number in (0, 10]")
+        _fraction("pretrain.ema_decay", self.ema_decay)
+        _fraction("pretrain.label_dropout", self.label_dropout, closed_right=True)
+        _every("pretrain.checkpoint_every", self.checkpoint_every, 1)
+        _every("pretrain.log_every", self.log_every, 1)
+        _every("pretrain.sample_every", self.sample_every, 0)
+
+
+#: The most DP-SGD steps a config may plan (the accountant composes them; more is a typo, not a plan).
+MAX_FINETUNE_STEPS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -121,22 +172,38 @@ class FinetuneConfig:
     secure_noise: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, f"Expected finetune.epochs={self.epochs} > 0.")
-        _check(self.batch_size >= 1 and self.physical_batch_size >= 1,
-               f"Expected finetune.batch_size={self.batch_size} and physical_batch_size="
-               f"{self.physical_batch_size} >= 1.")
-        _check(self.num_noise >= 1, f"Expected finetune.num_noise={self.num_noise} >= 1.")
-        _check(self.max_grad_norm > 0, f"Expected finetune.max_grad_norm={self.max_grad_norm} > 0.")
-        _check(self.lr > 0, f"Expected finetune.lr={self.lr} > 0.")
+        from privimage.engine.dp_sgd import METHODS
+
+        check_fields(self, "finetune")
+        need(0 < self.epochs <= 100_000, "finetune.epochs", self.epochs, "a number in (0, 100000]")
+        need(1 <= self.batch_size <= 2 ** 31, "finetune.batch_size", self.batch_size, "an integer >= 1")
+        need(1 <= self.physical_batch_size <= 2 ** 20, "finetune.physical_batch_size", self.physical_batch_size,
+             "an integer >= 1")
+        need(1 <= self.num_noise <= 1024, "finetune.num_noise", self.num_noise, "an integer in [1, 1024]")
+        need(0 < self.max_grad_norm <= 1e6, "finetune.max_grad_norm", self.max_grad_norm, "a number > 0")
+        need(0 <= self.lr <= 10, "finetune.lr", self.lr,
+             "a number in [0, 10] (0: the weights stay put, as the privacy audit needs)")
+        _fraction("finetune.ema_decay", self.ema_decay)
+        _fraction("finetune.label_dropout", self.label_dropout, closed_right=True)
+        need(self.method in METHODS, "finetune.method", self.method,
+             f"one of {', '.join(METHODS)}" + suggest(self.method, METHODS))
+        need(not self.compile or self.method == "bk-mixed", "finetune.compile", self.compile,
+             f"false with finetune.method={self.method!r} (the compiled step is bk-mixed only)")
+        _every("finetune.checkpoint_every", self.checkpoint_every, 1)
+        _every("finetune.log_every", self.log_every, 1)
+        _every("finetune.sample_every", self.sample_every, 0)
 
     def sample_rate(self, num_examples: int) -> float:
         if self.batch_size > num_examples:
-            raise ValueError(f"finetune.batch_size={self.batch_size} exceeds the {num_examples} sensitive "
-                             f"images; the Poisson rate batch_size/N must be <= 1.")
+            raise ConfigError(f"finetune.batch_size={self.batch_size} exceeds the {num_examples} sensitive "
+                              f"images; the Poisson rate batch_size/N must be <= 1.")
         return self.batch_size / num_examples
 
     def steps(self, num_examples: int) -> int:
-        return max(1, round(self.epochs / self.sample_rate(num_examples)))
+        steps = max(1, round(self.epochs / self.sample_rate(num_examples)))
+        need(steps <= MAX_FINETUNE_STEPS, "finetune.epochs", self.epochs,
+             f"at most {MAX_FINETUNE_STEPS} DP-SGD steps (epochs x N / batch_size gives {steps})")
+        return steps
 
 
 @dataclass(frozen=True)
@@ -150,9 +217,15 @@ class SampleConfig(SamplerConfig):
     grid_per_class: int = 10
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.num_samples >= 1 and self.batch_size >= 1, f"Expected sample.num_samples="
-                                                               f"{self.num_samples} and batch_size >= 1.")
+        check_fields(self, "sample")  # the sampler's own checks too, as ConfigErrors naming the key
+        need(1 <= self.num_samples <= 10 ** 8, "sample.num_samples", self.num_samples, "an integer >= 1")
+        need(1 <= self.batch_size <= 2 ** 20, "sample.batch_size", self.batch_size, "an integer >= 1")
+        need(2 <= self.num_steps <= 100_000, "sample.num_steps", self.num_steps, "an integer >= 2")
+        need(0 < self.sigma_min < self.sigma_max, "sample.sigma_min", self.sigma_min,
+             f"a number in (0, sample.sigma_max={self.sigma_max})")
+        need(self.rho > 0, "sample.rho", self.rho, "a number > 0")
+        need(0 <= self.guidance <= 1000, "sample.guidance", self.guidance, "a number >= 0 (0: no guidance)")
+        need(1 <= self.grid_per_class <= 1000, "sample.grid_per_class", self.grid_per_class, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -172,14 +245,40 @@ class RunConfig:
     finetune: FinetuneConfig = FinetuneConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: bool = True                 # run `privimage evaluate` at the end (small CA preset)
+    # Experiments only: accept delta >= 1/n (which permits publishing a record outright). Every report, the
+    # release's privacy.json and PRIVACY.md then say so (privimage.preflight.large_delta_note).
+    allow_large_delta: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.epsilon > 0 and math.isfinite(self.epsilon), f"Expected epsilon={self.epsilon} > 0.")
-        _check(0 < self.delta < 1, f"Expected delta={self.delta} in (0, 1).")
-        _check(self.model in UNET_PRESETS, f"Unknown model preset {self.model!r}; choose one of "
-                                           f"{sorted(UNET_PRESETS)}.")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               f"Expected device={self.device!r} to be auto, cpu or cuda[:N].")
+        check_fields(self)
+        need(bool(_NAME.fullmatch(self.name)), "name", self.name,
+             "1-64 letters, digits, '.', '_' or '-', not starting with '.', '_' or '-' (it names the run directory)")
+        need(0 < self.epsilon <= 100, "epsilon", self.epsilon, "a finite number in (0, 100]")
+        need(0 < self.delta < 1, "delta", self.delta, "a number in (0, 1), below 1/n for n sensitive images")
+        need(0 <= self.seed < 2 ** 63, "seed", self.seed, "an integer in [0, 2**63)")
+        need(bool(_DEVICE.fullmatch(self.device)), "device", self.device, "auto, cpu, cuda or cuda:N")
+        need(self.model in UNET_PRESETS, "model", self.model,
+             f"a UNet preset, one of {', '.join(sorted(UNET_PRESETS))}" + suggest(self.model, UNET_PRESETS))
+        self._check_model_overrides()
+
+    def _check_model_overrides(self) -> None:
+        """Overrides are UNet fields of the right types, and the UNet they give is valid for the data."""
+        import typing
+
+        hints = typing.get_type_hints(UNetConfig)
+        over = {}
+        for key, value in self.model_overrides.items():
+            need(key in UNET_OVERRIDES, "model_overrides", key, f"keys among {', '.join(UNET_OVERRIDES)}"
+                 + suggest(key, UNET_OVERRIDES) + " (resolution, channels and classes come from the data)")
+            over[key] = coerce(value, hints[key], f"model_overrides.{key}")
+        object.__setattr__(self, "model_overrides", over)  # JSON lists become the UNet's tuples
+        need(over.get("dropout", UNET_PRESETS[self.model].dropout) == 0, "model_overrides.dropout",
+             over.get("dropout"), "0: the DP fine-tune refuses dropout (its masks would not be secret randomness)")
+        try:
+            self.unet_config(channels=3, num_classes=1)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model={self.model!r} with model_overrides {self.model_overrides} at data.resolution="
+                              f"{self.data.resolution}: {err}") from None
 
     def unet_config(self, *, channels: int, num_classes: int) -> UNetConfig:
         """The UNet for this data: the preset, its overrides, then resolution/channels/classes from the data."""
@@ -203,7 +302,8 @@ class RunConfig:
             if root is None:
                 return spec
             root = str(Path(root).expanduser().absolute())
-            _check("," not in root, f"Data root {root!r} contains a comma, which the data specs use as separator.")
+            if "," in root:
+                raise ConfigError(f"Data root {root!r} contains a comma, which the data specs use as separator.")
             return ",".join([p for p in spec.split(",") if not p.startswith("root=")] + [f"root={root}"])
 
         d = self.data
@@ -218,24 +318,31 @@ class RunConfig:
     def from_dict(cls, d: dict, base: "RunConfig | None" = None) -> "RunConfig":
         """Build from a (possibly partial) nested dict over ``base``; unknown keys are errors naming them."""
         base = base or CONFIGS["demo"]
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known - {"base"}
-        if unknown:
-            raise ValueError(f"Unknown config keys {sorted(unknown)}; known: {sorted(known)}.")
+        if not isinstance(d, dict):
+            raise ConfigError(f"A config must be a JSON object, got {describe(d)}.")
+        _no_unknown_keys(d, [f.name for f in dataclasses.fields(cls)] + ["base"], "")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:
                 continue
             value, current = d[f.name], getattr(base, f.name)
             if dataclasses.is_dataclass(current):
-                sub_known = {g.name for g in dataclasses.fields(current)}
-                bad = set(value) - sub_known
-                if bad:
-                    raise ValueError(f"Unknown keys {sorted(bad)} in config section {f.name!r}; known: "
-                                     f"{sorted(sub_known)}.")
+                sub_known = [g.name for g in dataclasses.fields(current)]
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{f.name}: expected a section (a JSON object with keys among "
+                                      f"{', '.join(sub_known)}), got {describe(value)}.")
+                _no_unknown_keys(value, sub_known, f"{f.name}.")
                 value = replace(current, **value)
             kwargs[f.name] = value
         return replace(base, **kwargs)
+
+
+def _no_unknown_keys(d: dict, known: list[str], prefix: str) -> None:
+    for key in d:
+        if key not in known:
+            where = f" in section {prefix[:-1]}" if prefix else ""
+            raise ConfigError(f"Unknown config key {prefix}{key}{suggest(key, known)} (known{where}: "
+                              f"{', '.join(sorted(known))}).")
 
 
 def _official(dataset: str, eps: float) -> RunConfig:
@@ -307,20 +414,42 @@ for _ds in ("cifar10", "celeba32", "celeba64"):
 
 
 def load_config(name_or_file: str) -> RunConfig:
-    """A preset by name, or a JSON file (partial: keys override ``base``, a preset name, default ``demo``)."""
+    """A preset by name, or a JSON file (partial: keys override ``base``, a preset name, default ``demo``).
+
+    Raises :class:`ConfigError` naming the file and the key path of the first bad value.
+    """
     if name_or_file in CONFIGS:
         return CONFIGS[name_or_file]
     path = Path(name_or_file)
     if not path.is_file():
-        raise ValueError(f"--config {name_or_file!r} is neither a preset ({', '.join(sorted(CONFIGS))}) nor a "
-                         f"JSON file.")
+        raise ConfigError(f"--config {name_or_file!r} is neither a preset ({', '.join(sorted(CONFIGS))}) nor a "
+                          f"JSON file{suggest(name_or_file, CONFIGS)}")
+    return config_from_json(path.read_bytes() if _readable(path) else b"", source=str(path))
+
+
+def _readable(path: Path) -> bool:
     try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"Config file {path} is not valid JSON: {err}") from None
+        with open(path, "rb"):
+            return True
+    except OSError as err:
+        raise ConfigError(f"Config file {path} cannot be read: {err.strerror or err}.") from None
+
+
+def config_from_json(text: bytes | str, *, source: str) -> RunConfig:
+    """A :class:`RunConfig` from JSON text (a partial config over its ``base`` preset); errors name ``source``."""
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"Config file {source} is not valid JSON (UTF-8): {err}") from None
+    except RecursionError:
+        raise ConfigError(f"Config file {source} is nested too deeply to be a config.") from None
     if not isinstance(d, dict):
-        raise ValueError(f"Config file {path} must hold a JSON object.")
+        raise ConfigError(f"Config file {source} must hold a JSON object, got {describe(d)}.")
     base = d.get("base", "demo")
-    if base not in CONFIGS:
-        raise ValueError(f"Config file {path}: base={base!r} is not a preset ({', '.join(sorted(CONFIGS))}).")
-    return RunConfig.from_dict(d, CONFIGS[base])
+    if not isinstance(base, str) or base not in CONFIGS:
+        raise ConfigError(f"Config file {source}: base={base!r} is not a preset ({', '.join(sorted(CONFIGS))})"
+                          + (suggest(base, CONFIGS) if isinstance(base, str) else "") + ".")
+    try:
+        return RunConfig.from_dict(d, CONFIGS[base])
+    except ConfigError as err:
+        raise ConfigError(f"Config file {source}: {err}") from None

@@ -19,7 +19,7 @@ import sys
 
 from tqdm import tqdm
 
-__all__ = ["progress_bar"]
+__all__ = ["close_all", "progress_bar"]
 
 
 def progress_bar(total: int | None = None, *, desc: str = "", unit: str = "it", initial: int = 0,
@@ -42,3 +42,13 @@ def progress_bar(total: int | None = None, *, desc: str = "", unit: str = "it", 
     on_terminal = bool(getattr(file, "isatty", lambda: False)())
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=file, disable=not enabled,
                 mininterval=0.2 if on_terminal else log_interval, dynamic_ncols=on_terminal, **kwargs)
+
+
+def close_all() -> None:
+    """Close every open bar (tqdm's own registry), so an error printed next is the last line on stderr.
+
+    A bar left open by an exception is otherwise closed, and redrawn, only when the traceback that holds it is
+    dropped: after the command line's one-line error, which it would push off the last line.
+    """
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -30,50 +30,56 @@ from pathlib import Path
 
 import torch
 
+from privimage.errors import RunDirError
 from privimage.io import atomic_write, save_json
+from privimage.rundir import RunDir
 
 __all__ = ["MODEL_FORMAT", "RELEASE_DIR", "export_release", "load_release_denoiser", "refresh_privacy_statement"]
 
-RELEASE_DIR = "release"
+RELEASE_DIR = RunDir.RELEASE
 MODEL_FORMAT = "privimage.edm-unet.v1"
-_COPIED = {"query/histogram.npy": "query/histogram.npy", "query/selected_labels.json": "query/selected_labels.json",
-           "samples/grid.png": "samples.png"}
 
 
-def export_release(run_dir: str | Path, *, log=print) -> Path:
+def export_release(run_dir: RunDir | str | Path, *, log=print) -> Path:
     """Write ``run_dir/release/`` from the finished fine-tune (module docstring); returns the folder."""
     from privimage.privacy import FINETUNE
-    from privimage.train import load_checkpoint
 
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoints" / "finetune.pt"
-    state = load_checkpoint(ckpt_path)
+    run = RunDir.of(run_dir)
+    state = run.load_checkpoint("finetune")
+    ckpt_path = run.checkpoint_path("finetune")
     if state["step"] < state["steps"]:
-        raise ValueError(f"{ckpt_path} is at step {state['step']} of {state['steps']}: the fine-tune is not "
-                         f"finished. Finish it (`privimage finetune {run_dir} --resume`) before exporting.")
-    budget_path = run_dir / "budget.json"
-    counted = json.loads(budget_path.read_text())["spent"].get(FINETUNE, 0) if budget_path.is_file() else 0
+        raise RunDirError(f"{ckpt_path} is at step {state['step']} of {state['steps']}: the fine-tune is not "
+                          f"finished. Finish it (`privimage finetune {run.path} --resume`) before exporting.")
+    counted = run.load_budget().spent.get(FINETUNE, 0) if run.budget_path.is_file() else 0
     if counted < state["step"]:
-        raise ValueError(f"{budget_path} counts {counted} fine-tune steps but {ckpt_path} is at step "
-                         f"{state['step']}: the ledger does not cover the model, so it is not exported.")
-    out = run_dir / RELEASE_DIR
-    _save_weights(state["ema"]["module"], state["unet"], out / "model.safetensors")
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else \
-        state.get("config")
-    save_json(config or {}, out / "config.json")
-    _copy_public_outputs(run_dir, out)
+        raise RunDirError(f"{run.budget_path} counts {counted} fine-tune steps but {ckpt_path} is at step "
+                          f"{state['step']}: the ledger does not cover the model, so it is not exported.")
+    _save_weights(state["ema"]["module"], state["unet"], run.release_model_path)
+    if run.config_path.is_file():  # checked, then copied as it is (config.json is public)
+        run.load_config()
+        _copy(run.config_path, run.release_config_path)
+    else:
+        save_json(state.get("config") or {}, run.release_config_path)
+    _copy_public_outputs(run)
     mechanism = {k: state["mechanism"][k] for k in _FINETUNE_KEYS}
-    _write_statement(run_dir, mechanism)
-    log(f"release: {out} (model.safetensors, config.json, privacy.json, PRIVACY.md"
-        + (", samples.png" if (out / "samples.png").is_file() else "") + ")")
-    return out
+    _write_statement(run, mechanism)
+    log(f"release: {run.release_dir} (model.safetensors, config.json, privacy.json, PRIVACY.md"
+        + (", samples.png" if run.release_samples_path.is_file() else "") + ")")
+    return run.release_dir
 
 
-def _copy_public_outputs(run_dir: Path, out: Path) -> None:
-    for src, dst in _COPIED.items():
-        if (run_dir / src).is_file():
-            with atomic_write(out / dst) as f, open(run_dir / src, "rb") as g:
-                shutil.copyfileobj(g, f)
+def _copy_public_outputs(run: RunDir) -> None:
+    copies = {run.histogram_path: run.release_query_dir / run.histogram_path.name,
+              run.selection_path: run.release_query_dir / run.selection_path.name,
+              run.grid_path: run.release_samples_path}
+    for src, dst in copies.items():
+        if src.is_file():
+            _copy(src, dst)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with atomic_write(dst) as f, open(src, "rb") as g:
+        shutil.copyfileobj(g, f)
 
 
 def _save_weights(ema_state: dict, unet: dict, path: Path) -> None:
@@ -82,36 +88,41 @@ def _save_weights(ema_state: dict, unet: dict, path: Path) -> None:
 
     from privimage.diffusion import SIGMA_DATA
 
-    tensors = {k[len("net."):]: v.detach().cpu().contiguous().clone() for k, v in ema_state.items()
-               if k.startswith("net.")}
+    tensors = {k[len("net."):]: v.detach().cpu().contiguous().clone() for k, v in sorted(ema_state.items())
+               if k.startswith("net.")}  # sorted: the same weights give the same bytes
     metadata = {"format": MODEL_FORMAT, "unet_config": json.dumps(unet, sort_keys=True),
                 "sigma_data": repr(SIGMA_DATA), "weights": "ema"}
     with atomic_write(path) as f:
         f.write(save(tensors, metadata=metadata))
 
 
-def load_release_denoiser(run_dir: str | Path, *, device="cpu"):
+def load_release_denoiser(run_dir: RunDir | str | Path, *, device="cpu"):
     """The EDM denoiser of ``run_dir/release/model.safetensors`` (eval mode)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from privimage.diffusion import EDMDenoiser
     from privimage.models import UNet, UNetConfig
+    from privimage.rundir import read_file
 
-    path = Path(run_dir) / RELEASE_DIR / "model.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: export the release first (`privimage export {run_dir}`).")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-    if meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} has format {meta.get('format')!r}, expected {MODEL_FORMAT!r}.")
-    net = UNet(UNetConfig.from_dict(json.loads(meta["unet_config"])))
-    net.load_state_dict(tensors)
-    return EDMDenoiser(net, sigma_data=float(meta["sigma_data"])).to(device).eval()
+    run = RunDir.of(run_dir)
+    fix = f"delete {run.release_dir} and run `privimage export {run.path}`"
+
+    def read(path: Path):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path), device=str(device))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a foreign file
+            raise ValueError(f"not a readable safetensors file: {err}") from None
+        if meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+        net = UNet(UNetConfig.from_dict(json.loads(meta["unet_config"])))
+        net.load_state_dict(tensors)
+        return EDMDenoiser(net, sigma_data=float(meta["sigma_data"])).to(device).eval()
+
+    return read_file(run.release_model_path, read, missing=f"export the release first (`privimage export {run.path}`)",
+                     fix=fix)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -138,18 +149,19 @@ TEST_MODE = ("NOT PRIVATE: the run used the non-secure test mode (finetune.secur
              "config.json can replay them. Do not publish this model as private.")
 
 
-def _statement(run_dir: Path, finetune: dict) -> dict:
+def _statement(run: RunDir, finetune: dict) -> dict:
     from privimage.privacy import QUERY
     from privimage.evaluate.privacy import generator_privacy, load_evaluation_ledger, privacy_summary
+    from privimage.preflight import large_delta_note
 
-    summary = privacy_summary(generator_privacy(run_dir), load_evaluation_ledger(run_dir), secure=finetune["secure"])
+    summary = privacy_summary(generator_privacy(run.path), load_evaluation_ledger(run.path), secure=finetune["secure"])
     gen, total = summary["generator"], summary["total"]
+    large_delta = large_delta_note(total["delta"] if total else None, finetune.get("num_examples")) if total else None
     mechanisms = {"finetune": {"mechanism": "DP-SGD: Poisson-subsampled Gaussian on per-image clipped gradients "
                                             "(the K noise draws of an image clipped together)", **finetune}}
     query = gen["plan"].get(QUERY) if gen else None
-    selected = Path(run_dir) / "query" / "selected_labels.json"
     if query:
-        info = json.loads(selected.read_text()) if selected.is_file() else {}
+        info = run.load_selection() if run.selection_path.is_file() else {}
         mechanisms["query"] = {"mechanism": "Gaussian on the top-k vote histogram (one release)",
                                "noise_multiplier": query["noise_multiplier"], "releases": gen["ledger"].get(QUERY, 0),
                                **{k: info[k] for k in ("top_k", "l2_sensitivity", "noise_std") if k in info}}
@@ -161,13 +173,16 @@ def _statement(run_dir: Path, finetune: dict) -> dict:
             "training": {k: gen[k] for k in ("epsilon_spent", "accountant", "ledger")} if gen else None,
             "evaluation": {k: summary["evaluation"][k] for k in ("epsilon", "releases")},
             "composition": summary["composition"], "mechanisms": mechanisms,
-            "not_covered": ([TEST_MODE] if not finetune["secure"] else []) + NOT_COVERED}
+            "large_delta": large_delta, "not_covered": ([TEST_MODE] if not finetune["secure"] else [])
+            + ([large_delta] if large_delta else []) + NOT_COVERED}
 
 
 def _statement_markdown(s: dict) -> str:
     lines = ["# Privacy statement", ""]
     if not s["private"]:
         lines += [f"**{TEST_MODE}**", ""]
+    if s.get("large_delta"):
+        lines += [f"**{s['large_delta']}**", ""]
     eps = "unknown" if s["epsilon"] is None else f"{s['epsilon']:.4g}"
     lines += [f"Guarantee: {s['guarantee']}." if s["private"] else "Guarantee: none (test mode).", "",
               f"- epsilon = **{eps}** at delta = **{s['delta']:g}**" if s["delta"] is not None else "- epsilon unknown",
@@ -185,18 +200,20 @@ def _statement_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_statement(run_dir: Path, finetune: dict) -> None:
-    statement = _statement(run_dir, finetune)
-    out = run_dir / RELEASE_DIR
-    save_json(statement, out / "privacy.json")
-    with atomic_write(out / "PRIVACY.md", "w") as f:
+def _write_statement(run: RunDir, finetune: dict) -> None:
+    statement = _statement(run, finetune)
+    save_json(statement, run.release_privacy_path)
+    with atomic_write(run.release_statement_path, "w") as f:
         f.write(_statement_markdown(statement))
 
 
-def refresh_privacy_statement(run_dir: str | Path) -> None:
+def refresh_privacy_statement(run_dir: RunDir | str | Path) -> None:
     """Rewrite an existing release's privacy statement from the current ledgers (after an evaluation that
     released more); the fine-tune's mechanism is taken from the statement itself. No release: nothing."""
-    path = Path(run_dir) / RELEASE_DIR / "privacy.json"
-    if path.is_file():
-        finetune = json.loads(path.read_text())["mechanisms"]["finetune"]
-        _write_statement(Path(run_dir), {k: finetune[k] for k in _FINETUNE_KEYS})
+    from privimage.rundir import read_file
+
+    run = RunDir.of(run_dir)
+    if run.release_privacy_path.is_file():
+        statement = read_file(run.release_privacy_path, lambda p: json.loads(p.read_bytes())["mechanisms"]["finetune"],
+                              missing="", fix=f"delete {run.release_dir} and run `privimage export {run.path}`")
+        _write_statement(run, {k: statement[k] for k in _FINETUNE_KEYS})

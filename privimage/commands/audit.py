@@ -32,7 +32,9 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from privimage.commands.budget import _positive_float, _positive_int, _unit_interval
+from privimage.commands.validators import epsilon as _epsilon
+from privimage.commands.validators import positive_int as _positive_int, seed as _seed
+from privimage.commands.validators import unit_interval as _unit_interval
 
 _CASES = ("none", "noise-quarter", "per-row-clipping", "public-seed-noise")
 
@@ -48,7 +50,7 @@ def _cases(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epsilon", type=_positive_float, default=2.0, help="claimed epsilon audited (default: 2)")
+    parser.add_argument("--epsilon", type=_epsilon, default=2.0, help="claimed epsilon audited (default: 2)")
     parser.add_argument("--delta", type=_unit_interval, default=1e-5, help="delta of the claim (default: 1e-5)")
     parser.add_argument("--runs", type=_positive_int, default=16,
                         help="fine-tunes per case; canaries = runs x (4 x width - 1) (default: %(default)s)")
@@ -57,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the audited UNet's nf, a multiple of 4 (default: %(default)s)")
     parser.add_argument("--cases", type=_cases, default=list(_CASES),
                         help="'all' (default) or a comma-separated subset of: " + ", ".join(_CASES))
-    parser.add_argument("--seed", type=int, default=0, help="public configuration seed (default: 0)")
+    parser.add_argument("--seed", type=_seed, default=0, help="public configuration seed (default: 0)")
     parser.add_argument("--reproducible", type=int, default=None, metavar="SEED",
                         help="FOR TESTS: derive the canary bits, the DP noise and the auditor's draws from SEED "
                              "instead of the OS's entropy")

@@ -6,7 +6,8 @@ plans both so their composition meets (E, D), then prints the noise multipliers 
 
 Privacy meaning of the settings:
   --epsilon, --delta   the guarantee for everything released about the sensitive data.
-                       delta should be below 1/n for n sensitive examples.
+                       delta must be below 1/n for n sensitive examples (--num-examples n
+                       checks it); 1/(10 n) or less is the usual choice.
   --sample-rate Q      each example joins a step's batch with probability Q (expected batch = Q * n).
                        Smaller Q amplifies privacy; more steps spend more.
   --query-sigma S      the query's noise std over its sensitivity sqrt(top-k); by default it is chosen so
@@ -20,60 +21,41 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1)")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
+from privimage.commands.validators import epsilon, positive_float, positive_int, rate, unit_interval
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epsilon", type=_positive_float, required=True, help="total epsilon (> 0)")
-    parser.add_argument("--delta", type=_unit_interval, required=True, help="total delta, in (0, 1); < 1/n")
-    parser.add_argument("--sample-rate", type=_rate, required=True, help="Poisson sampling rate q, in (0, 1]")
-    parser.add_argument("--steps", type=_positive_int, required=True, help="number of DP-SGD steps")
+    parser.add_argument("--epsilon", type=epsilon, required=True, help="total epsilon (> 0)")
+    parser.add_argument("--delta", type=unit_interval, required=True, help="total delta, in (0, 1); < 1/n")
+    parser.add_argument("--sample-rate", type=rate, required=True, help="Poisson sampling rate q, in (0, 1]")
+    parser.add_argument("--steps", type=positive_int, required=True, help="number of DP-SGD steps")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--query-sigma", type=_positive_float, default=None,
+    group.add_argument("--query-sigma", type=positive_float, default=None,
                        help="noise multiplier of the semantic query (default: from --query-fraction)")
-    group.add_argument("--query-fraction", type=_unit_interval, default=0.1,
+    group.add_argument("--query-fraction", type=unit_interval, default=0.1,
                        help="share of epsilon the query may spend on its own (default: %(default)s)")
-    parser.add_argument("--num-examples", type=_positive_int, default=None,
-                        help="sensitive data set size: warns if delta >= 1/n, prints the expected batch size")
+    parser.add_argument("--num-examples", type=positive_int, default=None,
+                        help="sensitive data set size n: delta >= 1/n is refused; prints the expected batch size")
+    parser.add_argument("--allow-large-delta", action="store_true",
+                        help="EXPERIMENTS ONLY: accept delta >= 1/n (it permits publishing a record outright)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from privimage.privacy import FINETUNE, QUERY, plan_privimage_budget
 
+    from privimage.preflight import check_delta
+
+    note = check_delta(args.delta, args.num_examples, allow=args.allow_large_delta) if args.num_examples else None
+    if note:
+        print(f"privimage budget: WARNING: {note}", file=sys.stderr)
     start = time.perf_counter()
     budget = plan_privimage_budget(
         epsilon=args.epsilon, delta=args.delta, sample_rate=args.sample_rate, steps=args.steps,
-        query_noise_multiplier=args.query_sigma, query_epsilon_fraction=args.query_fraction,
-        num_examples=args.num_examples)
+        query_noise_multiplier=args.query_sigma, query_epsilon_fraction=args.query_fraction)
     seconds = time.perf_counter() - start
     result = {
         "epsilon": args.epsilon, "delta": args.delta,
@@ -86,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.num_examples:
         result["expected_batch_size"] = args.sample_rate * args.num_examples
+    if note:
+        result["large_delta"] = note
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -46,18 +46,7 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return value
+from privimage.commands.validators import device as _device, epsilon as _epsilon, positive_int as _positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,14 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ca.add_argument("--ca-epochs", type=_positive_int, default=None, help="override the preset's epochs")
     ca.add_argument("--ca-archs", default="resnet9,wrn,cnn",
                     help="dpimagebench classifiers, comma-separated (default: %(default)s)")
-    ca.add_argument("--selection-epsilon", type=_positive_float, default=None, metavar="E",
+    ca.add_argument("--selection-epsilon", type=_epsilon, default=None, metavar="E",
                     help="dpimagebench, and required with it: epsilon of the noisy epoch selection per classifier, "
                          "spent on the sensitive validation data ON TOP of the training budget (E x number of "
                          "classifiers in all; added to the report's total epsilon and to evaluation_ledger.json)")
     ca.add_argument("--val-size", type=_positive_int, default=1000,
                     help="dpimagebench: sensitive validation images (default: %(default)s)")
     run = parser.add_argument_group("execution")
-    run.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    run.add_argument("--device", type=_device, default="cpu", help="torch device (default: %(default)s)")
     run.add_argument("--bf16", action="store_true", help="bfloat16 feature extraction on CUDA")
     run.add_argument("--batch-size", type=_positive_int, default=200, help="feature batch (default: %(default)s)")
     run.add_argument("--cache-dir", default=None,
@@ -127,14 +116,25 @@ def run(args: argparse.Namespace) -> int:
 
     from privimage.evaluate.report import PRIVATE_REPORT, PUBLIC_REPORT, evaluate_run
 
+    from privimage.errors import MissingRunFile
+    from privimage.rundir import RunDir
+    from privimage.train import resolve_device
+
     opts = options_from_args(args)
+    run = RunDir(args.run_dir)
+    if not run.path.is_dir():
+        RunDir.open(run.path)  # the error naming it
+    if not run.samples_path.is_file():
+        raise MissingRunFile(f"{run.samples_path} does not exist: run `privimage sample {run.path}` first.")
+    resolve_device(opts.device)
     if args.dry_run:
         print(json.dumps({"run_dir": args.run_dir, **asdict(opts),
                           "selection_epsilon_total": opts.selection_epsilon_total}, indent=2))
         return 0
-    report = evaluate_run(args.run_dir, opts)
+    with run.lock("evaluate"):
+        report = evaluate_run(args.run_dir, opts)
     _print_metrics(report["metrics"])
-    private = json.loads((Path(args.run_dir) / PRIVATE_REPORT).read_text())
+    private = json.loads(run.private_report_path.read_text())
     if private["metrics"]:
         print(f"PRIVATE (computed on sensitive training data without noise; in {PRIVATE_REPORT} only):")
         _print_metrics(private["metrics"], indent="  ")

@@ -21,15 +21,15 @@ Example:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from privimage.commands import add_stage_arguments, run_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory with a finished fine-tune")
+    add_stage_arguments(parser, "a run directory with a finished fine-tune")
 
 
 def run(args: argparse.Namespace) -> int:
     from privimage.release import export_release
 
-    export_release(args.run_dir)
-    return 0
+    return run_stage(args, "export", lambda run, cfg: export_release(run))

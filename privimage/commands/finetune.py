@@ -6,7 +6,9 @@ in the budget ledger before its noisy gradient exists; --resume continues from c
 the ledger, sampler and noise state it holds, so no step is counted or released twice and the final epsilon
 and parameters equal those of an uninterrupted run. Checkpoints hold the sampler seed, the noise state and the
 secret key of the diffusion randomness: keep them private (publish `privimage export`'s release/ instead).
-Without --resume, a run directory that already holds fine-tune outputs or counted steps is refused.
+Without --resume, a run directory that already holds fine-tune outputs or counted steps is refused. The config,
+the device and the sensitive data are checked before anything runs (--dry-run: only that), and the run
+directory is locked while the fine-tune writes into it.
 
 Example:
   privimage finetune runs/00000-demo --resume
@@ -15,18 +17,19 @@ Example:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from privimage.commands import add_stage_arguments, run_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory made by `privimage run`")
+    add_stage_arguments(parser, "a run directory made by `privimage run`")
     parser.add_argument("--resume", action="store_true", help="continue from checkpoints/finetune.pt")
-    parser.add_argument("--sensitive-root", default=None, metavar="DIR", help="folder of the sensitive data")
+    parser.add_argument("--sensitive-root", default=None, metavar="DIR",
+                        help="folder of the sensitive data (replaces the root in the run's config)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from privimage.pipeline import load_run_config, stage_finetune
+    from privimage.pipeline import stage_finetune
 
-    stage_finetune(args.run_dir, load_run_config(args.run_dir), resume=args.resume,
-                   sensitive_root=args.sensitive_root)
-    return 0
+    return run_stage(args, "finetune", lambda run, cfg: stage_finetune(run, cfg, resume=args.resume),
+                     splits=("sensitive",), roots={"sensitive": args.sensitive_root})

@@ -10,17 +10,17 @@ Example:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from privimage.commands import add_stage_arguments, run_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory made by `privimage run`")
+    add_stage_arguments(parser, "a run directory made by `privimage run`")
     parser.add_argument("--resume", action="store_true",
                         help="continue from checkpoints/pretrain.pt (exactly where it stopped)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from privimage.pipeline import load_run_config, stage_pretrain
+    from privimage.pipeline import stage_pretrain
 
-    stage_pretrain(args.run_dir, load_run_config(args.run_dir), resume=args.resume)
-    return 0
+    return run_stage(args, "pretrain", lambda run, cfg: stage_pretrain(run, cfg, resume=args.resume))

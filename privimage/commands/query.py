@@ -46,26 +46,9 @@ import json
 import sys
 from pathlib import Path
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1)")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return value
+from privimage.commands.validators import epsilon as _epsilon, positive_int as _positive_int, seed as _seed
+from privimage.commands.validators import unit_interval as _unit_interval
+from privimage.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--public", default=None, metavar="SPEC",
                         help="public data spec (e.g. embedded:public, imagenet32:train,root=DIR); default: the "
                              "config's data.public")
-    parser.add_argument("--epsilon-query", type=_positive_float, default=None,
+    parser.add_argument("--epsilon-query", type=_epsilon, default=None,
                         help="a standalone query spending this epsilon alone (no fine-tune planned); default: plan "
                              "the whole run's budget from the config, as `privimage run` does")
     parser.add_argument("--delta", type=_unit_interval, default=None,
@@ -94,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="query classifier width (default: config)")
     parser.add_argument("--classifier-epochs", type=_positive_int, default=None,
                         help="query classifier epochs on the public data (default: config)")
-    parser.add_argument("--seed", type=int, default=None, help="the run's public seed (default: config)")
+    parser.add_argument("--seed", type=_seed, default=None, help="the run's public seed (default: config)")
     parser.add_argument("--no-ffcv", action="store_true",
                         help="deprecated, no effect: the subset is query/subset.npz, and pre-training writes "
                              "query/subset.ffcv from it when it streams from FFCV (will be removed)")
@@ -127,31 +110,35 @@ def _resolve_config(args: argparse.Namespace):
     top = {k: v for k, v in (("seed", args.seed), ("delta", args.delta)) if v is not None}
     resolved = replace(cfg, **over, **top)
     if existing and resolved != cfg:
-        raise ValueError(f"{args.run_dir / 'config.json'} fixes this run's settings, and the flags given would "
+        raise ConfigError(f"{args.run_dir / 'config.json'} fixes this run's settings, and the flags given would "
                          f"change them: drop them, or query into a new --run-dir.")
     return resolved, existing
 
 
-def _budget(args: argparse.Namespace, cfg, sensitive_size):
-    """(budget, where it came from): RUN_DIR's budget.json, a standalone query's, or the whole run's plan."""
-    from privimage.engine import PrivacyBudget
-    from privimage.pipeline import plan_budget
+def _budget(args: argparse.Namespace, cfg, num_sensitive):
+    """(budget, where it came from): RUN_DIR's budget.json, a standalone query's, or the whole run's plan.
+    ``num_sensitive()`` gives the sensitive set's size (δ must be below 1/n)."""
+    from privimage.preflight import check_delta, plan_budget
     from privimage.query import query_budget
+    from privimage.rundir import RunDir
 
-    path = args.run_dir / "budget.json" if args.run_dir is not None else None
-    if path is not None and path.is_file():
+    if args.run_dir is not None and RunDir(args.run_dir).budget_path.is_file():
+        run = RunDir(args.run_dir)
         if args.epsilon_query is not None:
-            print(f"privimage query: {path} plans this run's budget; --epsilon-query is ignored.", file=sys.stderr)
-        return PrivacyBudget.from_state_dict(json.loads(path.read_text())), str(path)
+            print(f"privimage query: {run.budget_path} plans this run's budget; --epsilon-query is ignored.",
+                  file=sys.stderr)
+        return run.load_budget(), str(run.budget_path)
     if args.epsilon_query is not None:
+        check_delta(cfg.delta, num_sensitive(), allow=cfg.allow_large_delta)
         return query_budget(epsilon=args.epsilon_query, delta=cfg.delta), "a standalone query (--epsilon-query)"
-    return plan_budget(cfg, sensitive_size()), "the whole run, planned from the config"
+    return plan_budget(cfg, num_sensitive()), "the whole run, planned from the config"
 
 
 def run(args: argparse.Namespace) -> int:
+    from privimage.pipeline import config_json, load_split, stage_query, write_run_plan
+    from privimage.preflight import preflight, sensitive_size
     from privimage.privacy import QUERY
-    from privimage.pipeline import (config_json, load_split, new_run_dir, sensitive_size, stage_query,
-                                    write_run_plan)
+    from privimage.rundir import RunDir
 
     for flag, used in (("--secure-noise", args.secure_noise), ("--no-ffcv", args.no_ffcv)):
         if used:
@@ -160,29 +147,30 @@ def run(args: argparse.Namespace) -> int:
     if args.insecure_test_noise:
         print("privimage query: --insecure-test-noise: the query noise is seeded by the PUBLIC seed. The released "
               "histogram is NOT private; use this for tests only.", file=sys.stderr)
+    found = preflight(cfg, splits=("sensitive", "public"), plan=False,
+                      out=None if args.run_dir is not None else Path("runs"))  # before anything is written
     if args.dry_run:
-        budget, source = _budget(args, cfg, lambda: sensitive_size(cfg)[0])
+        budget, source = _budget(args, cfg, lambda: sensitive_size(cfg, found.specs.get("sensitive"))[0])
         sigma = budget.noise_multiplier(QUERY)
-        print(json.dumps({"config": config_json(cfg), "budget": source, "query_noise_multiplier": sigma,
-                          "query_noise_std": sigma * cfg.query.top_k ** 0.5,
+        print(json.dumps({"config": config_json(cfg), "checked": found.checked(), "budget": source,
+                          "query_noise_multiplier": sigma, "query_noise_std": sigma * cfg.query.top_k ** 0.5,
                           "query_epsilon_alone": budget.epsilon_of(QUERY).upper, "delta": budget.delta}, indent=2))
         return 0
 
     sensitive = load_split(cfg, "sensitive")
     budget, source = _budget(args, cfg, lambda: len(sensitive))
-    run_dir = args.run_dir or new_run_dir("runs", cfg.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "budget.json").is_file():
-        write_run_plan(run_dir, cfg, budget, len(sensitive))
-    elif not existing:
-        from privimage.io import save_json
-
-        save_json(config_json(cfg), run_dir / "config.json")
-    label_map = stage_query(run_dir, cfg, sensitive=sensitive)
-    selected = json.loads((run_dir / "query" / "selected_labels.json").read_text())
+    run = RunDir(args.run_dir) if args.run_dir is not None else RunDir.make(Path("runs"), cfg.name)
+    run.path.mkdir(parents=True, exist_ok=True)
+    with run.lock("query"):  # one writer per run directory
+        if not run.budget_path.is_file():
+            write_run_plan(run, cfg, budget, len(sensitive))
+        elif not existing:
+            run.save_config(cfg)
+        label_map = stage_query(run, cfg, sensitive=sensitive)
+        selected = run.load_selection()
     print(f"query: sigma={budget.noise_multiplier(QUERY):.4g}, epsilon={budget.epsilon_of(QUERY).upper:.4g} at "
           f"delta={budget.delta:g} (budget: {source})")
     print("selected: " + ", ".join(f"{name} -> {selected['sensitive_class_names'][c]}"
                                    for name, c in zip(selected["selected_names"], label_map.values())))
-    print(f"run directory: {run_dir} (next: privimage pretrain {run_dir})")
+    print(f"run directory: {run.path} (next: privimage pretrain {run.path})")
     return 0

@@ -25,11 +25,19 @@ report.md). Publish release/ only: checkpoints/ (they hold the secret randomness
 sensitive batches) and private/ (the private report) are PRIVATE, and the rest (config.json, budget.json,
 plan.json, query/, samples/) is working state whose publishable part is copied into release/.
 
+Before anything is written or spent, everything is checked (--dry-run runs exactly these checks and prints
+what it found): every config value (types, ranges, names), the device, the data files (present, headers of the
+expected shape and class count), delta below 1/n, a budget that can be planned, the --out folder. A run that
+stopped (a crash, a full disk, Ctrl-C) continues with --resume RUN_DIR: finished stages are skipped, the
+others resume from their checkpoints with the same ledger as an uninterrupted run. One command at a time
+writes a run directory (RUN_DIR/.lock).
+
 Examples:
   privimage run                                # the embedded demo: offline, a few minutes on a laptop CPU
-  privimage run --config demo --dry-run        # print the resolved config, sigma and steps; do nothing
-                                               # (official presets: sized by the standard split, files unread)
+  privimage run --config demo --dry-run        # check everything, print the config, sigma and steps; do nothing
+                                               # (official presets: sized by the standard split's size)
   privimage run --config cifar10-eps10 --sensitive-root ~/data/cifar10 --public-root ~/data/imagenet32
+  privimage run --resume runs/00003-demo       # finish a run that stopped
 """
 
 from __future__ import annotations
@@ -39,36 +47,40 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return value
+from privimage.commands import validators
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="demo", metavar="NAME|FILE",
-                        help="a preset name or a JSON config file (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("runs"),
-                        help="folder of run directories; a new NNNNN-NAME is made inside (default: %(default)s)")
+    parser.add_argument("--config", default=None, metavar="NAME|FILE",
+                        help="a preset name or a JSON config file (default: demo)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of run directories; a new NNNNN-NAME is made inside (default: runs)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and the calibrated noise and steps, then exit")
-    parser.add_argument("--epsilon", type=_positive_float, default=None,
+                        help="check everything a run checks first, print the resolved config and the calibrated "
+                             "noise and steps, then exit; nothing is written")
+    parser.add_argument("--epsilon", type=validators.epsilon, default=None,
                         help="override the total epsilon of the query + fine-tune")
-    parser.add_argument("--seed", type=int, default=None, help="override the seed (data subsets, training)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's)")
+    parser.add_argument("--seed", type=validators.seed, default=None,
+                        help="override the seed (data subsets, training)")
+    parser.add_argument("--device", type=validators.device, default=None,
+                        help="cpu, cuda, cuda:N or auto (default: the config's)")
     parser.add_argument("--sensitive-root", default=None, metavar="DIR",
                         help="folder of the sensitive data files (CIFAR-10 / CelebA)")
     parser.add_argument("--public-root", default=None, metavar="DIR", help="folder of the public data (ImageNet)")
     parser.add_argument("--no-evaluate", action="store_true", help="stop after sampling")
+    parser.add_argument("--allow-large-delta", action="store_true",
+                        help="EXPERIMENTS ONLY: accept delta >= 1/n, which permits publishing a sensitive image "
+                             "outright; every report and the release's privacy statement then say so")
+    parser.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                        help="finish a run directory whose `privimage run` stopped, with its own config.json")
 
 
 def resolve(args: argparse.Namespace):
     """The config the command line asks for: preset or file, overrides, and the data roots in its specs."""
     from privimage.config import load_config
+    from privimage.errors import ConfigError
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config or "demo")
     over = {}
     if args.epsilon is not None:
         over["epsilon"] = args.epsilon
@@ -78,22 +90,55 @@ def resolve(args: argparse.Namespace):
         over["device"] = args.device
     if getattr(args, "no_evaluate", False):
         over["evaluate"] = False
+    if getattr(args, "allow_large_delta", False):
+        over["allow_large_delta"] = True
     cfg = replace(cfg, **over) if over else cfg
     for flag, root in (("--sensitive-root", args.sensitive_root), ("--public-root", args.public_root)):
         if root is not None and not Path(root).expanduser().is_dir():
-            raise FileNotFoundError(f"{flag} {root}: no such directory.")
+            raise ConfigError(f"{flag} {root}: no such directory.")
     return cfg.with_roots(sensitive=args.sensitive_root, public=args.public_root)
 
 
 def run(args: argparse.Namespace) -> int:
-    from privimage.pipeline import config_json, describe_plan, plan_budget, run_pipeline, sensitive_size
+    from privimage.preflight import describe_plan, preflight
+    from privimage.rundir import config_json
 
+    if args.resume is not None:
+        return _resume(args)
     cfg = resolve(args)
+    out = args.out or Path("runs")
     if args.dry_run:
-        n, source = sensitive_size(cfg)
-        budget = plan_budget(cfg, n)
-        privacy = {**describe_plan(cfg, budget, n), "num_sensitive_from": source}
-        print(json.dumps({"config": config_json(cfg), "privacy": privacy}, indent=2))
+        found = preflight(cfg, out=out)
+        privacy = {**describe_plan(cfg, found.budget, found.num_sensitive),
+                   "num_sensitive_from": found.num_sensitive_from}
+        print(json.dumps({"config": config_json(cfg), "privacy": privacy, "checked": found.checked()}, indent=2))
         return 0
-    run_pipeline(cfg, out=args.out)
+    from privimage.pipeline import run_pipeline
+
+    run_pipeline(cfg, out=out)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from privimage.errors import ConfigError
+    from privimage.preflight import preflight
+    from privimage.rundir import RunDir, config_json
+
+    given = [flag for flag, value in (("--config", args.config), ("--out", args.out), ("--epsilon", args.epsilon),
+                                      ("--seed", args.seed), ("--device", args.device),
+                                      ("--sensitive-root", args.sensitive_root), ("--public-root", args.public_root),
+                                      ("--no-evaluate", args.no_evaluate or None),
+                                      ("--allow-large-delta", args.allow_large_delta or None)) if value is not None]
+    if given:
+        raise ConfigError(f"--resume continues {args.resume} with the settings in its config.json; drop "
+                          f"{', '.join(given)}.")
+    if args.dry_run:
+        cfg = RunDir.open(args.resume).load_config()
+        found = preflight(cfg, plan=False)
+        print(json.dumps({"run_dir": str(args.resume), "config": config_json(cfg), "checked": found.checked()},
+                         indent=2))
+        return 0
+    from privimage.pipeline import resume_pipeline
+
+    resume_pipeline(args.resume)
     return 0

@@ -47,11 +47,11 @@ from privimage.data.readers import (
     read_mnist_idx,
 )
 
-__all__ = ["DATASETS", "DataError", "FMNIST_ROOT", "FMNIST_SENSITIVE_CLASSES", "ImageDataset", "load_dataset",
-           "load_spec", "parse_spec", "resize_images"]
+from privimage.data.specs import DATASETS, SpecInfo, inspect_spec, parse_spec, resolve_spec
 
-DATASETS = ("embedded", "fmnist", "mnist", "fashion-mnist", "cifar10", "cifar100", "celeba", "imagenet",
-            "imagenet32", "imagenet64", "folder")
+__all__ = ["DATASETS", "DataError", "FMNIST_ROOT", "FMNIST_SENSITIVE_CLASSES", "ImageDataset", "SpecInfo",
+           "inspect_spec", "load_dataset", "load_spec", "parse_spec", "resize_images", "resolve_spec"]
+
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 # The sensitive part of the "fmnist" config: three visually distinct classes (label ids in Fashion-MNIST).
 FMNIST_SENSITIVE_CLASSES = (1, 5, 8)  # Trouser, Sandal, Bag
@@ -76,12 +76,16 @@ def load_dataset(name: str, *, split: str, root: str | os.PathLike | None = None
             the message names the file.
     """
     name = name.lower()
+    if name not in DATASETS:
+        from privimage.checks import suggest
+
+        raise DataError(f"Unknown data set {name!r}{suggest(name, DATASETS)} (known: {', '.join(DATASETS)}).")
     if name == "embedded":
         return embedded.generate(split, seed=seed, size=size, resolution=resolution, **options)
     if name == "fmnist":
         return _fmnist(split, root=root, resolution=resolution, seed=seed, size=size)
     if root is None:
-        raise ValueError(f"Data set {name!r} needs root= (the folder holding its files).")
+        raise DataError(f"Data set {name!r} needs root= (the folder holding its files).")
     if name in ("celeba", "imagenet", "folder"):
         kwargs = dict(resolution=resolution, size=size, seed=seed, skip_corrupt=options.pop("skip_corrupt", False))
         if name == "celeba":
@@ -98,10 +102,8 @@ def load_dataset(name: str, *, split: str, root: str | os.PathLike | None = None
         data = read_mnist_idx(root, split=split, class_names=FASHION_MNIST_CLASSES if name == "fashion-mnist" else None)
     elif name in ("cifar10", "cifar100"):
         data = read_cifar(root, split=split, num_classes=10 if name == "cifar10" else 100)
-    elif name in ("imagenet32", "imagenet64"):
+    else:  # imagenet32, imagenet64
         data = read_imagenet_npz(root, split=split)
-    else:
-        raise ValueError(f"Unknown data set {name!r}; expected one of {', '.join(DATASETS)}.")
     return data.subset(pick_subset(len(data), size, seed)).resized(resolution)
 
 
@@ -141,43 +143,10 @@ def _fmnist(split: str, *, root, resolution, seed, size) -> ImageDataset:
     return data.subset(pick_subset(len(data), size, seed)).resized(resolution)
 
 
-def parse_spec(spec: str) -> dict:
-    """Parse ``name[:split][,key=value...]`` into :func:`load_dataset` arguments.
-
-    Keys: ``root``, ``size``, ``resolution``, ``seed``, ``attribute``, ``skip_corrupt``.
-
-    Example:
-        >>> parse_spec("cifar10:train,root=/data/cifar,size=5000")
-        {'name': 'cifar10', 'split': 'train', 'root': '/data/cifar', 'size': 5000}
-    """
-    head, *pairs = spec.split(",")
-    name, _, split = head.partition(":")
-    if not name:
-        raise ValueError(f"Data spec {spec!r} has no name; expected name[:split][,key=value...].")
-    out: dict = {"name": name, "split": split} if split else {"name": name}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq:
-            raise ValueError(f"Data spec {spec!r}: {pair!r} is not key=value.")
-        if key in ("size", "resolution", "seed"):
-            try:
-                out[key] = int(value)
-            except ValueError:
-                raise ValueError(f"Data spec {spec!r}: {key}={value!r} is not an integer.") from None
-        elif key == "skip_corrupt":
-            out[key] = value.lower() in ("1", "true", "yes")
-        elif key in ("root", "attribute"):
-            out[key] = value
-        else:
-            raise ValueError(f"Data spec {spec!r}: unknown key {key!r} (root, size, resolution, seed, attribute, "
-                             f"skip_corrupt).")
-    return out
-
-
 def load_spec(spec: str, *, split: str | None = None, **defaults) -> ImageDataset:
     """Load a data set from a spec string; ``split`` and ``defaults`` fill in what the spec leaves out."""
     args = {**defaults, **parse_spec(spec)}
     args.setdefault("split", split)
     if args["split"] is None:
-        raise ValueError(f"Data spec {spec!r} needs a split (name:split).")
+        raise DataError(f"Data spec {spec!r} needs a split (name:split).")
     return load_dataset(args.pop("name"), **args)

@@ -14,9 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-class DataError(ValueError):
-    """A data file is missing, truncated, corrupt or inconsistent; the message names the file."""
+from privimage.errors import DataError  # its home: privimage.errors (re-exported by privimage.data)
 
 
 @dataclass

@@ -119,7 +119,11 @@ def load_proxy_classifier(path: str | os.PathLike) -> nn.Module:
     try:  # the safe loader first: tensors and plain containers only
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - a pickled module (the user's own run directory) needs full unpickling
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: name it (issue 19)
+            raise ValueError(f"{path} is truncated or corrupt ({type(err).__name__}); delete it to evaluate "
+                             f"without the proxy FID, or give --inception-weights.") from None
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, dict) and "state_dict" in obj:

@@ -33,6 +33,7 @@ from privimage.evaluate.metrics import inception_score, precision_recall
 from privimage.evaluate.options import EvaluateOptions
 from privimage.evaluate.privacy import HELD_OUT, PUBLIC_REFERENCE, SAMPLES, SENSITIVE_TRAINING, Coverage, Reports
 from privimage.evaluate.real_data import load_real
+from privimage.rundir import RunDir
 
 __all__ = ["add_fidelity", "feature_network", "fid_reference", "fidelity", "reference_features"]
 
@@ -110,14 +111,14 @@ def feature_network(run_dir: Path, opts: EvaluateOptions, log) -> FeatureNet | N
     if weights is not None:
         log(f"FID: standard Inception-v3 from {weights}")
         return inception_feature_net(weights)
-    classifier = run_dir / "query" / "classifier.pt"
+    classifier = RunDir(run_dir).classifier_path
     log(f"No Inception weights file (--inception-weights or ${WEIGHTS_ENV}; the file is {WEIGHTS_FILE_NAME}).")
     if not classifier.is_file():
         log(f"No proxy either ({classifier} does not exist): fidelity metrics are skipped.")
         return None
     log(f"Computing the PROXY FID on features of {classifier}: useful to compare runs of this data set, "
         f"NOT comparable to published FIDs. Every such number is labelled proxy_*.")
-    return proxy_feature_net(load_proxy_classifier(classifier), name=str(Path("query") / "classifier.pt"))
+    return proxy_feature_net(load_proxy_classifier(classifier), name=str(classifier.relative_to(run_dir)))
 
 
 def fid_reference(config: dict, opts: EvaluateOptions, test_images: torch.Tensor | None
@@ -157,7 +158,7 @@ def add_fidelity(reports: Reports, run_dir: Path, config: dict, opts: EvaluateOp
         reports.note(f"{net.metric_name('fid')} from {samples.shape[0]} samples: FID is biased upward at small N "
                      f"(the official protocol uses 5,000, the community 50,000); compare values only at equal N.",
                      coverage)
-    cache_dir = Path(opts.cache_dir) if opts.cache_dir else run_dir / "private" / "fid"
+    cache_dir = Path(opts.cache_dir) if opts.cache_dir else RunDir(run_dir).fid_cache_dir
     metrics = fidelity(net, samples, real, opts, cache_dir=cache_dir)
     seconds = metrics.pop("_seconds")
     for name, metric in metrics.items():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from privimage.evaluate.plots import save_line_plot
 from privimage.io import save_png_grid
+from privimage.rundir import RunDir
 
 __all__ = ["PUBLIC_CURVES", "match_images", "read_log", "report_figures", "samples_grid", "samples_vs_real_grid",
            "training_plots"]
@@ -94,7 +95,7 @@ def training_plots(run_dir: Path, public_dir: Path, private_dir: Path) -> tuple[
     for out_dir in (public_dir, private_dir):  # from an earlier evaluation
         for stale in [*out_dir.glob("loss_*.png"), *out_dir.glob("epsilon_*.png")]:
             stale.unlink()
-    for log_path in sorted((run_dir / "logs").glob("*.csv")):
+    for log_path in sorted(RunDir(run_dir).logs_dir.glob("*.csv")):
         cols = read_log(log_path)
         if "step" not in cols:
             continue

@@ -27,6 +27,8 @@ def privacy_markdown(p: dict) -> list[str]:
     """Who spent what on the sensitive data, one row per release, and the total."""
     gen, ev, total = p["generator"], p["evaluation"], p["total"]
     lines = [TEST_MODE_WARNING, ""] if p.get("secure_randomness") is False else []
+    if gen and gen.get("large_delta"):  # delta >= 1/n, allowed for an experiment (privimage.preflight)
+        lines += [f"**{gen['large_delta']}**", ""]
     lines += ["| release | ε | δ | on |", "|---|---|---|---|"]
     if gen:
         ledger = ", ".join(f"{k}: {n}" for k, n in gen["ledger"].items())

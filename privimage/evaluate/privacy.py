@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privimage.io import save_json
+from privimage.preflight import large_delta_note
+from privimage.rundir import RunDir
 
 __all__ = ["COMPOSITION", "Coverage", "EVALUATION_LEDGER", "HELD_OUT", "NOISY_SELECTION", "PUBLIC_REFERENCE",
            "Reports", "SAMPLES", "SENSITIVE_TRAINING", "add_privacy", "generator_privacy",
@@ -73,14 +75,14 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
-EVALUATION_LEDGER = "evaluation_ledger.json"
+EVALUATION_LEDGER = RunDir.EVALUATION_LEDGER
 COMPOSITION = ("basic composition (Dwork & Roth 2014, Thm 3.16): the generator's (epsilon, delta) plus each "
                "pure epsilon-DP evaluation release on the same sensitive data gives (sum of epsilons, delta)")
 
 
 def generator_privacy(run_dir: Path) -> dict | None:
     """What training spent, from ``budget.json`` (the engine's PrivacyBudget state); None if it is absent."""
-    path = run_dir / "budget.json"
+    path = RunDir(run_dir).budget_path
     if not path.is_file():
         return None
     from privimage.engine import PrivacyBudget
@@ -91,9 +93,10 @@ def generator_privacy(run_dir: Path) -> dict | None:
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a PrivacyBudget state dict (missing {err}).") from err
     spent = budget.epsilon_spent()
+    large_delta = large_delta_note(budget.delta, (RunDir(run_dir).load_plan() or {}).get("num_sensitive"))
     return {"epsilon_budget": budget.epsilon, "delta": budget.delta, "epsilon_spent": spent.upper,
             "epsilon_spent_estimate": spent.estimate, "accountant": spent.accountant, "ledger": dict(budget.spent),
-            "plan": state.get("plan", {})}
+            "plan": state.get("plan", {}), **({"large_delta": large_delta} if large_delta else {})}
 
 
 def load_evaluation_ledger(run_dir: Path) -> list[dict]:

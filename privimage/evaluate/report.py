@@ -44,13 +44,14 @@ from privimage.evaluate.options import EvaluateOptions
 from privimage.evaluate.privacy import Reports, add_privacy, read_json
 from privimage.evaluate.real_data import data_options, load_npz_images, load_real, load_test_set
 from privimage.evaluate.utility import add_classification_accuracy
+from privimage.rundir import RunDir
 
 __all__ = ["EvaluateOptions", "PRIVATE_REPORT", "PUBLIC_REPORT", "data_options", "evaluate_run", "load_real",
            "samples_vs_real_grid"]
 
 #: Where the two reports go, relative to the run directory (figures in ``figures/`` beside each).
-PUBLIC_REPORT = Path("release") / "report.json"
-PRIVATE_REPORT = Path("private") / "report-private.json"
+PUBLIC_REPORT = Path(RunDir.PUBLIC_REPORT)
+PRIVATE_REPORT = Path(RunDir.PRIVATE_REPORT)
 
 
 def config_hash(config: dict) -> str:
@@ -67,7 +68,7 @@ def versions() -> dict:
 
 def _training_diagnostics(run_dir: Path) -> dict:
     """Aggregates of the fine-tune's private log (computed on drawn sensitive batches without noise)."""
-    path = run_dir / "logs" / "finetune.csv"
+    path = RunDir(run_dir).log_path("finetune")
     cols = read_log(path) if path.is_file() else {}
     out = {}
     if "loss" in cols and np.isfinite(cols["loss"]).any():
@@ -78,7 +79,7 @@ def _training_diagnostics(run_dir: Path) -> dict:
 
 
 def _load_samples(run_dir: Path, opts: EvaluateOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    samples, labels = load_npz_images(run_dir / "samples" / "samples.npz")
+    samples, labels = load_npz_images(RunDir(run_dir).samples_path)
     if opts.num_samples:
         if opts.num_samples > samples.shape[0]:
             raise ValueError(f"--num-samples {opts.num_samples} > {samples.shape[0]} images in samples.npz.")
@@ -106,7 +107,7 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"Run directory {run_dir} does not exist.")
-    config_path = run_dir / "config.json"
+    config_path = RunDir(run_dir).config_path
     config = read_json(config_path) if config_path.is_file() else {}
     if not config:
         log(f"Note: {config_path} is missing or empty; real data must come from --real/--fid-real.")

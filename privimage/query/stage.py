@@ -17,7 +17,6 @@ sensitive classes that chose them).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,10 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from privimage.engine import PrivacyBudget
+from privimage.errors import ConfigError, RunDirError
 from privimage.privacy import QUERY
-from privimage.io import save_json, save_npz
 from privimage.query.semantic import SemanticQuery, Votes, release_histogram
 from privimage.query.subset import subset_for
+from privimage.rundir import RunDir
 
 if TYPE_CHECKING:
     from privimage.config import RunConfig
@@ -42,15 +42,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def unspent_query_budget(run_dir: Path) -> PrivacyBudget:
+def unspent_query_budget(run_dir: RunDir | Path) -> PrivacyBudget:
     """The run's budget, refusing one whose planned query is missing or already spent."""
-    path = run_dir / "budget.json"
-    budget = PrivacyBudget.from_state_dict(json.loads(path.read_text()))
+    run = RunDir.of(run_dir)
+    budget = run.load_budget()
     if QUERY not in budget.plan:
-        raise ValueError(f"{path}: the budget plans no 'query' mechanism.")
+        raise RunDirError(f"{run.budget_path}: the budget plans no 'query' mechanism.")
     if budget.spent.get(QUERY, 0) >= budget.plan[QUERY].count:
-        raise ValueError(f"{path}: the query was already spent; a second one would cost more privacy. Start a new "
-                         f"run directory.")
+        raise RunDirError(f"{run.budget_path}: the query was already spent; a second one would cost more privacy. "
+                          f"Start a new run directory.")
     return budget
 
 
@@ -61,7 +61,7 @@ def query_classifier(cfg: RunConfig, public: ImageDataset, *, resolution: int, l
 
     qc = cfg.query
     if qc.top_k > public.num_classes:
-        raise ValueError(f"query.top_k={qc.top_k} exceeds the {public.num_classes} public classes.")
+        raise ConfigError(f"query.top_k={qc.top_k} exceeds the {public.num_classes} public classes.")
     return train_query_classifier(
         public, resolution=resolution, device=resolve_device(cfg.device), log=log,
         config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
@@ -69,7 +69,7 @@ def query_classifier(cfg: RunConfig, public: ImageDataset, *, resolution: int, l
                                 seed=cfg.seed))
 
 
-def release_query(run_dir: Path, cfg: RunConfig, votes: Votes, *, public: ImageDataset,
+def release_query(run_dir: RunDir | Path, cfg: RunConfig, votes: Votes, *, public: ImageDataset,
                   sensitive_class_names: list[str], log=_log) -> dict[int, int]:
     """This run's own release of ``votes`` (computed once, possibly for several runs: an ε sweep), into
     ``query/``: histogram.npy (noisy), selected_labels.json and subset.npz. Returns the label map.
@@ -81,7 +81,8 @@ def release_query(run_dir: Path, cfg: RunConfig, votes: Votes, *, public: ImageD
     """
     from privimage.engine import secure_generator  # looked up at call time (tests watch it)
 
-    budget = unspent_query_budget(run_dir)
+    run = RunDir.of(run_dir)
+    budget = unspent_query_budget(run)
     qc = cfg.query
     query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=qc.top_n)
     if cfg.finetune.secure_noise:
@@ -91,12 +92,11 @@ def release_query(run_dir: Path, cfg: RunConfig, votes: Votes, *, public: ImageD
             "for tests only.")
         generator = torch.Generator().manual_seed(cfg.seed + 11)
     release = release_histogram(votes, query, generator=generator, budget=budget,
-                                persist=lambda spent: save_json(spent.state_dict(), run_dir / "budget.json"))
-    out = run_dir / "query"
-    release.save(out, class_names=public.class_names, sensitive_class_names=sensitive_class_names)
+                                persist=run.save_budget)
+    release.save(run.query_dir, class_names=public.class_names, sensitive_class_names=sensitive_class_names)
     subset = subset_for(release, public, max_per_label=qc.max_per_label, seed=cfg.seed,
                         class_names=sensitive_class_names)
-    save_npz(out / "subset.npz", images=subset.images.numpy(), labels=subset.labels.numpy())
+    run.save_subset(subset.images.numpy(), subset.labels.numpy())
     log(f"query: sigma={query.sigma:.4g}; selected "
         f"{', '.join(f'{public.class_names[j]}->{sensitive_class_names[c]}' for j, c in release.label_map.items())}"
         f"; subset {len(subset)} public images")

@@ -15,7 +15,7 @@ from privimage.data import ImageDataset
 if TYPE_CHECKING:
     from privimage.query.semantic import QueryRelease
 
-__all__ = ["select_subset", "subset_for", "subset_indices"]
+__all__ = ["relabelled_subset", "select_subset", "subset_for", "subset_indices"]
 
 
 def subset_indices(labels: torch.Tensor, selected: Sequence[int], *, max_per_label: int | None = None,
@@ -64,19 +64,28 @@ def select_subset(public: ImageDataset, selected: Sequence[int], *, max_per_labe
 def subset_for(release: "QueryRelease", public: ImageDataset, *, max_per_label: int | None = None, seed: int = 0,
                class_names: Sequence[str] | None = None) -> ImageDataset:
     """The public images of the classes ``release`` selected, each labelled with the sensitive class that
-    chose it (``release.label_map``): the pre-training subset of a conditional model.
+    chose it: :func:`relabelled_subset` of ``release.label_map``."""
+    return relabelled_subset(release.label_map, public, num_classes=release.noisy_histogram.shape[0],
+                             max_per_label=max_per_label, seed=seed, class_names=class_names)
 
-    Post-processing of the release and public data only. ``max_per_label`` caps the images per selected class
-    (a seeded choice); ``class_names`` names the sensitive classes (default "0", "1", ...).
+
+def relabelled_subset(label_map: dict[int, int], public: ImageDataset, *, num_classes: int,
+                      max_per_label: int | None = None, seed: int = 0,
+                      class_names: Sequence[str] | None = None) -> ImageDataset:
+    """The public images of the classes in ``label_map`` (public label -> sensitive class), each labelled with
+    the sensitive class that chose it: the pre-training subset of a conditional model.
+
+    Post-processing of the query's release and public data only. ``max_per_label`` caps the images per selected
+    class (a seeded choice); ``class_names`` names the ``num_classes`` sensitive classes (default "0", "1", ...).
     """
-    label_map = release.label_map
+    from privimage.errors import DataError
+
     idx = subset_indices(public.labels, list(label_map), max_per_label=max_per_label, seed=seed)
     if len(idx) == 0:
-        raise ValueError(f"The public data holds no images of the selected classes {list(label_map)}; "
-                         f"nothing to pre-train on.")
+        raise DataError(f"The public data holds no images of the selected classes {list(label_map)}; "
+                        f"nothing to pre-train on.")
     remap = torch.full((public.num_classes,), -1, dtype=torch.long)
     for j, c in label_map.items():
         remap[j] = c
-    num_classes = release.noisy_histogram.shape[0]
     names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
     return ImageDataset(public.images[idx], remap[public.labels[idx]], names)

@@ -1,24 +1,36 @@
-"""What both training loops share: devices, checkpoints, CSV logs, seeded generators, sample grids."""
+"""What both training loops share: devices, checkpoints, seeded generators, sample grids.
+
+Checkpoints are read with :func:`privimage.rundir.read_checkpoint` (``weights_only=True``: tensors and plain
+containers only, errors naming the file); the paths of a run directory come from :class:`privimage.rundir.RunDir`.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 import os
-from pathlib import Path
 
 import torch
 
-from privimage.io import atomic_write, save_png_grid, save_torch
+from privimage.errors import DeviceError
+from privimage.io import save_png_grid, save_torch, write_csv  # noqa: F401 - write_csv: re-exported
+from privimage.rundir import read_checkpoint
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; an explicit cuda without a GPU is an error naming it."""
+    """"auto" -> cuda when available, else cpu; a device that is not there is a :class:`DeviceError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} was asked for, but no CUDA device is available.")
-    return torch.device(name)
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device={name!r} was asked for, but no CUDA device is available on this machine "
+                              f"(use --device cpu or auto).")
+        index = name.partition(":")[2]
+        if index and int(index) >= torch.cuda.device_count():
+            raise DeviceError(f"device={name!r} was asked for, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1}).")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise DeviceError(f"device={name!r} is not a device torch knows ({err}).") from None
 
 
 def step_generator(seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -35,25 +47,8 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist (run the stage first, or drop --resume).")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise ValueError(f"Checkpoint {path} could not be read: {err}") from None
-
-
-def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
-    """Write the whole log atomically (rows live in the checkpoint, so a resumed run's log is exact)."""
-    if not rows:
-        return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(path, "w") as f:
-        f.write(buf.getvalue())
+    """A checkpoint file, weights only (:func:`privimage.rundir.read_checkpoint`)."""
+    return read_checkpoint(path, map_location=map_location, missing="run the stage first, or drop --resume")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

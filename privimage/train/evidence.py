@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from privimage.config import FinetuneConfig, PretrainConfig
 from privimage.diffusion import EDMDenoiser, EDMLoss, to_model_range
 from privimage.engine import PrivacyBudget
 from privimage.models import UNet, UNetConfig
@@ -107,15 +108,16 @@ def fine_tune_starting_points(*, public, sensitive, selected: list[int], unet: U
         with tempfile.TemporaryDirectory() as d:
             init = None
             if data is not None:
-                path = pretrain(d, images=data[0], labels=data[1], unet=unet, steps=pretrain_steps,
-                                batch_size=pretrain_batch, lr=pretrain_lr, ema_decay=0.0, seed=seed,
-                                checkpoint_every=10**9, log_every=10**9, log=quiet)
+                config = PretrainConfig(steps=pretrain_steps, batch_size=pretrain_batch, lr=pretrain_lr,
+                                        ema_decay=0.0, checkpoint_every=10**9, log_every=10**9)
+                path = pretrain(d, config, images=data[0], labels=data[1], unet=unet, seed=seed, log=quiet)
                 init = load_checkpoint(path)["model"]
             budget = PrivacyBudget.from_state_dict(budget_state)
-            path = finetune(d, images=sensitive.images, labels=sensitive.labels, unet=unet, budget=budget,
-                            init_state=init, physical_batch_size=physical_batch_size, num_noise=num_noise,
-                            max_grad_norm=max_grad_norm, lr=finetune_lr, ema_decay=0.0, seed=seed, secure_noise=False,
-                            checkpoint_every=10**9, log_every=10**9, log=quiet)
+            config = FinetuneConfig(physical_batch_size=physical_batch_size, num_noise=num_noise,
+                                    max_grad_norm=max_grad_norm, lr=finetune_lr, ema_decay=0.0, secure_noise=False,
+                                    checkpoint_every=10**9, log_every=10**9)
+            path = finetune(d, config, images=sensitive.images, labels=sensitive.labels, unet=unet, budget=budget,
+                            init_state=init, seed=seed, log=quiet)
             states[name] = load_checkpoint(path)["ema"]["module"]
     return states
 

@@ -44,22 +44,22 @@ from typing import Callable
 
 import torch
 
+from privimage.config import FinetuneConfig
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA, to_model_range
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
 from privimage.engine.sampling import PhysicalBatch
-from privimage.privacy import FINETUNE
-from privimage.io import save_json
+from privimage.errors import RunDirError
 from privimage.models import UNet, UNetConfig
+from privimage.privacy import FINETUNE
 from privimage.progress import progress_bar
-from privimage.train.common import load_checkpoint, save_checkpoint, save_sample_grid, write_csv
+from privimage.rundir import RunDir
+from privimage.train.common import save_sample_grid
 from privimage.train.randomness import PerRecordRandomness
 
 __all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs"]
 
-#: Files a fine-tune derives from the sensitive data (relative to the run directory; globs allowed). A fresh
-#: fine-tune refuses a run directory holding any of them.
-FINETUNE_OUTPUTS = ("checkpoints/finetune.pt", "logs/finetune.csv", "samples/finetune-*.png",
-                    "release/model.safetensors")
+#: Files a fine-tune derives from the sensitive data (:attr:`RunDir.FINETUNE_OUTPUTS`).
+FINETUNE_OUTPUTS = RunDir.FINETUNE_OUTPUTS
 
 INSECURE_WARNING = ("finetune: secure_noise=False: the Poisson sampling, the DP noise and the diffusion "
                     "randomness are derived from the PUBLIC seed. This run is reproducible and NOT private; "
@@ -68,8 +68,7 @@ INSECURE_WARNING = ("finetune: secure_noise=False: the Poisson sampling, the DP 
 
 def finetune_outputs(run_dir: str | Path) -> list[Path]:
     """The :data:`FINETUNE_OUTPUTS` that exist in ``run_dir``."""
-    run_dir = Path(run_dir)
-    return sorted(p for pattern in FINETUNE_OUTPUTS for p in run_dir.glob(pattern))
+    return RunDir.of(run_dir).finetune_outputs()
 
 
 def accumulate_micro_batch(engine: DPEngine, loss: EDMLoss, randomness: PerRecordRandomness, *,
@@ -100,13 +99,10 @@ def accumulate_micro_batch(engine: DPEngine, loss: EDMLoss, randomness: PerRecor
     return stats, pad_rows
 
 
-def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor, unet: UNetConfig,
-             budget: PrivacyBudget, init_state: dict | None, physical_batch_size: int = 64, num_noise: int = 8,
-             max_grad_norm: float = 1e-3, lr: float = 3e-4, ema_decay: float = 0.999, label_dropout: float = 0.1,
-             method: str = "bk-mixed", seed: int = 0, device: torch.device | str = "cpu",
-             compile: bool = False, secure_noise: bool = True, checkpoint_every: int = 10,
-             log_every: int = 1, sample_every: int = 0, resume: bool = False, stop_at_step: int | None = None,
-             config: dict | None = None, on_release: Callable[[int, torch.nn.Module], None] | None = None,
+def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: torch.Tensor, labels: torch.Tensor,
+             unet: UNetConfig, budget: PrivacyBudget, init_state: dict | None, seed: int = 0,
+             device: torch.device | str = "cpu", resume: bool = False, stop_at_step: int | None = None,
+             run_config: dict | None = None, on_release: Callable[[int, torch.nn.Module], None] | None = None,
              log=print) -> Path:
     """DP fine-tune on the sensitive uint8 ``images``/``labels``; returns the path of checkpoints/finetune.pt.
 
@@ -115,34 +111,36 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     The published model is made from the checkpoint by :func:`privimage.release.export_release`.
 
     Args:
+        config: the run config's ``finetune`` section: physical_batch_size, num_noise (K), max_grad_norm (C),
+            lr, ema_decay, label_dropout, method, compile (the DP step's public settings; see
+            :class:`~privimage.engine.DPEngine` and :class:`EDMLoss`), secure_noise (secret sampler seed, DP
+            noise and diffusion randomness from the OS; ``False`` derives them from ``seed``: reproducible for
+            tests, NO privacy, logged loudly), checkpoint_every, log_every, sample_every (in steps; the last
+            step is always checkpointed and logged). Its ``epochs``/``batch_size`` are not read here: σ, q and
+            the number of steps come from ``budget``.
         images, labels: the sensitive set, uint8 (N, C, H, W) and long (N,). Record i is ``images[i]``: its
             diffusion randomness is keyed by i, so keep the order fixed across a resume.
         unet: the UNet's shape; ``init_state``: the pre-trained UNet state dict (``None``: from scratch).
         budget: the run's budget; its FINETUNE plan gives σ, q and the number of steps. Updated in place;
             written to ``run_dir/budget.json`` at every checkpoint, before the checkpoint.
-        physical_batch_size, num_noise (K), max_grad_norm (C), lr, ema_decay, label_dropout, method: the DP
-            step's settings (public); see :class:`~privimage.engine.DPEngine` and :class:`EDMLoss`.
         seed: the PUBLIC seed (model initialisation, sample grids); secret randomness never comes from it
-            unless ``secure_noise=False``.
-        compile: run the DP step compiled (:class:`~privimage.engine.DPEngine` ``compile``); bk-mixed only.
-        secure_noise: secret sampler seed, DP noise and diffusion randomness from the OS (default). ``False``
-            derives them from ``seed``: reproducible for tests, NO privacy (logged loudly).
-        checkpoint_every, log_every, sample_every: in steps; the last step is always checkpointed and logged.
+            unless ``config.secure_noise`` is false.
         resume: continue from ``checkpoints/finetune.pt`` (its ledger replaces ``budget``'s).
         stop_at_step: stop (after checkpointing) once this many steps are done, as if interrupted.
-        config: stored in the checkpoint for provenance (the public run config).
+        run_config: stored in the checkpoint for provenance (the public run config as a dict).
         on_release: called as ``on_release(step, denoiser)`` right after each step's noisy gradient is made
             (``p.grad`` of the denoiser's parameters holds it) and before the optimizer uses it: a white-box
             view of every release, for audits. It must not change the parameters or their gradients.
         log: one-line messages (default ``print``).
     """
-    run_dir = Path(run_dir)
+    run = RunDir.of(run_dir)
+    f = config
     device = torch.device(device)
     if unet.dropout:
         raise ValueError(f"The UNet has dropout={unet.dropout}: its masks would be drawn by torch's global generator "
                          f"(seeded by the public seed, by position in the batch), outside the secret per-record "
                          f"randomness. Set the model's dropout to 0 for the DP fine-tune.")
-    ckpt_path = run_dir / "checkpoints" / "finetune.pt"
+    ckpt_path = run.checkpoint_path("finetune")
     plan = budget.plan[FINETUNE]
     n = len(images)
     sample_rate, steps, sigma = plan.sample_rate, plan.count, plan.noise_multiplier
@@ -152,15 +150,15 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     if init_state is not None:
         net.load_state_dict(init_state)
     denoiser = EDMDenoiser(net)
-    ema = EMA(denoiser, ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    if not secure_noise:
+    ema = EMA(denoiser, f.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=f.lr)
+    if not f.secure_noise:
         log(INSECURE_WARNING)
     start, rows, nonfinite = 0, [], 0
     if resume:
-        state = load_checkpoint(ckpt_path, map_location=device)
+        state = run.load_checkpoint("finetune", map_location=device)
         if "loss_randomness" not in state:
-            raise ValueError(f"{ckpt_path} was written by an older privimage whose fine-tune drew its diffusion "
+            raise RunDirError(f"{ckpt_path} was written by an older privimage whose fine-tune drew its diffusion "
                              f"randomness from the public seed; it cannot be resumed privately. Start a new run.")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -173,38 +171,39 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
         budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
         start, rows, nonfinite = state["step"], state["log"], state.get("num_nonfinite", 0)
         log(f"finetune: resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
+        run.save_log("finetune", rows)  # the checkpoint's log (a write that failed after it is redone)
     else:
-        _refuse_fresh_start(run_dir, budget)
-        sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=physical_batch_size,
-                                 seed=None if secure_noise else seed, secure=secure_noise)
-        noise_gen = secure_generator(device) if secure_noise else torch.Generator(device).manual_seed(seed + 7)
-        randomness = PerRecordRandomness.fresh() if secure_noise else PerRecordRandomness.insecure_from_seed(seed)
+        _refuse_fresh_start(run, budget)
+        sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
+                                 seed=None if f.secure_noise else seed, secure=f.secure_noise)
+        noise_gen = secure_generator(device) if f.secure_noise else torch.Generator(device).manual_seed(seed + 7)
+        randomness = PerRecordRandomness.fresh() if f.secure_noise else PerRecordRandomness.insecure_from_seed(seed)
     if budget.spent.get(FINETUNE, 0) != start:
-        raise ValueError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
+        raise RunDirError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
                          f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
-    engine = DPEngine(denoiser, max_grad_norm=max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=method, generator=noise_gen, compile=compile)
-    loss = EDMLoss(num_noise=num_noise, label_dropout=label_dropout)
+    engine = DPEngine(denoiser, max_grad_norm=f.max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
+                      method=f.method, generator=noise_gen, compile=f.compile)
+    loss = EDMLoss(num_noise=f.num_noise, label_dropout=f.label_dropout)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     num_classes = unet.num_classes
     shape = tuple(images.shape[1:])
     images_dev, labels_dev = images.to(device), labels.to(device)
     # Public description of the mechanism, for the release's privacy statement (privimage.release).
-    mechanism = {"max_grad_norm": max_grad_norm, "noise_multiplier": sigma, "sample_rate": sample_rate,
-                 "steps": steps, "num_noise": num_noise, "expected_batch_size": expected, "num_examples": n,
-                 "method": method, "secure": secure_noise, "label_dropout": label_dropout}
+    mechanism = {"max_grad_norm": f.max_grad_norm, "noise_multiplier": sigma, "sample_rate": sample_rate,
+                 "steps": steps, "num_noise": f.num_noise, "expected_batch_size": expected, "num_examples": n,
+                 "method": f.method, "secure": f.secure_noise, "label_dropout": f.label_dropout}
 
     def save(step: int, last_saved: int) -> None:
         # The ledger first: once the checkpoint (or anything after it) exists, budget.json already counts it.
-        save_json(budget.state_dict(), run_dir / "budget.json")
-        save_checkpoint({"kind": "finetune", "step": step, "steps": steps, "model": net.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": opt.state_dict(), "sampler": sampler.state_dict(),
-                         "noise_generator": noise_gen.get_state(), "loss_randomness": randomness.state_dict(),
-                         "budget": budget.state_dict(), "unet": unet.to_dict(), "mechanism": mechanism,
-                         "num_nonfinite": nonfinite, "log": rows, "config": config}, ckpt_path)
-        write_csv(rows, run_dir / "logs" / "finetune.csv")
-        if sample_every and step // sample_every > last_saved // sample_every:
-            save_sample_grid(ema.module, run_dir / "samples" / f"finetune-{step:06d}.png", shape=shape,
+        run.save_budget(budget)
+        run.save_checkpoint("finetune", {
+            "kind": "finetune", "step": step, "steps": steps, "model": net.state_dict(), "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(), "sampler": sampler.state_dict(), "noise_generator": noise_gen.get_state(),
+            "loss_randomness": randomness.state_dict(), "budget": budget.state_dict(), "unet": unet.to_dict(),
+            "mechanism": mechanism, "num_nonfinite": nonfinite, "log": rows, "config": run_config})
+        run.save_log("finetune", rows)
+        if f.sample_every and step // f.sample_every > last_saved // f.sample_every:
+            save_sample_grid(ema.module, run.training_grid_path("finetune", step), shape=shape,
                              num_classes=num_classes, seed=seed, device=device)
 
     bar = progress_bar(steps, desc=f"DP fine-tune (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
@@ -229,18 +228,18 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
         opt.zero_grad(set_to_none=True)
         ema.update(denoiser)
         done, steps_since_log = batch.step + 1, steps_since_log + 1
-        if done % log_every == 0 or done == steps:
+        if done % f.log_every == 0 or done == steps:
             now = time.perf_counter()
             ips = steps_since_log * expected / max(now - t_last, 1e-9)   # public: expected, not drawn, size
             eps = budget.epsilon_spent().upper
             # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
             value = float(loss_sum) / max(batch.size, 1)
             rows.append({"step": done, "loss": round(value, 6), "epsilon": round(eps, 4),
-                         "images_per_s": round(ips, 2), "sigma": sigma, "lr": lr, "dropped_nonfinite": nonfinite})
+                         "images_per_s": round(ips, 2), "sigma": sigma, "lr": f.lr, "dropped_nonfinite": nonfinite})
             bar.set_postfix(eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
             t_last, steps_since_log = now, 0
         bar.update()
-        if done % checkpoint_every == 0 or done == steps:
+        if done % f.checkpoint_every == 0 or done == steps:
             save(done, last_saved)
             last_saved = done
     bar.close()
@@ -253,17 +252,17 @@ def finetune(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     return ckpt_path
 
 
-def _refuse_fresh_start(run_dir: Path, budget: PrivacyBudget) -> None:
+def _refuse_fresh_start(run: RunDir, budget: PrivacyBudget) -> None:
     """A fresh fine-tune must not overwrite releases that were made (they stay counted, so resume instead)."""
     counted = budget.spent.get(FINETUNE, 0)
     if counted:
-        how = ("Resume with --resume, or start a new run directory" if (run_dir / "checkpoints" / "finetune.pt")
-               .is_file() else "No checkpoint is left to resume from: start a new run directory")
-        raise ValueError(f"The budget ledger records {counted} fine-tuning steps but the fine-tune is at step 0; "
+        how = ("Resume with --resume, or start a new run directory" if run.checkpoint_path("finetune").is_file()
+               else "No checkpoint is left to resume from: start a new run directory")
+        raise RunDirError(f"The budget ledger records {counted} fine-tuning steps but the fine-tune is at step 0; "
                          f"refusing to start afresh (those steps stay spent). {how}.")
-    found = finetune_outputs(run_dir)
+    found = run.finetune_outputs()
     if found:
-        names = ", ".join(str(p.relative_to(run_dir)) for p in found)
-        raise ValueError(f"{run_dir} already holds fine-tune outputs ({names}) that its ledger budget.json does "
+        names = ", ".join(str(p.relative_to(run.path)) for p in found)
+        raise RunDirError(f"{run.path} already holds fine-tune outputs ({names}) that its ledger budget.json does "
                          f"not count; a fresh fine-tune would make new releases beside them. Resume with --resume, "
                          f"or start a new run directory.")

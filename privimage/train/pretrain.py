@@ -23,65 +23,68 @@ from pathlib import Path
 
 import torch
 
+from privimage.config import PretrainConfig
 from privimage.data import ImageDataset
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA
+from privimage.errors import RunDirError
 from privimage.models import UNet, UNetConfig
 from privimage.progress import progress_bar
 from privimage.query.loaders import loader_kind, make_loader, write_ffcv
-from privimage.train.common import (load_checkpoint, save_checkpoint, save_sample_grid, step_generator, unwrap,
-                                    write_csv)
+from privimage.rundir import RunDir
+from privimage.train.common import save_sample_grid, step_generator, unwrap
 
 __all__ = ["pretrain"]
 
 
-def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor, unet: UNetConfig, steps: int,
-             batch_size: int = 64, lr: float = 1e-4, ema_decay: float = 0.999, label_dropout: float = 0.1,
-             seed: int = 0, device: torch.device | str = "cpu", compile: bool | None = None,
-             checkpoint_every: int = 500, log_every: int = 50, sample_every: int = 0, resume: bool = False,
-             stop_at_step: int | None = None, loader: str = "auto", ffcv_path: str | Path | None = None,
-             config: dict | None = None, log=print) -> Path:
-    """Train ``unet`` on uint8 ``images`` with ``labels`` (sensitive class ids) for ``steps`` Adam steps.
+def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: torch.Tensor, labels: torch.Tensor,
+             unet: UNetConfig, seed: int = 0, device: torch.device | str = "cpu", resume: bool = False,
+             stop_at_step: int | None = None, run_config: dict | None = None, log=print) -> Path:
+    """Train ``unet`` on uint8 ``images`` with ``labels`` (sensitive class ids) for ``config.steps`` Adam steps.
 
-    Writes ``checkpoints/pretrain.pt`` (model, EMA, optimizer, step, log rows, config), ``logs/pretrain.csv``
-    and ``samples/pretrain-*.png`` into ``run_dir``; returns the checkpoint's path.
+    Writes ``checkpoints/pretrain.pt`` (model, EMA, optimizer, step, log rows, run config), ``logs/pretrain.csv``
+    and ``samples/pretrain*.png`` into ``run_dir``; returns the checkpoint's path.
 
     Args:
-        batch_size: images per step; a subset smaller than one batch is streamed whole each step.
+        config: the run config's ``pretrain`` section: steps, batch_size (images per step; a subset smaller
+            than one batch is streamed whole each step), lr, ema_decay, label_dropout, checkpoint_every,
+            log_every, sample_every, compile (torch.compile the loss step; ``None``: only on CUDA, where the
+            compile pays), loader ("device", "ffcv" or "auto": :func:`privimage.query.loaders.loader_kind`;
+            with "ffcv" a fresh run writes ``query/subset.ffcv`` from ``images``/``labels``, a resumed one
+            streams the file the interrupted run wrote).
         resume: continue from ``checkpoints/pretrain.pt``; the result equals an uninterrupted run.
         stop_at_step: stop (after checkpointing) once this many steps are done, as if interrupted.
-        loader: "device", "ffcv" or "auto" (see :func:`privimage.query.loaders.loader_kind`).
-        ffcv_path: the FFCV file of the subset (default ``run_dir/query/subset.ffcv``); a fresh run writes
-            it from ``images``/``labels``, a resumed one streams the file the interrupted run wrote.
-        compile: torch.compile the loss step; ``None``: only on CUDA, where the compile time pays off.
+        run_config: stored in the checkpoint for provenance (the public run config as a dict).
     """
-    run_dir = Path(run_dir)
+    run = RunDir.of(run_dir)
+    p = config
+    steps = p.steps
     device = torch.device(device)
-    ckpt_path = run_dir / "checkpoints" / "pretrain.pt"
+    ckpt_path = run.checkpoint_path("pretrain")
     if len(images) == 0:
-        raise ValueError("The pre-training subset is empty.")
+        raise RunDirError("The pre-training subset is empty.")
     torch.manual_seed(seed)
     net = UNet(unet).to(device)
     denoiser = EDMDenoiser(net)
-    ema = EMA(denoiser, ema_decay)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    loss = EDMLoss(num_noise=1, label_dropout=label_dropout)
+    ema = EMA(denoiser, p.ema_decay)
+    opt = torch.optim.Adam(net.parameters(), lr=p.lr)
+    loss = EDMLoss(num_noise=1, label_dropout=p.label_dropout)
     start, rows = 0, []
     if resume:
-        state = load_checkpoint(ckpt_path, map_location=device)
+        state = run.load_checkpoint("pretrain", map_location=device)
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start, rows = state["step"], state["log"]
         log(f"pretrain: resuming at step {start}/{steps} from {ckpt_path}")
 
-    compile = device.type == "cuda" if compile is None else compile
+    compile = device.type == "cuda" if p.compile is None else p.compile
     compute = torch.compile(loss.compute, fullgraph=True) if compile else loss.compute
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     num_classes = unet.num_classes
     shape = tuple(images.shape[1:])
     subset = ImageDataset(images, labels.long(), [str(c) for c in range(max(num_classes, int(labels.max()) + 1))])
-    ffcv_path = Path(ffcv_path) if ffcv_path is not None else run_dir / "query" / "subset.ffcv"
-    kind = loader_kind(subset, device=device, kind=loader)
+    ffcv_path, batch_size = run.subset_ffcv_path, p.batch_size
+    kind = loader_kind(subset, device=device, kind=p.loader)
     if kind == "ffcv" and not (resume and ffcv_path.is_file()):
         write_ffcv(subset, ffcv_path)  # this subset's bytes, whatever an earlier run left at the path
     # drop_last keeps every step's batch the same size (one compiled shape, the same loss scale); a subset
@@ -89,17 +92,18 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
     batches = make_loader(subset, batch_size=batch_size, device=device, kind=kind, ffcv_path=ffcv_path, seed=seed,
                           shuffle=True, flip=True, normalize=True, drop_last=len(subset) >= batch_size)
     if batches.num_examples != len(subset):
-        raise ValueError(f"{ffcv_path} holds {batches.num_examples} images but the subset has {len(subset)}: "
+        raise RunDirError(f"{ffcv_path} holds {batches.num_examples} images but the subset has {len(subset)}: "
                          "it is not this run's subset (delete it, or pre-train without --resume).")
     if len(subset) < batch_size:
         log(f"pretrain: the subset has {len(subset)} images, fewer than batch_size={batch_size}; "
             "each step takes the whole subset")
 
     def checkpoint(step: int) -> None:
-        save_checkpoint({"kind": "pretrain", "step": step, "steps": steps, "model": unwrap(net).state_dict(),
-                         "ema": ema.state_dict(), "optimizer": opt.state_dict(), "unet": unet.to_dict(),
-                         "log": rows, "config": config}, ckpt_path)
-        write_csv(rows, run_dir / "logs" / "pretrain.csv")
+        run.save_checkpoint("pretrain", {"kind": "pretrain", "step": step, "steps": steps,
+                                         "model": unwrap(net).state_dict(), "ema": ema.state_dict(),
+                                         "optimizer": opt.state_dict(), "unet": unet.to_dict(), "log": rows,
+                                         "config": run_config})
+        run.save_log("pretrain", rows)
 
     bar = progress_bar(steps, desc="pre-train (public subset)", unit="step", initial=start)
     t_last, n_last = time.perf_counter(), 0
@@ -118,24 +122,24 @@ def pretrain(run_dir: str | Path, *, images: torch.Tensor, labels: torch.Tensor,
         ema.update(denoiser)
         n_last += x.shape[0]
         done = step + 1
-        if done % log_every == 0 or done == steps:
+        if done % p.log_every == 0 or done == steps:
             now = time.perf_counter()
             ips = n_last / max(now - t_last, 1e-9)
             value = float(total.detach())
             rows.append({"step": done, "loss": round(value, 6), "epsilon": 0.0, "images_per_s": round(ips, 2),
-                         "lr": lr})
+                         "lr": p.lr})
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{ips:.0f}", refresh=False)
             t_last, n_last = now, 0
         bar.update()
-        if sample_every and done % sample_every == 0:
-            save_sample_grid(ema.module, run_dir / "samples" / f"pretrain-{done:06d}.png", shape=shape,
+        if p.sample_every and done % p.sample_every == 0:
+            save_sample_grid(ema.module, run.training_grid_path("pretrain", done), shape=shape,
                              num_classes=num_classes, seed=seed, device=device)
-        if done % checkpoint_every == 0 or done == steps:
+        if done % p.checkpoint_every == 0 or done == steps:
             checkpoint(done)
     bar.close()
     checkpoint(done)
     if done == steps and steps > 0:
-        save_sample_grid(ema.module, run_dir / "samples" / "pretrain.png", shape=shape, num_classes=num_classes,
+        save_sample_grid(ema.module, run.training_grid_path("pretrain"), shape=shape, num_classes=num_classes,
                          seed=seed, device=device)
     return ckpt_path
 

@@ -20,6 +20,7 @@ from privimage.io import save_json
 from privimage.models import UNet
 from privimage.models.unet import PRESETS, UNetConfig
 from privimage.release import export_release, load_release_denoiser
+from privimage.config import FinetuneConfig
 from privimage.train import finetune, load_checkpoint
 
 UNET = replace(PRESETS["tiny"], nf=8, ch_mult=(1,), attn_resolutions=(8,), resolution=8, num_classes=5)
@@ -48,8 +49,8 @@ def exported(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a module fixture runs outside the function-scoped one_torch_thread
     try:
-        finetune(run, images=data.images, labels=data.labels, unet=UNET, budget=budget, init_state=None,
-                 physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, seed=5, log_every=1,
+        finetune(run, FinetuneConfig(physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, log_every=1),
+                 images=data.images, labels=data.labels, unet=UNET, budget=budget, init_state=None, seed=5,
                  log=lambda *_: None)
         export_release(run, log=lambda *_: None)
     finally:

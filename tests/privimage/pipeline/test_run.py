@@ -160,7 +160,7 @@ def test_finetune_stage_passes_the_compile_setting(tmp_path, monkeypatch):
                                    query_noise_multiplier=5.0)
     (tmp_path / "budget.json").write_text(json.dumps(budget.state_dict()))
     seen = {}
-    monkeypatch.setattr(train, "finetune", lambda run_dir, **kwargs: seen.update(kwargs) or run_dir)
+    monkeypatch.setattr(train, "finetune", lambda run_dir, config, **kwargs: seen.update(config=config) or run_dir)
     monkeypatch.setattr(pipeline, "_unet", lambda *args: None)  # the model needs the query's outputs
     pipeline.stage_finetune(tmp_path, cfg, log=lambda _: None)
-    assert seen["compile"] is True
+    assert seen["config"].compile is True

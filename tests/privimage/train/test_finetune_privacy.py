@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from privimage.config import FinetuneConfig
 from privimage.data import load_dataset
 from privimage.diffusion import EDMDenoiser, EDMLoss, to_model_range
 from privimage.engine import DPEngine, Mechanism, PrivacyBudget
@@ -121,9 +122,10 @@ def _budget(steps=4):
 
 def _run(run_dir, data, *, secure=False, **kw):
     budget = kw.pop("budget", None) or _budget()
-    return finetune(run_dir, images=data.images[:24], labels=data.labels[:24], unet=UNET, budget=budget, init_state=None,
-                    physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, seed=5, secure_noise=secure,
-                    log=kw.pop("log", lambda *_: None), **kw)
+    config = FinetuneConfig(physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, secure_noise=secure,
+                            **{k: kw.pop(k) for k in ("checkpoint_every", "log_every", "sample_every") if k in kw})
+    return finetune(run_dir, config, images=data.images[:24], labels=data.labels[:24], unet=UNET, budget=budget,
+                    init_state=None, seed=5, log=kw.pop("log", lambda *_: None), **kw)
 
 
 @pytest.mark.usefixtures("cheap_epsilon")
@@ -205,8 +207,8 @@ def test_every_output_on_disk_is_counted_by_the_ledger_at_every_crash_point(tmp_
 
 def test_dropout_is_refused_its_masks_would_come_from_the_public_global_generator(tmp_path, data):
     with pytest.raises(ValueError, match="dropout=0.1"):
-        finetune(tmp_path, images=data.images, labels=data.labels, unet=replace(UNET, dropout=0.1), budget=_budget(),
-                 init_state=None, log=lambda *_: None)
+        finetune(tmp_path, FinetuneConfig(), images=data.images, labels=data.labels, unet=replace(UNET, dropout=0.1),
+                 budget=_budget(), init_state=None, log=lambda *_: None)
     assert not any(tmp_path.iterdir())
 
 

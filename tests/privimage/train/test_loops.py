@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from privimage.config import FinetuneConfig, PretrainConfig
 from privimage.data import load_dataset
 from privimage.engine import PrivacyBudget
 from privimage.privacy import FINETUNE, plan_privimage_budget
@@ -42,10 +43,10 @@ def _timeless(rows):
 
 def _finetune(run_dir, data, budget_state, **kw):
     budget = PrivacyBudget.from_state_dict(budget_state)
-    path = finetune(run_dir, images=data.images, labels=data.labels, unet=UNET, budget=budget, init_state=None,
-                    physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, seed=5, secure_noise=False,
-                    checkpoint_every=1,
-                    log_every=4, log=lambda *_: None, **kw)
+    config = FinetuneConfig(physical_batch_size=8, num_noise=2, max_grad_norm=1e-2, lr=1e-3, secure_noise=False,
+                            checkpoint_every=1, log_every=4)
+    path = finetune(run_dir, config, images=data.images, labels=data.labels, unet=UNET, budget=budget,
+                    init_state=None, seed=5, log=lambda *_: None, **kw)
     return budget, load_checkpoint(path)
 
 
@@ -105,11 +106,11 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, data, bud
 
 
 def test_pretrain_resume_is_exact_and_learns(tmp_path, data):
-    kw = dict(images=data.images, labels=data.labels, unet=UNET, steps=6, batch_size=8, lr=2e-3, seed=1,
-              checkpoint_every=2, log_every=1, log=lambda *_: None)
-    full = load_checkpoint(pretrain(tmp_path / "a", **kw))
-    pretrain(tmp_path / "b", stop_at_step=3, **kw)
-    resumed = load_checkpoint(pretrain(tmp_path / "b", resume=True, **kw))
+    config = PretrainConfig(steps=6, batch_size=8, lr=2e-3, checkpoint_every=2, log_every=1)
+    kw = dict(images=data.images, labels=data.labels, unet=UNET, seed=1, log=lambda *_: None)
+    full = load_checkpoint(pretrain(tmp_path / "a", config, **kw))
+    pretrain(tmp_path / "b", config, stop_at_step=3, **kw)
+    resumed = load_checkpoint(pretrain(tmp_path / "b", config, resume=True, **kw))
     for key, value in full["model"].items():
         assert torch.equal(resumed["model"][key], value), key
     assert _timeless(resumed["log"]) == _timeless(full["log"]) and len(full["log"]) == 6
@@ -124,11 +125,11 @@ def test_pretrain_streams_the_subset_and_resumes_exactly_mid_epoch(tmp_path, dat
     if loader == "ffcv" and not ffcv_available():
         pytest.skip("FFCV not installed (pip install -e '.[ffcv]')")
     # 20 images, batch 8: 2 batches per epoch (4 dropped); steps 0-2 then 3-4 cross an epoch and resume mid-epoch.
-    kw = dict(images=data.images[:20], labels=data.labels[:20], unet=UNET, steps=5, batch_size=8, lr=2e-3, seed=2,
-              checkpoint_every=100, log_every=1, loader=loader, log=lambda *_: None)
-    full = load_checkpoint(pretrain(tmp_path / "a", **kw))
-    pretrain(tmp_path / "b", stop_at_step=3, **kw)
-    resumed = load_checkpoint(pretrain(tmp_path / "b", resume=True, **kw))
+    config = PretrainConfig(steps=5, batch_size=8, lr=2e-3, checkpoint_every=100, log_every=1, loader=loader)
+    kw = dict(images=data.images[:20], labels=data.labels[:20], unet=UNET, seed=2, log=lambda *_: None)
+    full = load_checkpoint(pretrain(tmp_path / "a", config, **kw))
+    pretrain(tmp_path / "b", config, stop_at_step=3, **kw)
+    resumed = load_checkpoint(pretrain(tmp_path / "b", config, resume=True, **kw))
     for key, value in full["model"].items():
         assert torch.equal(resumed["model"][key], value), key
     assert _timeless(resumed["log"]) == _timeless(full["log"])
@@ -137,14 +138,14 @@ def test_pretrain_streams_the_subset_and_resumes_exactly_mid_epoch(tmp_path, dat
 
 def test_pretrain_on_a_subset_smaller_than_a_batch_uses_it_whole(tmp_path, data):
     logged = []
-    path = pretrain(tmp_path, images=data.images[:5], labels=data.labels[:5], unet=UNET, steps=2, batch_size=8,
-                    log_every=1, log=logged.append)
+    path = pretrain(tmp_path, PretrainConfig(steps=2, batch_size=8, log_every=1), images=data.images[:5],
+                    labels=data.labels[:5], unet=UNET, log=logged.append)
     assert load_checkpoint(path)["step"] == 2 and any("fewer than batch_size=8" in line for line in logged)
 
 
 def test_secure_mode_resumes_exactly_from_the_saved_noise_and_sampler_state(tmp_path, data, budget_state):
-    kw = dict(images=data.images, labels=data.labels, unet=UNET, init_state=None, physical_batch_size=8,
-              num_noise=1, seed=5, checkpoint_every=1, log_every=4, log=lambda *_: None)
+    kw = dict(config=FinetuneConfig(physical_batch_size=8, num_noise=1, checkpoint_every=1, log_every=4),
+              images=data.images, labels=data.labels, unet=UNET, init_state=None, seed=5, log=lambda *_: None)
     first, second = tmp_path / "a", tmp_path / "b"
     finetune(first, budget=PrivacyBudget.from_state_dict(budget_state), stop_at_step=2, **kw)
     part = load_checkpoint(first / "checkpoints" / "finetune.pt")
