@@ -16,6 +16,7 @@ or diffusion: usable alone in anyone's DP training code. Modules, in the order a
 from privimage.engine.accounting import (
     EpsilonReport,
     Mechanism,
+    PlannedComposition,
     calibrate_noise_multiplier,
     compose_epsilon,
     compute_epsilon,
@@ -40,6 +41,7 @@ __all__ = [
     "NORM_STRATEGIES",
     "NormCheck",
     "PhysicalBatch",
+    "PlannedComposition",
     "PoissonSampler",
     "PrivacyBudget",
     "StepStats",

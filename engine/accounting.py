@@ -113,6 +113,58 @@ def compose_epsilon(mechanisms: Sequence[Mechanism], *, delta: float, eps_error:
         return EpsilonReport(rdp_upper, rdp_upper, 0.0, delta, f"rdp (prv failed: {err})")
 
 
+class PlannedComposition:
+    """ε(δ) of any prefix of one planned composition, for a training log that reports ε at every step.
+
+    ``mechanisms`` carry their PLANNED counts. The PRV accountant (and the RDP check of
+    :func:`compose_epsilon`) is built once, for those counts; :meth:`epsilon` then answers any counts up to them
+    by one composition of the already discretised variables, instead of rebuilding the accountant per call.
+
+    Trap: the discretisation is sized for the planned counts, so a prefix's ε is the same kind of valid upper
+    bound as :func:`compose_epsilon`'s but may differ from it by up to ``eps_error``. Counts above the plan,
+    or a plan whose RDP ε exceeds the PRV range, are answered by :func:`compose_epsilon` itself.
+
+    Example:
+        >>> plan = PlannedComposition([Mechanism(1.0, 0.01, 100)], delta=1e-5)
+        >>> abs(plan.epsilon([100]).upper - compose_epsilon([Mechanism(1.0, 0.01, 100)], delta=1e-5).upper) < 1e-9
+        True
+    """
+
+    def __init__(self, mechanisms: Sequence[Mechanism], *, delta: float, eps_error: float = EPS_ERROR):
+        _check_delta(delta)
+        self.mechanisms, self.delta, self.eps_error = tuple(mechanisms), delta, eps_error
+        self._accountant = None
+        active = [m for m in self.mechanisms if m.count > 0]
+        if active and _rdp_epsilon([m.prv() for m in active], [m.count for m in active], delta) <= _PRV_MAX_EPSILON:
+            try:
+                self._accountant = PRVAccountant(prvs=[m.prv() for m in active],
+                                                 max_self_compositions=[m.count for m in active],
+                                                 eps_error=eps_error, delta_error=delta / 1000)
+            except (RuntimeError, ValueError, OverflowError, FloatingPointError):
+                self._accountant = None
+        self._active = [i for i, m in enumerate(self.mechanisms) if m.count > 0]
+
+    def epsilon(self, counts: Sequence[int]) -> EpsilonReport:
+        """ε(δ) after ``counts[i]`` releases of mechanism i (each at most its planned count for the fast path)."""
+        if len(counts) != len(self.mechanisms):
+            raise ValueError(f"Expected {len(self.mechanisms)} counts, got {len(counts)}.")
+        within = all(0 <= c <= m.count for c, m in zip(counts, self.mechanisms))
+        if self._accountant is None or not within:
+            return compose_epsilon([Mechanism(m.noise_multiplier, m.sample_rate, int(c))
+                                    for m, c in zip(self.mechanisms, counts)], delta=self.delta,
+                                   eps_error=self.eps_error)
+        if not any(counts):
+            return EpsilonReport(0.0, 0.0, 0.0, self.delta)
+        try:
+            lower, estimate, upper = self._accountant.compute_epsilon(
+                delta=self.delta, num_self_compositions=[int(counts[i]) for i in self._active])
+        except (RuntimeError, ValueError, OverflowError, FloatingPointError):
+            return compose_epsilon([Mechanism(m.noise_multiplier, m.sample_rate, int(c))
+                                    for m, c in zip(self.mechanisms, counts)], delta=self.delta,
+                                   eps_error=self.eps_error)
+        return EpsilonReport(float(upper), float(estimate), float(lower), self.delta, "prv")
+
+
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> EpsilonReport:
     """ε(δ) of ``steps`` DP-SGD steps with Poisson sampling rate ``sample_rate`` and noise ``noise_multiplier``.
 

@@ -18,6 +18,7 @@ Deprecated for one release (a DeprecationWarning; PrivImage's plan is ``privimag
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from privimage.engine.accounting import (
     EpsilonReport,
     Mechanism,
+    PlannedComposition,
     calibrate_noise_multiplier,
     compose_epsilon,
 )
@@ -143,7 +145,14 @@ class PrivacyBudget:
         self.spent[name] = after
 
     def epsilon_spent(self) -> EpsilonReport:
-        """ε of everything recorded in the ledger so far (upper bound; at the budget's δ)."""
+        """ε of everything recorded in the ledger so far (upper bound; at the budget's δ).
+
+        Within the plan it is answered by the plan's :class:`PlannedComposition` (built once per plan, shared by
+        every budget with the same plan and δ), so a loop may ask at every step."""
+        names = list(self.plan)
+        if set(self.spent) <= set(names):
+            return _planned_composition(tuple(self.plan[n] for n in names), self.delta).epsilon(
+                [self.spent.get(n, 0) for n in names])
         return self._compose(self.spent)
 
     def epsilon_planned(self) -> EpsilonReport:
@@ -174,3 +183,8 @@ class PrivacyBudget:
         mechanisms = [Mechanism(self.plan[n].noise_multiplier, self.plan[n].sample_rate, c)
                       for n, c in counts.items()]
         return compose_epsilon(mechanisms, delta=self.delta)
+
+
+@functools.lru_cache(maxsize=8)
+def _planned_composition(mechanisms: tuple[Mechanism, ...], delta: float) -> PlannedComposition:
+    return PlannedComposition(mechanisms, delta=delta)

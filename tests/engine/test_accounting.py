@@ -14,7 +14,8 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from privimage.engine import Mechanism, calibrate_noise_multiplier, compose_epsilon, compute_epsilon
+from privimage.engine import (Mechanism, PlannedComposition, PrivacyBudget, calibrate_noise_multiplier,
+                             compose_epsilon, compute_epsilon)
 from privimage.engine.accounting import EPS_ERROR
 
 DELTA = 1e-5
@@ -101,3 +102,33 @@ def test_impossible_settings_are_refused(kwargs, message):
 def test_epsilon_too_small_to_calibrate_is_refused():
     with pytest.raises(ValueError, match="above 10000"):
         calibrate_noise_multiplier(target_epsilon=1e-4, sample_rate=0.5, steps=100, delta=DELTA)
+
+
+@pytest.mark.parametrize("plan", [
+    (Mechanism(3.77, 1.0, 1), Mechanism(0.58, 0.1, 10)),     # PrivImage's shape: query + fine-tune steps
+    (Mechanism(1.0, 0.01, 200),),
+])
+def test_planned_composition_answers_every_prefix_as_compose_epsilon_does(plan):
+    planned = PlannedComposition(plan, delta=1e-5)
+    for fraction in (0.0, 0.3, 1.0):
+        counts = [round(m.count * fraction) if m.count > 1 else m.count for m in plan]
+        ours = planned.epsilon(counts)
+        ref = compose_epsilon([Mechanism(m.noise_multiplier, m.sample_rate, c) for m, c in zip(plan, counts)],
+                              delta=1e-5)
+        # both are PRV upper bounds of the same composition, each within eps_error of the truth
+        assert abs(ours.upper - ref.upper) <= 2 * EPS_ERROR, (counts, ours, ref)
+        assert ours.lower <= ref.upper + 1e-9 and ref.lower <= ours.upper + 1e-9
+    over = [m.count + 1 for m in plan]          # beyond the plan: answered by compose_epsilon itself
+    assert planned.epsilon(over) == compose_epsilon([Mechanism(m.noise_multiplier, m.sample_rate, c)
+                                                     for m, c in zip(plan, over)], delta=1e-5)
+
+
+def test_budget_epsilon_spent_is_monotone_and_ends_at_the_plan():
+    budget = PrivacyBudget(10.0, 1e-5, plan={"query": Mechanism(3.77, 1.0, 1), "train": Mechanism(0.58, 0.1, 10)})
+    budget.spend("query")
+    seen = []
+    for _ in range(10):
+        budget.spend("train")
+        seen.append(budget.epsilon_spent().upper)
+    assert seen == sorted(seen) and seen[0] < seen[-1]
+    assert abs(seen[-1] - budget.epsilon_planned().upper) <= 2 * EPS_ERROR
