@@ -3,6 +3,8 @@
 See ``bench/gpu_suite.py`` for the order, the caps and how commands run. A check is PASS or FAIL on the GPU
 run, or SKIPPED with its reason (GPU-only parts of a smoke run, targets judged on a GPU only); a measurement
 that is missing because its command failed or ran out of time is a FAIL that says so.
+
+(Just over 400 lines: one table of stages, each with its command and its check side by side.)
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ One model has 4·width classes, so one fine-tune holds 4·width − 1 canaries (
 pooled: every canary changes only its own run, so the pooled release is (ε, δ)-DP in each canary and the
 one-run theorem applies to all ``runs · (4·width − 1)`` canaries at once.
 
+(One file, over 400 lines, on purpose: the crafted model, the canaries, the runs and the verdict depend on
+each other's geometry and read best top to bottom; the statistics live in :mod:`privimage.engine.auditing`.)
+
 **Scores and guesses.** Canary j's score is Σ_t ⟨u_j, Δ_t[columns of its class]⟩ / C, with Δ_t the released
 noisy sum of step t and u_j its estimated direction; a second score subtracts the noise that a generator seeded
 with the public seed would have drawn (:func:`~privimage.engine.auditing.replay_noise`). Both scores times the
