@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from privimage.engine.layers import VMAP_RULE, rule_for
+from privimage.engine.layers import VMAP_RULE, autocast_state, rule_for
 
 __all__ = ["LayerCalls", "Probes", "find_layers", "run_loss"]
 
@@ -165,8 +165,8 @@ class Probes:
                             f"engine's per-sample rules need a single tensor output.")
         if not args:
             raise TypeError(f"Module '{name}' was called without positional inputs; pass them positionally.")
-        if rule is VMAP_RULE:
-            a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
+        if rule is VMAP_RULE:  # the inputs, and the autocast state the rule must replay the forward under
+            a = (autocast_state(), tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args))
         else:
             a = args[0].detach()
         pos = self._probe_pos

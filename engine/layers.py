@@ -18,6 +18,7 @@ backend.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -266,11 +267,27 @@ class EmbeddingRule:
 
 # ---- Fallback: torch.func per-sample gradients for one module ----------------------------------------------
 
+def autocast_state() -> tuple:
+    """The autocast settings in force now, per device type: ((device_type, enabled, dtype), ...)."""
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
+@contextlib.contextmanager
+def replay_autocast(state: tuple):
+    """Run a block under the autocast settings ``state`` (:func:`autocast_state`) recorded at forward time."""
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in state:
+            stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled))
+        yield
+
+
 class VmapRule:
     """Any other module with parameters: per-row grads of its own parameters by vmap over a vjp.
 
     Row r's gradient is the vjp of ``module(args_r)`` with its output gradient G_r; exact for any module
-    that treats rows independently (no BatchNorm-like mixing, which the engine refuses up front).
+    that treats rows independently (no BatchNorm-like mixing, which the engine refuses up front). Each call
+    is replayed under the autocast state of its forward (recorded by the capture): under bf16 autocast its
+    inputs are bf16 and the replay must cast as the forward did.
     """
 
     def plan(self, module, calls, grouping, planner):
@@ -281,7 +298,7 @@ class VmapRule:
         names = list(params)
         R = calls[0][1].shape[0]
         grads = {n: 0 for n in names}
-        for args, g in calls:
+        for (autocast, args), g in calls:
             dims = tuple(0 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == R else None
                          for a in args)
 
@@ -292,7 +309,8 @@ class VmapRule:
                     lambda ps: torch.func.functional_call(module, ps, batched), detached)
                 return vjp_fn(g_r.unsqueeze(0))[0]
 
-            per_row = torch.vmap(row_grad, in_dims=(0,) + dims)(g, *args)
+            with replay_autocast(autocast):  # the inputs may be autocast's bf16: replay the forward as it ran
+                per_row = torch.vmap(row_grad, in_dims=(0,) + dims)(g, *args)
             for n in names:
                 grads[n] = grads[n] + per_row[n]
         total = 0
