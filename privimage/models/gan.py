@@ -63,7 +63,7 @@ class GANConfig:
     z_dim: int = 60                                   # latent size; split into len(g_ch_mult) equal chunks
     shared_dim: int = 128                             # the generator's shared class embedding
     g_width: int = 60                                 # StudioGAN's g_conv_dim
-    g_ch_mult: tuple[int, ...] = (4, 4, 4, 4)         # generator widths (× g_width) at 4×4, 8×8, ... the output side
+    g_ch_mult: tuple[int, ...] = (4, 4, 4, 4)         # generator widths (× g_width) at sides 4, 8, ..., resolution
     g_attention: tuple[int, ...] = (16,)              # sides after which the generator has self-attention
     g_spectral_norm: bool = True                      # spectral norm on the generator's convs and linears
     d_width: int = 80                                 # StudioGAN's d_conv_dim
