@@ -5,6 +5,8 @@
 * :func:`generate`: fakes from the generator in eval mode without gradients. Eval mode freezes spectral
   norm's power iteration, which in train mode updates the generator's buffers once per forward: in a DP
   step the number of forwards follows the private Poisson batch size, and the generator is released.
+* :class:`GANTrainState`: the two networks, the generator's EMA and both optimizers, saved and restored
+  together by both loops.
 * :func:`generator_update`: one Adam step of the generator against the current discriminator, with the
   discriminator's parameters frozen. In the fine-tune this is post-processing of the DP discriminator: its
   loss reads the discriminator's parameters (already noised and released to the loop) and latents drawn
@@ -18,15 +20,43 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from privimage.diffusion.ema import EMA
 from privimage.gan.losses import g_hinge
 from privimage.gan.randomness import RecordRandomness
-from privimage.models.gan import GANConfig
+from privimage.models.gan import Discriminator, GANConfig, Generator
 
-__all__ = ["FAKE_LABEL_STREAM", "FAKE_LATENT_STREAM", "check_training_data", "generate", "generator_update",
+__all__ = ["FAKE_LABEL_STREAM", "FAKE_LATENT_STREAM", "GANTrainState", "check_training_data", "generate", "generator_update",
            "record_fakes"]
 
 # Streams of the per-record secret draws (privimage.gan.randomness): what is drawn for record i at step t.
 FAKE_LATENT_STREAM, FAKE_LABEL_STREAM = 1, 2
+
+
+class GANTrainState:
+    """Generator ``G``, discriminator ``D`` (optionally from ``init``: {"generator", "discriminator"} state
+    dicts), the EMA of G (a copy of the initial G) and Adam for each."""
+
+    def __init__(self, gan: GANConfig, *, init: dict | None, d_lr: float, g_lr: float, betas: tuple[float, float],
+                 ema_decay: float, device: torch.device | str):
+        self.G, self.D = Generator(gan).to(device), Discriminator(gan).to(device)
+        if init is not None:
+            self.G.load_state_dict(init["generator"])
+            self.D.load_state_dict(init["discriminator"])
+        self.ema = EMA(self.G, ema_decay)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=g_lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=d_lr, betas=betas)
+
+    def state_dict(self) -> dict:
+        """{"generator", "discriminator", "ema", "optimizer_g", "optimizer_d"} (uncompiled modules' keys)."""
+        return {"generator": self.G.state_dict(), "discriminator": self.D.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer_g": self.opt_g.state_dict(), "optimizer_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.G.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["discriminator"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt_g.load_state_dict(state["optimizer_g"])
+        self.opt_d.load_state_dict(state["optimizer_d"])
 
 
 @contextlib.contextmanager

@@ -40,15 +40,15 @@ from pathlib import Path
 
 import torch
 
-from privimage.diffusion import EMA, to_model_range
+from privimage.diffusion import to_model_range
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
 from privimage.engine.budget import FINETUNE
 from privimage.gan.losses import pair_groups, paired_rows
 from privimage.gan.randomness import RecordRandomness
 from privimage.gan.sampling import save_gan_grid
-from privimage.gan.steps import check_training_data, generator_update, record_fakes
+from privimage.gan.steps import GANTrainState, check_training_data, generator_update, record_fakes
 from privimage.io import save_json
-from privimage.models.gan import Discriminator, GANConfig, Generator
+from privimage.models.gan import GANConfig
 from privimage.progress import Progress
 from privimage.train.common import load_checkpoint, save_checkpoint, step_generator, write_csv
 from privimage.train.gan_pretrain import expect_kind
@@ -109,16 +109,11 @@ def finetune_gan(run_dir: str | Path, *,
     expected = sample_rate * n
     g_batch = g_batch_size if g_batch_size is not None else max(1, round(expected))
     torch.manual_seed(seed)
-    G, D = Generator(gan).to(device), Discriminator(gan).to(device)
-    if init_state is not None:
-        if init_state.get("gan", gan.to_dict()) != gan.to_dict():
-            raise ValueError(f"The pre-trained GAN's architecture {init_state['gan']} differs from the fine-tune's "
-                             f"{gan.to_dict()}.")
-        G.load_state_dict(init_state["generator"])
-        D.load_state_dict(init_state["discriminator"])
-    ema = EMA(G, ema_decay)
-    opt_g = torch.optim.Adam(G.parameters(), lr=g_lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=betas)
+    if init_state is not None and init_state.get("gan", gan.to_dict()) != gan.to_dict():
+        raise ValueError(f"The pre-trained GAN's architecture {init_state['gan']} differs from the fine-tune's "
+                         f"{gan.to_dict()}.")
+    nets = GANTrainState(gan, init=init_state, d_lr=d_lr, g_lr=g_lr, betas=betas, ema_decay=ema_decay, device=device)
+    G, D, ema, opt_g, opt_d = nets.G, nets.D, nets.ema, nets.opt_g, nets.opt_d
     sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=physical_batch_size,
                              seed=None if secure else seed, secure=secure)
     noise_gen = (secure_generator(device) if secure else
@@ -128,11 +123,7 @@ def finetune_gan(run_dir: str | Path, *,
     if resume:
         state = load_checkpoint(ckpt_path, map_location=device)
         expect_kind(state, "gan-finetune", ckpt_path)
-        G.load_state_dict(state["generator"])
-        D.load_state_dict(state["discriminator"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["optimizer_g"])
-        opt_d.load_state_dict(state["optimizer_d"])
+        nets.load_state_dict(state)
         sampler = PoissonSampler.from_state_dict(state["sampler"])
         noise_gen.set_state(state["noise_generator"].cpu())
         draws = RecordRandomness.from_state_dict(state["record_randomness"])
@@ -154,9 +145,7 @@ def finetune_gan(run_dir: str | Path, *,
 
     def checkpoint(step: int) -> None:
         persist_ledger()
-        save_checkpoint({"kind": "gan-finetune", "step": step, "steps": steps, "generator": G.state_dict(),
-                         "discriminator": D.state_dict(), "ema": ema.state_dict(),
-                         "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
+        save_checkpoint({"kind": "gan-finetune", "step": step, "steps": steps, **nets.state_dict(),
                          "sampler": sampler.state_dict(), "noise_generator": noise_gen.get_state(),
                          "record_randomness": draws.state_dict(), "budget": budget.state_dict(),
                          "gan": gan.to_dict(), "log": rows, "g_loss": g_loss, "config": config}, ckpt_path)

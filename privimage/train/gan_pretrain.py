@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from privimage.data import ImageDataset
-from privimage.diffusion import EMA
 from privimage.gan.losses import d_hinge, paired_rows
 from privimage.gan.sampling import save_gan_grid
-from privimage.gan.steps import check_training_data, generate, generator_update
-from privimage.models.gan import Discriminator, GANConfig, Generator
+from privimage.gan.steps import GANTrainState, check_training_data, generate, generator_update
+from privimage.models.gan import GANConfig
 from privimage.progress import Progress
 from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.train.common import load_checkpoint, save_checkpoint, step_generator, write_csv
@@ -73,19 +72,13 @@ def pretrain_gan(run_dir: str | Path, *,
     if not (isinstance(d_steps_per_g_step, int) and d_steps_per_g_step >= 1):
         raise ValueError(f"Expected d_steps_per_g_step={d_steps_per_g_step} to be an integer >= 1.")
     torch.manual_seed(seed)
-    G, D = Generator(gan).to(device), Discriminator(gan).to(device)
-    ema = EMA(G, ema_decay)
-    opt_g = torch.optim.Adam(G.parameters(), lr=g_lr, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=d_lr, betas=betas)
+    nets = GANTrainState(gan, init=None, d_lr=d_lr, g_lr=g_lr, betas=betas, ema_decay=ema_decay, device=device)
+    G, D, ema, opt_g, opt_d = nets.G, nets.D, nets.ema, nets.opt_g, nets.opt_d
     start, rows, g_loss = 0, [], None  # g_loss: the latest generator step's (None before the first)
     if resume:
         state = load_checkpoint(ckpt_path, map_location=device)
         expect_kind(state, "gan-pretrain", ckpt_path)
-        G.load_state_dict(state["generator"])
-        D.load_state_dict(state["discriminator"])
-        ema.load_state_dict(state["ema"])
-        opt_g.load_state_dict(state["optimizer_g"])
-        opt_d.load_state_dict(state["optimizer_d"])
+        nets.load_state_dict(state)
         start, rows, g_loss = state["step"], state["log"], state["g_loss"]
         log(f"pretrain (GAN): resuming at step {start}/{steps} from {ckpt_path}")
 
@@ -106,9 +99,7 @@ def pretrain_gan(run_dir: str | Path, *,
                          "it is not this run's subset (delete it, or pre-train without --resume).")
 
     def checkpoint(step: int) -> None:
-        save_checkpoint({"kind": "gan-pretrain", "step": step, "steps": steps, "generator": G.state_dict(),
-                         "discriminator": D.state_dict(), "ema": ema.state_dict(),
-                         "optimizer_g": opt_g.state_dict(), "optimizer_d": opt_d.state_dict(),
+        save_checkpoint({"kind": "gan-pretrain", "step": step, "steps": steps, **nets.state_dict(),
                          "gan": gan.to_dict(), "log": rows, "g_loss": g_loss, "config": config}, ckpt_path)
         write_csv(rows, run_dir / "logs" / "pretrain.csv")
 
