@@ -117,9 +117,9 @@ GAN_PRESETS: dict[str, GANConfig] = {
     # 64×64 (CelebA): four up-blocks with BigGAN's halving widths, StudioGAN's 64×64 discriminator
     "64": GANConfig(resolution=64, z_dim=80, g_width=32, g_ch_mult=(16, 8, 4, 2, 1), g_attention=(32,),
                     d_width=32, d_ch_mult=(1, 2, 4, 8, 16), d_downsample=(True, True, True, True, False)),
-    # the CPU demo: 16×16, same block types
-    "demo": GANConfig(resolution=16, z_dim=48, shared_dim=32, g_width=16, g_ch_mult=(4, 4, 4), g_attention=(8,),
-                      d_width=32, d_ch_mult=(2, 2, 2), d_downsample=(True, True, False), num_classes=10),
+    # the CPU demo: 16×16, same block types, 32 channels throughout
+    "demo": GANConfig(resolution=16, z_dim=48, shared_dim=32, g_width=8, g_ch_mult=(4, 4, 4), g_attention=(8,),
+                      d_width=16, d_ch_mult=(2, 2, 2), d_downsample=(True, True, False), num_classes=10),
     # tests: 8×8, every block type
     "tiny": GANConfig(resolution=8, z_dim=8, shared_dim=8, g_width=4, g_ch_mult=(2, 2), g_attention=(8,),
                       d_width=4, d_ch_mult=(2, 3), d_downsample=(True, False), num_classes=3),
