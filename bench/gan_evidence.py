@@ -13,7 +13,7 @@ Results: ``bench/results/gan_evidence.json`` and ``gan_evidence.md``.
 
 Usage:
     python bench/gan_evidence.py                    # 3 seeds; about an hour on a shared 2-core CPU
-    python bench/gan_evidence.py --seeds 0 1 2 3 4 --pretrain-steps 1500
+    python bench/gan_evidence.py --seeds 0 1 2 3 4 --pretrain-steps 1000
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--epsilon", type=float, default=10.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--num-sensitive", type=int, default=2000)

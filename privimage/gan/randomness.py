@@ -1,7 +1,9 @@
 """Per-record secret randomness: every draw is a function of (secret key, stream, step, record index).
 
-A DP-SGD step may draw randomness for each sensitive record it touches (here: the latent z and the label
-of the fake image paired with record i). Those draws must be
+A DP-SGD step may draw randomness for each sensitive record it touches (the GAN fine-tune: the latent and
+the label of the fake image paired with record i; a diffusion fine-tune: the record's K noise levels, K noise
+images and K label-dropout bits, i.e. ``normal(n=K)``, ``normal(n=K·C·H·W)`` and ``uniform(n=K)`` on three
+streams). Those draws must be
 
 * secret: the key comes from the operating system's entropy (``secrets``) and lives only in the private
   checkpoint, never in the public config or the release;
@@ -104,18 +106,22 @@ class RecordRandomness:
         return cls(int(state["key"]), secure=bool(state["secure"]))
 
     def words(self, *, stream: int, step: int, indices: torch.Tensor, n: int) -> torch.Tensor:
-        """(len(indices), n) int64 uniform 32-bit words; row r belongs to record ``indices[r]`` alone."""
+        """(len(indices), n) int64 uniform 32-bit words; row r belongs to record ``indices[r]`` alone.
+
+        Computed on ``indices``' device (CUDA indices: the draws never leave the GPU); the first m of n words
+        are the m words, so a record's draws do not depend on how many others were asked for.
+        """
         for name, value in (("stream", stream), ("step", step)):
             if not (isinstance(value, int) and 0 <= value < 2 ** 32):
                 raise ValueError(f"Expected {name}={value!r} to be an integer in [0, 2**32).")
-        idx = torch.as_tensor(indices).to(device="cpu", dtype=torch.int64)
+        idx = torch.as_tensor(indices).to(torch.int64)
         if idx.dim() != 1 or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 2 ** 32)):
             raise ValueError(f"Expected indices to be a 1-D tensor of record indices in [0, 2**32), got "
                              f"shape {tuple(idx.shape)}.")
-        blocks = -(-n // 4)
-        j = torch.arange(blocks, dtype=torch.int64)
-        counter = torch.stack(torch.broadcast_tensors(j[None, :], idx[:, None], torch.tensor(step),
-                                                      torch.tensor(stream)), dim=-1)
+        blocks, dev = -(-n // 4), idx.device
+        j = torch.arange(blocks, dtype=torch.int64, device=dev)
+        counter = torch.stack(torch.broadcast_tensors(j[None, :], idx[:, None], torch.tensor(step, device=dev),
+                                                      torch.tensor(stream, device=dev)), dim=-1)
         return philox4x32(counter, self._key).reshape(len(idx), blocks * 4)[:, :n]
 
     def uniform(self, *, stream: int, step: int, indices: torch.Tensor, n: int) -> torch.Tensor:

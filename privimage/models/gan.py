@@ -249,6 +249,13 @@ class Generator(nn.Module):
         self.conv_out = sn(nn.Conv2d(widths[-1], c.in_channels, 3, padding=1))
         _init(self)
 
+    @classmethod
+    def from_state(cls, config: GANConfig | dict, state: dict) -> "Generator":
+        """A generator in eval mode with ``state`` loaded (e.g. a checkpoint's ``["ema"]["module"]``)."""
+        generator = cls(config if isinstance(config, GANConfig) else GANConfig.from_dict(config))
+        generator.load_state_dict(state)
+        return generator.eval()
+
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         if z.dim() != 2 or z.shape[1] != c.z_dim:

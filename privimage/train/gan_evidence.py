@@ -90,21 +90,15 @@ def compare_gan_starting_points(*, public, sensitive, heldout, selected: list[in
                                     checkpoint_every=10**9, log_every=10**9, loader="device", log=quiet,
                                     **(pretrain or {}))
                 init = pretrained_init(path)
-                before = generator_quality(_generator(gan, init["generator"]), heldout, features,
+                before = generator_quality(Generator.from_state(gan, init["generator"]), heldout, features,
                                            num_samples=num_samples, seed=seed, ca=None, reference=reference)
             path = finetune_gan(d, images=sensitive.images, labels=sensitive.labels, gan=gan,
                                 budget=PrivacyBudget.from_state_dict(budget_state), init_state=init, seed=seed,
                                 secure=False, checkpoint_every=10**9, log_every=10**9, log=quiet,
                                 **(finetune or {}))
-            results[name] = generator_quality(_generator(gan, load_checkpoint(path)["ema"]["module"]), heldout,
-                                              features, num_samples=num_samples, seed=seed, ca=ca,
+            tuned = Generator.from_state(gan, load_checkpoint(path)["ema"]["module"])
+            results[name] = generator_quality(tuned, heldout, features, num_samples=num_samples, seed=seed, ca=ca,
                                               reference=reference)
             results[name].update({f"pretrained_{k}": v for k, v in before.items()})
             quiet(f"{name}: {results[name]}")
     return results
-
-
-def _generator(gan: GANConfig, state: dict) -> Generator:
-    generator = Generator(gan)
-    generator.load_state_dict(state)
-    return generator.eval()

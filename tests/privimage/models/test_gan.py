@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import privimage.models.gan as gan_module
 from privimage.engine.layers import rule_for
-from privimage.models import GAN_PRESETS, GANConfig, build_gan
+from privimage.models import GAN_PRESETS, GANConfig, Generator, build_gan
 from privimage.models.gan import parameter_counts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -111,9 +111,13 @@ def test_inconsistent_configs_are_refused(overrides, match):
         replace(GAN_PRESETS["tiny"], **overrides)
 
 
-def test_config_round_trips_through_a_dict():
+def test_config_and_generator_round_trip_through_dicts():
     config = GAN_PRESETS["64"]
     assert GANConfig.from_dict(config.to_dict()) == config
+    g, _ = build_gan("tiny")
+    loaded = Generator.from_state(g.config.to_dict(), g.state_dict())
+    z, y = torch.randn(2, 8), torch.tensor([0, 2])
+    assert not loaded.training and torch.equal(loaded(z, y), g.eval()(z, y))
     with pytest.raises(ValueError, match="Unknown GAN preset"):
         build_gan("huge")
 
