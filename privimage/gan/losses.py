@@ -6,7 +6,7 @@ Hinge (Lim & Ye arXiv 1705.02894; BigGAN, StudioGAN, DPImageBench's DP-GAN):
     L_G(j) = −D(G(z_j, y_j), y_j)
 
 The discriminator's loss is a sum over PAIRS: sensitive record i (image x_i, label y_i) with one fake image
-G(z_i, y'_i) whose latent and label were drawn for record i (:mod:`privimage.gan.randomness`). The engine
+G(z_i, y'_i) whose latent and label were drawn for record i (:mod:`privimage.randomness`). The engine
 sees one forward of 2n rows (the n real images, then their n fakes) and the grouping row r ↔ sample r mod n,
 so it clips the gradient of the whole pair to C. Adding record i adds exactly one pair (the generator maps
 each latent on its own, so no other fake changes) and changes the clipped sum by at most C: the Gaussian

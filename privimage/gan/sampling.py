@@ -1,6 +1,6 @@
 """Sampling a GAN generator: one forward per image, each image's latent from its own (seed, index) draw.
 
-Image i's latent is the counter-based draw (seed, i) of :class:`~privimage.gan.randomness.RecordRandomness`
+Image i's latent is the counter-based draw (seed, i) of :class:`~privimage.randomness.RecordRandomness`
 (a public seed: samples are publishable), so image i is the same whether it is drawn alone or in a batch of
 thousands, and any prefix of a larger draw is the same images (the diffusion sampler's per-image seeds).
 """
@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 
 from privimage.diffusion.edm import to_uint8
-from privimage.gan.randomness import RecordRandomness
 from privimage.gan.steps import generate
 from privimage.io import save_png_grid
+from privimage.randomness import RecordRandomness
 
 __all__ = ["sample_gan", "sample_gan_in_batches", "save_gan_grid"]
 

@@ -22,13 +22,13 @@ import torch.nn as nn
 
 from privimage.diffusion.ema import EMA
 from privimage.gan.losses import g_hinge
-from privimage.gan.randomness import RecordRandomness
 from privimage.models.gan import Discriminator, GANConfig, Generator
+from privimage.randomness import RecordRandomness
 
 __all__ = ["FAKE_LABEL_STREAM", "FAKE_LATENT_STREAM", "GANTrainState", "check_training_data", "generate", "generator_update",
            "record_fakes"]
 
-# Streams of the per-record secret draws (privimage.gan.randomness): what is drawn for record i at step t.
+# Streams of the per-record secret draws (privimage.randomness): what is drawn for record i at step t.
 FAKE_LATENT_STREAM, FAKE_LABEL_STREAM = 1, 2
 
 

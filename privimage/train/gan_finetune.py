@@ -5,7 +5,7 @@ Discriminator step t (the DP mechanism, one release per step):
 1. a Poisson sample of the sensitive set (rate q, the sampling the accountant assumes), cut into fixed-size
    physical micro-batches with a padding mask (:class:`~privimage.engine.PoissonSampler`);
 2. for each drawn record i, a fake image G(z_i, y'_i) with z_i, y'_i keyed by (secret key, t, i)
-   (:mod:`privimage.gan.randomness`; generator in eval mode, no gradient);
+   (:mod:`privimage.randomness`; generator in eval mode, no gradient);
 3. the engine clips the gradient of each PAIR's hinge loss (record i and its fake, :mod:`privimage.gan.losses`)
    to C, sums, and — after the ledger has recorded the release (``budget.spend`` raises rather than
    overspend) — adds N(0, σ²C²) once and divides by the public expected batch size q·N; Adam steps.
@@ -44,12 +44,12 @@ from privimage.diffusion import to_model_range
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
 from privimage.engine.budget import FINETUNE
 from privimage.gan.losses import pair_groups, paired_rows
-from privimage.gan.randomness import RecordRandomness
 from privimage.gan.sampling import save_gan_grid
 from privimage.gan.steps import GANTrainState, check_training_data, generator_update, record_fakes
 from privimage.io import save_json
 from privimage.models.gan import GANConfig
 from privimage.progress import Progress
+from privimage.randomness import RecordRandomness
 from privimage.train.common import load_checkpoint, save_checkpoint, step_generator, write_csv
 from privimage.train.gan_pretrain import expect_kind
 
