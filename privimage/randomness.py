@@ -30,8 +30,9 @@ per record. Checked against Random123's known-answer vectors.
 
 Memory: a call computes its words in chunks of at most :data:`CHUNK_WORDS` words (a run of records × a run
 of blocks) and frees each chunk's temporaries before the next, so besides the tensor it returns it holds at
-most about 32 bytes per chunk word (nine int64 Philox buffers of a quarter word each, then the words, their
-float64 uniforms and the Box–Muller stages): 32 · CHUNK_WORDS bytes, i.e. 8 MiB on CPU and 128 MiB on CUDA.
+most 32 bytes of live temporaries per chunk word (nine int64 Philox buffers of a quarter word each, then the
+words, their float64 uniforms and the Box–Muller stages): 32 · CHUNK_WORDS bytes, i.e. 8 MiB on CPU and
+128 MiB on CUDA, plus whatever the allocator keeps around them (``bench/randomness.py`` measures the total).
 A word depends only on its own counter, and a Box–Muller pair (words 2k, 2k+1) never straddles a block, so
 the draws do not depend on the chunking.
 

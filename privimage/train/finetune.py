@@ -80,8 +80,8 @@ def accumulate_micro_batch(engine: DPEngine, loss: EDMLoss, randomness: RecordRa
 
     ``images`` (uint8, the whole sensitive set, on the engine's device) and ``labels`` are indexed by
     ``batch.indices``; image ``batch.indices[j]``'s diffusion randomness comes from ``randomness`` keyed by
-    (``step``, that index), never by ``j`` (:meth:`EDMLoss.draw_per_record`). Returns the engine's :class:`~privimage.engine.StepStats` and the
-    (B·K,) row padding mask.
+    (``step``, that index), never by ``j`` (:meth:`EDMLoss.draw_per_record`). Returns the engine's
+    :class:`~privimage.engine.StepStats` and the (B·K,) row padding mask.
     """
     device = images.device
     idx = batch.indices.to(device)
