@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from privimage.randomness import RecordRandomness
+
 SIGMA_DATA = math.sqrt(1.0 / 3.0)
+
+#: Streams of :meth:`EDMLoss.draw_per_record`'s per-record draws: what record i draws at step t.
+LABEL_DROPOUT_STREAM, LOG_SIGMA_STREAM, NOISE_STREAM = 1, 2, 3
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -129,39 +133,42 @@ class EDMLoss:
         return labels, sigma, noise
 
     def draw_per_record(self, x: torch.Tensor, labels: torch.Tensor | None, *, num_classes: int = 0,
-                        generators: Iterable[torch.Generator | None]
+                        randomness: RecordRandomness, step: int, indices: torch.Tensor, is_padding: torch.Tensor
                         ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """:meth:`draw`, but image i's draws come from ``generators[i]`` alone (DP training, see below).
+        """:meth:`draw`, but image j's draws are record ``indices[j]``'s at ``step`` alone (DP training).
 
-        Each image draws, from its own generator and in this order: its label-dropout uniform (conditional
-        models with ``label_dropout > 0`` only), its K standard normals for ln σ, its K noise images. So
-        image i's draws never depend on which other images share its batch or where it sits in it: the
-        property DP-SGD's sensitivity bound needs (:class:`privimage.train.randomness.PerRecordRandomness`).
-        A ``None`` generator marks a padding row: no dropout, σ = exp(p_mean), zero noise (its clip factor is
-        0 anyway). One loop iteration per image, never per row.
+        Record i draws from ``randomness`` (:class:`privimage.randomness.RecordRandomness`) on three streams:
+        one uniform on :data:`LABEL_DROPOUT_STREAM` (used by conditional models with ``label_dropout > 0``),
+        K normals for ln σ on :data:`LOG_SIGMA_STREAM`, and K·C·H·W normals for its K noise images on
+        :data:`NOISE_STREAM`. So image j's draws depend on (key, step, indices[j]) only: not on which other
+        images share its batch, where it sits, or whether the dropout draw is used (the property DP-SGD's
+        sensitivity bound needs). A padding row (``is_padding[j]``) draws nothing: no dropout,
+        σ = exp(p_mean), zero noise (its clip factor is 0 anyway), whatever index it carries.
+
+        Everything is drawn vectorised on ``x``'s device, in the default dtype (like :meth:`draw`). Besides the
+        returned tensors, the call holds at most :class:`~privimage.randomness.RecordRandomness`'s per-chunk
+        temporaries plus, when some rows are padding, the real rows' noise before it is scattered.
         """
         B, K = x.shape[0], self.num_noise
-        dev = x.device
-        dropout = labels is not None and bool(num_classes) and self.label_dropout > 0
-        drop = torch.zeros(B, dtype=torch.bool, device=dev)
-        z = torch.zeros(B, K, device=dev)
-        noise = torch.zeros((B, K, *x.shape[1:]), device=dev)
-        count = 0
-        for i, gen in enumerate(generators):
-            count += 1
-            if i >= B:
-                break
-            if gen is None:
-                continue
-            if dropout:
-                drop[i] = torch.rand((), generator=gen, device=dev) < self.label_dropout
-            torch.randn(K, generator=gen, device=dev, out=z[i])
-            torch.randn((K, *x.shape[1:]), generator=gen, device=dev, out=noise[i])
-        if count != B:
-            raise ValueError(f"Expected one generator per image ({B}), got {count if count <= B else 'more'}.")
-        if dropout:
-            labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+        dev, dtype = x.device, torch.get_default_dtype()
+        indices, is_padding = torch.as_tensor(indices).to(dev), torch.as_tensor(is_padding).to(dev)
+        if indices.shape != (B,) or is_padding.shape != (B,) or is_padding.dtype != torch.bool:
+            raise ValueError(f"Expected one record index and one bool padding flag per image ({B}), got indices "
+                             f"of shape {tuple(indices.shape)} and is_padding of shape {tuple(is_padding.shape)} "
+                             f"({is_padding.dtype}).")
+        real = (~is_padding).nonzero().squeeze(1)
+        records, numel = indices[real], math.prod(x.shape[1:])
+        draw = dict(step=step, indices=records)
+        z = torch.zeros(B, K, dtype=dtype, device=dev)
+        z[real] = randomness.normal(stream=LOG_SIGMA_STREAM, n=K, dtype=dtype, **draw)
         sigma = (z.reshape(B * K) * self.p_std + self.p_mean).exp()
+        noise = randomness.normal(stream=NOISE_STREAM, n=K * numel, dtype=dtype, **draw)
+        if len(real) < B:
+            noise = torch.zeros(B, K * numel, dtype=dtype, device=dev).index_copy_(0, real, noise)
+        if labels is not None and num_classes and self.label_dropout > 0:
+            drop = torch.zeros(B, dtype=torch.bool, device=dev)
+            drop[real] = randomness.uniform(stream=LABEL_DROPOUT_STREAM, n=1, **draw)[:, 0] < self.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
         return labels, sigma, noise.reshape(B * K, *x.shape[1:])
 
     def compute(self, denoiser: nn.Module, x: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,

@@ -3,7 +3,5 @@
 from privimage.train.common import load_checkpoint, resolve_device, save_checkpoint
 from privimage.train.finetune import accumulate_micro_batch, finetune
 from privimage.train.pretrain import pretrain
-from privimage.train.randomness import PerRecordRandomness
 
-__all__ = ["PerRecordRandomness", "accumulate_micro_batch", "finetune", "load_checkpoint", "pretrain",
-           "resolve_device", "save_checkpoint"]
+__all__ = ["accumulate_micro_batch", "finetune", "load_checkpoint", "pretrain", "resolve_device", "save_checkpoint"]

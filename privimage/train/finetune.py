@@ -13,8 +13,9 @@ the total (ε, δ).
 
 Secret randomness (DESIGN.md "Privacy boundaries"). Three sources touch the sensitive records, all secret at
 a fresh start and all kept in the private checkpoint: the Poisson sampler's seed, the DP noise generator, and
-the loss's diffusion randomness (σ, noise images, label dropout), which :class:`PerRecordRandomness` keys by
-(secret key, step, record index), so adding or removing a record never changes another record's draws.
+the loss's diffusion randomness (σ, noise images, label dropout), which
+:class:`~privimage.randomness.RecordRandomness` keys by (secret key, stream, step, record index), so adding or
+removing a record never changes another record's draws.
 ``secure_noise=False`` derives all three from the public ``seed``: reproducible, for tests only, NOT private
 (the loop says so in its log, and the release's privacy statement says so).
 
@@ -52,9 +53,9 @@ from privimage.errors import RunDirError
 from privimage.models import UNet, UNetConfig
 from privimage.privacy import FINETUNE
 from privimage.progress import progress_bar
+from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
 from privimage.train.common import save_sample_grid
-from privimage.train.randomness import PerRecordRandomness
 
 __all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs"]
 
@@ -71,24 +72,24 @@ def finetune_outputs(run_dir: str | Path) -> list[Path]:
     return RunDir.of(run_dir).finetune_outputs()
 
 
-def accumulate_micro_batch(engine: DPEngine, loss: EDMLoss, randomness: PerRecordRandomness, *,
+def accumulate_micro_batch(engine: DPEngine, loss: EDMLoss, randomness: RecordRandomness, *,
                            images: torch.Tensor, labels: torch.Tensor | None, batch: PhysicalBatch, step: int,
                            num_classes: int, autocast: dict | None = None):
     """Add one physical micro-batch's clipped per-image gradients to ``engine`` (one ``engine.accumulate``).
 
     ``images`` (uint8, the whole sensitive set, on the engine's device) and ``labels`` are indexed by
     ``batch.indices``; image ``batch.indices[j]``'s diffusion randomness comes from ``randomness`` keyed by
-    (``step``, that index), never by ``j``. Returns the engine's :class:`~privimage.engine.StepStats` and the
-    (B·K,) row padding mask.
+    (``step``, that index), never by ``j`` (:meth:`EDMLoss.draw_per_record`). Returns the engine's
+    :class:`~privimage.engine.StepStats` and the (B·K,) row padding mask.
     """
     device = images.device
     idx = batch.indices.to(device)
     x = to_model_range(images[idx])
     y = labels[idx] if labels is not None and num_classes else None
-    records = [None if pad else int(i) for i, pad in zip(batch.indices.tolist(), batch.is_padding.tolist())]
-    drawn = loss.draw_per_record(x, y, num_classes=num_classes,
-                                 generators=randomness.generators(step, records, device))
-    pad_rows = loss.rows(batch.is_padding.to(device))
+    is_padding = batch.is_padding.to(device)
+    drawn = loss.draw_per_record(x, y, num_classes=num_classes, randomness=randomness, step=step, indices=idx,
+                                 is_padding=is_padding)
+    pad_rows = loss.rows(is_padding)
     autocast = autocast or {"device_type": device.type, "enabled": False}
 
     def loss_fn(model):
@@ -160,13 +161,17 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         if "loss_randomness" not in state:
             raise RunDirError(f"{ckpt_path} was written by an older privimage whose fine-tune drew its diffusion "
                              f"randomness from the public seed; it cannot be resumed privately. Start a new run.")
+        if not isinstance(state["loss_randomness"].get("key"), int):
+            raise RunDirError(f"{ckpt_path} was written by an older privimage whose per-record diffusion randomness "
+                             f"(one seeded generator per record) this version cannot replay, so the resumed steps "
+                             f"would be a second, uncounted release. Start a new run directory.")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sampler = PoissonSampler.from_state_dict(state["sampler"])
         noise_gen = torch.Generator(device)
         noise_gen.set_state(state["noise_generator"].cpu())
-        randomness = PerRecordRandomness.from_state_dict(state["loss_randomness"])
+        randomness = RecordRandomness.from_state_dict(state["loss_randomness"])
         budget.spent.clear()
         budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
         start, rows, nonfinite = state["step"], state["log"], state.get("num_nonfinite", 0)
@@ -177,7 +182,7 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
                                  seed=None if f.secure_noise else seed, secure=f.secure_noise)
         noise_gen = secure_generator(device) if f.secure_noise else torch.Generator(device).manual_seed(seed + 7)
-        randomness = PerRecordRandomness.fresh() if f.secure_noise else PerRecordRandomness.insecure_from_seed(seed)
+        randomness = RecordRandomness.secret() if f.secure_noise else RecordRandomness.from_public_seed(seed)
     if budget.spent.get(FINETUNE, 0) != start:
         raise RunDirError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
                          f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")

@@ -58,6 +58,13 @@ def exported(tmp_path_factory):
     return run
 
 
+def key_encodings(key: int) -> dict[str, bytes]:
+    """Every plausible way a 64-bit key could be written into a file."""
+    return {"decimal": str(key).encode(), "hex": f"{key:x}".encode(), "HEX": f"{key:X}".encode(),
+            "hex, 16 digits": f"{key:016x}".encode(), "HEX, 16 digits": f"{key:016X}".encode(),
+            "little-endian bytes": key.to_bytes(8, "little"), "big-endian bytes": key.to_bytes(8, "big")}
+
+
 def _json_paths(obj, prefix=()):
     """Every (key path, value) in a JSON document."""
     if isinstance(obj, dict):
@@ -101,10 +108,11 @@ def test_the_release_holds_the_ema_weights_config_and_privacy_statement_only(exp
 def test_no_secret_or_sensitive_statistic_is_in_any_released_file(exported):
     release = exported / "release"
     state = load_checkpoint(exported / "checkpoints" / "finetune.pt")
+    key = state["loss_randomness"]["key"]
+    assert isinstance(key, int) and state["loss_randomness"]["secure"]
     secrets = {"sampler seed": str(state["sampler"]["seed"]).encode(),
                "sampler seed (hex)": f"{state['sampler']['seed']:x}".encode(),
-               "diffusion key": state["loss_randomness"]["key"].encode(),
-               "diffusion key (bytes)": bytes.fromhex(state["loss_randomness"]["key"]),
+               **{f"diffusion key ({how})": value for how, value in key_encodings(key).items()},
                "noise generator state": bytes(state["noise_generator"][1000:1032].tolist())}
     secrets.update({f"logged loss {row['loss']}": repr(row["loss"]).encode() for row in state["log"]})
     for path in release.rglob("*"):

@@ -8,16 +8,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from scipy import stats
 
 from privimage.config import FinetuneConfig
 from privimage.data import load_dataset
 from privimage.diffusion import EDMDenoiser, EDMLoss, to_model_range
+from privimage.diffusion.edm import LABEL_DROPOUT_STREAM, LOG_SIGMA_STREAM, NOISE_STREAM
 from privimage.engine import DPEngine, Mechanism, PrivacyBudget
 from privimage.privacy import FINETUNE
 from privimage.engine.sampling import PhysicalBatch
 from privimage.models import UNet
 from privimage.models.unet import PRESETS
-from privimage.train import PerRecordRandomness, accumulate_micro_batch, finetune, load_checkpoint
+from privimage.randomness import CHUNK_WORDS, RecordRandomness
+from privimage.train import accumulate_micro_batch, finetune, load_checkpoint
 from privimage.train.common import step_generator
 
 UNET = replace(PRESETS["tiny"], nf=8, ch_mult=(1,), attn_resolutions=(8,), resolution=8, num_classes=5)
@@ -68,7 +71,7 @@ def test_adding_one_record_anywhere_in_a_micro_batch_moves_the_clipped_sum_by_at
         torch.manual_seed(0)
         denoiser = EDMDenoiser(UNet(UNET))
         loss = EDMLoss(num_noise=2, label_dropout=0.1)
-        randomness = PerRecordRandomness.fresh()
+        randomness = RecordRandomness.secret()
         images, labels, others, step = data.images[:9], data.labels[:9], list(range(8)), 3
 
         def keyed(records):
@@ -98,22 +101,93 @@ def test_adding_one_record_anywhere_in_a_micro_batch_moves_the_clipped_sum_by_at
         torch.set_default_dtype(default)
 
 
-def test_a_record_draws_the_same_wherever_it_sits_and_whoever_shares_its_batch():
-    loss = EDMLoss(num_noise=3, label_dropout=0.5)
-    randomness = PerRecordRandomness.insecure_from_seed(1)
-    x = torch.zeros(4, 1, 2, 2)
-    labels = torch.tensor([0, 1, 2, 3])
-    a = loss.draw_per_record(x, labels, num_classes=4, generators=randomness.generators(5, [10, 11, 12, 13]))
-    b = loss.draw_per_record(x[:3], labels[[2, 0, 3]], num_classes=4,
-                             generators=randomness.generators(5, [12, 99, 13]))
-    assert torch.equal(b[1][:3], a[1][6:9]) and torch.equal(b[2][6:9], a[2][9:12])  # record 12, then 13
-    assert b[0][0] == a[0][2]
-    padded = loss.draw_per_record(x[:2], labels[:2], num_classes=4, generators=[None, randomness.generator(5, 10)])
-    assert torch.equal(padded[2][:3], torch.zeros(3, 1, 2, 2)) and torch.equal(padded[1][3:], a[1][:3])
-    with pytest.raises(ValueError, match="one generator per image"):
-        loss.draw_per_record(x, labels, num_classes=4, generators=randomness.generators(5, [1, 2]))
-    other_step = loss.draw_per_record(x, labels, num_classes=4, generators=randomness.generators(6, [10, 11, 12, 13]))
-    assert not torch.equal(other_step[2], a[2])
+def _draw(loss, randomness, records, *, step=5, pad=(), x=None, labels=None, num_classes=4):
+    """draw_per_record for images of ``records`` (padding rows at the positions ``pad``, carrying index 0)."""
+    B = len(records)
+    x = torch.zeros(B, 1, 2, 3) if x is None else x
+    labels = torch.tensor([r % max(num_classes, 1) for r in records]) if labels is None else labels
+    is_padding = torch.tensor([j in pad for j in range(B)])
+    indices = torch.where(is_padding, 0, torch.tensor(records))
+    return loss.draw_per_record(x, labels, num_classes=num_classes, randomness=randomness, step=step,
+                                indices=indices, is_padding=is_padding)
+
+
+def _per_image(drawn, K):
+    """(labels, σ (B, K), noise (B, K, C, H, W)) of a draw."""
+    labels, sigma, noise = drawn
+    return labels, sigma.reshape(-1, K), noise.reshape(-1, K, *noise.shape[1:])
+
+
+def test_a_record_draws_the_same_wherever_it_sits_and_whoever_shares_its_batch(monkeypatch):
+    """Alone or in a batch, in any order, across chunk boundaries: image j's draws are record indices[j]'s."""
+    K, loss = 3, EDMLoss(num_noise=3, label_dropout=0.5)
+    randomness = RecordRandomness.from_public_seed(1)
+    records = list(range(10, 30))
+    labels, sigma, noise = _per_image(_draw(loss, randomness, records), K)
+    assert 0 < int((labels == 4).sum()) < len(records)   # some dropped, some not: the comparisons below bite
+    for others in ([17], [29, 12, 17], [17, 99, 3, 12]):
+        l2, s2, n2 = _per_image(_draw(loss, randomness, others), K)
+        for j, record in enumerate(others):
+            if record in records:
+                i = records.index(record)
+                assert l2[j] == labels[i] and torch.equal(s2[j], sigma[i]) and torch.equal(n2[j], noise[i])
+    # chunks of 2 blocks: a record's 18 noise words are cut inside it and records are split between chunks
+    monkeypatch.setitem(CHUNK_WORDS, "cpu", 8)
+    chunked = _per_image(_draw(loss, randomness, records), K)
+    assert all(torch.equal(a, b) for a, b in zip(chunked, (labels, sigma, noise)))
+    # the contract, stated in the streams: record i's noise images are its normals on NOISE_STREAM, etc.
+    idx = torch.tensor(records)
+    assert torch.equal(noise.flatten(1), randomness.normal(stream=NOISE_STREAM, step=5, indices=idx, n=K * 6))
+    z = randomness.normal(stream=LOG_SIGMA_STREAM, step=5, indices=idx, n=K)
+    assert torch.allclose(sigma, (z * loss.p_std + loss.p_mean).exp())
+    drop = randomness.uniform(stream=LABEL_DROPOUT_STREAM, step=5, indices=idx, n=1)[:, 0] < 0.5
+    assert torch.equal(labels == 4, drop)
+
+
+def test_padding_rows_draw_nothing_and_take_nothing_from_the_others():
+    K, loss = 2, EDMLoss(num_noise=2, label_dropout=0.5)
+    randomness = RecordRandomness.from_public_seed(2)
+    labels, sigma, noise = _per_image(_draw(loss, randomness, [4, 5, 6, 7]), K)
+    for pad in ([1], [0, 3], [2, 3], [0, 1, 2, 3]):
+        l2, s2, n2 = _per_image(_draw(loss, randomness, [4, 5, 6, 7], pad=pad), K)
+        for j in range(4):
+            if j in pad:  # no dropout, σ = exp(p_mean), zero noise, whatever index the row carries
+                assert l2[j] == (4 + j) % 4 and torch.all(s2[j] == torch.tensor(loss.p_mean).exp())
+                assert not n2[j].any()
+            else:
+                assert l2[j] == labels[j] and torch.equal(s2[j], sigma[j]) and torch.equal(n2[j], noise[j])
+    with pytest.raises(ValueError, match="one record index and one bool padding flag per image"):
+        loss.draw_per_record(torch.zeros(3, 1, 2, 2), None, randomness=randomness, step=0,
+                             indices=torch.arange(2), is_padding=torch.zeros(2, dtype=torch.bool))
+
+
+def test_steps_streams_and_the_dropout_switch_are_separate():
+    K, randomness = 2, RecordRandomness.from_public_seed(3)
+    records = list(range(8))
+    with_dropout = _draw(EDMLoss(num_noise=K, label_dropout=0.5), randomness, records)
+    without = _draw(EDMLoss(num_noise=K, label_dropout=0.0), randomness, records)
+    unconditional = _draw(EDMLoss(num_noise=K, label_dropout=0.5), randomness, records, num_classes=0)
+    assert not torch.equal(with_dropout[0], without[0]) and not unconditional[0].any()  # no class 0 dropped
+    for other in (without, unconditional):  # σ and noise do not shift when the dropout draw is skipped
+        assert torch.equal(other[1], with_dropout[1]) and torch.equal(other[2], with_dropout[2])
+    next_step = _draw(EDMLoss(num_noise=K, label_dropout=0.5), randomness, records, step=6)
+    assert not torch.equal(next_step[1], with_dropout[1]) and not torch.equal(next_step[2], with_dropout[2])
+    # σ's normals and the noise's are different streams: on one stream they would be the same first K words
+    z = (with_dropout[1].log() - EDMLoss().p_mean) / EDMLoss().p_std
+    first_noise = with_dropout[2].reshape(len(records), -1)[:, :K].flatten()
+    assert not torch.allclose(z, first_noise, atol=1e-3)
+
+
+def test_per_record_draws_have_the_loss_distributions():
+    """ln σ ~ N(p_mean, p_std²), unit normal noise, label dropout at its rate, over 3000 records (KS, binomial)."""
+    loss, randomness = EDMLoss(num_noise=2, label_dropout=0.2), RecordRandomness.from_public_seed(4)
+    records = list(range(3000))
+    labels, sigma, noise = _draw(loss, randomness, records, x=torch.zeros(3000, 1, 2, 2),
+                                 labels=torch.zeros(3000, dtype=torch.long))
+    assert stats.kstest(sigma.log().double().numpy(), "norm", args=(loss.p_mean, loss.p_std)).pvalue > 1e-3
+    assert stats.kstest(noise.flatten().double().numpy(), "norm").pvalue > 1e-3
+    assert stats.kstest(1.1 * noise.flatten().double().numpy(), "norm").pvalue < 1e-6
+    assert stats.binomtest(int((labels == 4).sum()), 3000, 0.2).pvalue > 1e-3
 
 
 def _budget(steps=4):
@@ -133,11 +207,21 @@ def test_secure_fine_tunes_draw_a_fresh_secret_key_and_keep_it_in_the_checkpoint
     keys = [load_checkpoint(_run(tmp_path / name, data, secure=True, stop_at_step=1))["loss_randomness"]
             for name in ("a", "b")]
     assert keys[0]["secure"] and keys[1]["secure"] and keys[0]["key"] != keys[1]["key"]
-    assert PerRecordRandomness.insecure_from_seed(5).state_dict()["key"] not in (keys[0]["key"], keys[1]["key"])
-    assert "key" not in repr(PerRecordRandomness.from_state_dict(keys[0]))
+    assert RecordRandomness.from_public_seed(5).state_dict()["key"] not in (keys[0]["key"], keys[1]["key"])
+    assert str(keys[0]["key"]) not in repr(RecordRandomness.from_state_dict(keys[0]))
     messages = []
     _run(tmp_path / "c", data, stop_at_step=1, log=messages.append)
     assert any("NOT private" in m for m in messages)
+
+
+@pytest.mark.usefixtures("cheap_epsilon")
+def test_a_checkpoint_with_the_old_key_format_is_refused_on_resume(tmp_path, data):
+    """Per-record BLAKE2b generators (a 32-byte hex key) cannot be replayed: resuming would re-release steps."""
+    ckpt = _run(tmp_path, data, stop_at_step=1)
+    state = load_checkpoint(ckpt)
+    torch.save({**state, "loss_randomness": {"key": "ab" * 32, "secure": True}}, ckpt)
+    with pytest.raises(ValueError, match="cannot replay"):
+        _run(tmp_path, data, resume=True)
 
 
 def _ledger(run_dir) -> int:

@@ -1,0 +1,58 @@
+"""Sampling a GAN generator: one forward per image, each image's latent from its own (seed, index) draw.
+
+Image i's latent is the counter-based draw (seed, i) of :class:`~privimage.randomness.RecordRandomness`
+(a public seed: samples are publishable), so image i is the same whether it is drawn alone or in a batch of
+thousands, and any prefix of a larger draw is the same images (the diffusion sampler's per-image seeds).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from privimage.diffusion.edm import to_uint8
+from privimage.gan.steps import generate
+from privimage.io import save_png_grid
+from privimage.randomness import RecordRandomness
+
+__all__ = ["sample_gan", "sample_gan_in_batches", "save_gan_grid"]
+
+_SAMPLE_STREAM = 3
+
+
+def sample_gan(generator: nn.Module, *, indices: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Images (float, [-1, 1]) numbered ``indices`` of the draw ``seed``, with class ``labels`` (None if
+    unconditional)."""
+    z = RecordRandomness.from_public_seed(seed).normal(stream=_SAMPLE_STREAM, step=0, indices=indices,
+                                                       n=generator.config.z_dim)
+    return generate(generator, z.to(device), None if labels is None else labels.to(device))
+
+
+def sample_gan_in_batches(generator: nn.Module, *, num: int, seed: int = 0, batch_size: int = 256,
+                          device: torch.device | str = "cpu", progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` uint8 images with balanced labels (``i % num_classes``; zeros if unconditional)."""
+    k = generator.config.num_classes
+    labels = torch.arange(num) % max(k, 1)
+    out = []
+    for start in range(0, num, batch_size):
+        stop = min(num, start + batch_size)
+        y = labels[start:stop] if k else None
+        out.append(to_uint8(sample_gan(generator, indices=torch.arange(start, stop), labels=y, seed=seed,
+                                       device=device)).cpu())
+        if progress is not None:
+            progress.update(stop - start)
+    return torch.cat(out), labels if k else torch.zeros(num, dtype=torch.long)
+
+
+def save_gan_grid(generator: nn.Module, path: str | os.PathLike, *, per_class: int = 8, seed: int = 0,
+                  device: torch.device | str = "cpu") -> None:
+    """A PNG grid: one row of ``per_class`` samples per class (8 rows if unconditional)."""
+    k = generator.config.num_classes
+    rows = k if k else 8
+    labels = torch.arange(rows * per_class) // per_class
+    x = sample_gan(generator, indices=torch.arange(rows * per_class), labels=labels if k else None, seed=seed,
+                   device=device)
+    save_png_grid(to_uint8(x).cpu(), path, nrow=per_class)

@@ -1,0 +1,202 @@
+"""DP fine-tuning of the pre-trained GAN on the sensitive images (PRIVIMAGE+G; DPImageBench's DP-GAN).
+
+Discriminator step t (the DP mechanism, one release per step):
+
+1. a Poisson sample of the sensitive set (rate q, the sampling the accountant assumes), cut into fixed-size
+   physical micro-batches with a padding mask (:class:`~privimage.engine.PoissonSampler`);
+2. for each drawn record i, a fake image G(z_i, y'_i) with z_i, y'_i keyed by (secret key, t, i)
+   (:mod:`privimage.randomness`; generator in eval mode, no gradient);
+3. the engine clips the gradient of each PAIR's hinge loss (record i and its fake, :mod:`privimage.gan.losses`)
+   to C, sums, and — after the ledger has recorded the release (``budget.spend`` raises rather than
+   overspend) — adds N(0, σ²C²) once and divides by the public expected batch size q·N; Adam steps.
+
+Generator step, after every ``d_steps_per_g_step`` discriminator steps: Adam on the mean hinge loss
+−D(G(z, y), y) over latents from a PUBLIC stream seeded by (seed, t), with the discriminator frozen; then
+the EMA follows. This is post-processing and costs no privacy: the generator's loss reads only the
+discriminator's parameters — each a function of the DP releases so far — and data-independent latents;
+no sensitive record, secret draw or un-noised gradient enters the generator's update, so the generator
+(and its EMA, and every sample from it) is a function of the DP releases. The ledger therefore counts
+discriminator steps only: σ, q and the number of steps come from the run's budget plan (FINETUNE), which
+the pipeline calibrates together with the semantic query.
+
+What is secret (checkpoint only, never in the release): the Poisson sampler's seed, the DP noise
+generator's state and the per-record draws' key. ``secure=False`` derives all three from the public
+``seed``: reproducible for tests, and NOT private.
+
+Order on disk: ``budget.json`` (the ledger) is written before the checkpoint, the logs and any sample grid
+of the same step, so no file derived from a release exists that the ledger on disk does not count.
+
+Exact resume: the checkpoint holds both networks, the EMA, both optimizers, the sampler (its seed: step t's
+batch is a function of (seed, t)), the noise generator's state, the draws' key, the ledger and the log; the
+per-record draws and the generator steps' latents are functions of the step. A resumed run repeats the
+uninterrupted run bit for bit; steps computed after the last checkpoint but never saved are recomputed
+with the same randomness, so they are the same release, not a second one.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from privimage.diffusion import to_model_range
+from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
+from privimage.privacy import FINETUNE
+from privimage.gan.losses import pair_groups, paired_rows
+from privimage.gan.sampling import save_gan_grid
+from privimage.gan.steps import GANTrainState, check_training_data, generator_update, record_fakes
+from privimage.io import save_json
+from privimage.models.gan import GANConfig
+from privimage.progress import progress_bar
+from privimage.randomness import RecordRandomness
+from privimage.train.common import load_checkpoint, save_checkpoint, step_generator, write_csv
+from privimage.train.gan_pretrain import expect_kind
+
+__all__ = ["GAN_FINETUNE_STREAMS", "finetune_gan"]
+
+# step_generator streams (second seed part) of the public generator steps and, with secure=False only,
+# of the test-mode noise; distinct from every other loop's.
+GAN_FINETUNE_STREAMS = {"generator": 21, "insecure_noise": 22}
+
+
+def finetune_gan(run_dir: str | Path, *,
+                 images: torch.Tensor,              # uint8 (N, C, H, W): the sensitive training set
+                 labels: torch.Tensor,              # (N,) class ids
+                 gan: GANConfig,
+                 budget: PrivacyBudget,             # its FINETUNE plan: σ, q, number of discriminator steps
+                 init_state: dict | None,           # pretrained_init(...) or None (no pre-training)
+                 physical_batch_size: int = 64,     # rows per micro-batch (memory), NOT the logical batch
+                 max_grad_norm: float = 1e-3,       # C (DPImageBench's DP-GAN: 1e-3)
+                 d_lr: float = 5e-4,
+                 g_lr: float = 2e-4,
+                 betas: tuple[float, float] = (0.0, 0.999),
+                 d_steps_per_g_step: int = 5,       # n_D
+                 g_batch_size: int | None = None,   # fakes per generator step; None: round(q·N) (public)
+                 ema_decay: float = 0.999,
+                 method: str = "bk-mixed",          # DPEngine method
+                 seed: int = 0,                     # public; with secure=False also every secret (tests)
+                 device: torch.device | str = "cpu",
+                 compile: bool = False,             # DPEngine(compile=...) for the discriminator step
+                 secure: bool = True,               # secret sampler seed, noise and per-record draws
+                 checkpoint_every: int = 10,
+                 log_every: int = 1,
+                 sample_every: int = 0,
+                 resume: bool = False,              # continue from checkpoints/finetune.pt
+                 stop_at_step: int | None = None,   # stop (after checkpointing) here, as if interrupted
+                 config: dict | None = None,
+                 log=print) -> Path:
+    """DP fine-tune on the sensitive ``images``/``labels``; returns ``checkpoints/finetune.pt``.
+
+    The checkpoint (private) holds {"kind": "gan-finetune", "step", "steps", "generator", "discriminator",
+    "ema", "optimizer_g", "optimizer_d", "sampler", "noise_generator", "record_randomness", "budget", "gan",
+    "log", "config"}; ``budget.json`` the ledger; ``logs/finetune.csv`` the log (its ``d_loss`` is computed
+    from sensitive data without noise: a diagnostic, not for publication).
+
+    Raises:
+        ValueError: images/labels that do not fit ``gan``, an ``init_state`` of another architecture, or a
+            ledger that disagrees with the checkpoint's step (privacy would be miscounted).
+    """
+    run_dir = Path(run_dir)
+    device = torch.device(device)
+    ckpt_path = run_dir / "checkpoints" / "finetune.pt"
+    check_training_data(images, labels, gan, "sensitive training set")
+    if not (isinstance(d_steps_per_g_step, int) and d_steps_per_g_step >= 1):
+        raise ValueError(f"Expected d_steps_per_g_step={d_steps_per_g_step} to be an integer >= 1.")
+    plan = budget.plan[FINETUNE]
+    n = len(images)
+    sample_rate, steps, sigma = plan.sample_rate, plan.count, plan.noise_multiplier
+    expected = sample_rate * n
+    g_batch = g_batch_size if g_batch_size is not None else max(1, round(expected))
+    torch.manual_seed(seed)
+    if init_state is not None and init_state.get("gan", gan.to_dict()) != gan.to_dict():
+        raise ValueError(f"The pre-trained GAN's architecture {init_state['gan']} differs from the fine-tune's "
+                         f"{gan.to_dict()}.")
+    nets = GANTrainState(gan, init=init_state, d_lr=d_lr, g_lr=g_lr, betas=betas, ema_decay=ema_decay, device=device)
+    G, D, ema, opt_g, opt_d = nets.G, nets.D, nets.ema, nets.opt_g, nets.opt_d
+    sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=physical_batch_size,
+                             seed=None if secure else seed, secure=secure)
+    noise_gen = (secure_generator(device) if secure else
+                 step_generator(seed, GAN_FINETUNE_STREAMS["insecure_noise"], device=device))
+    draws = RecordRandomness.secret() if secure else RecordRandomness.from_public_seed(seed)
+    start, rows, g_loss = 0, [], None  # g_loss: the latest generator step's (None before the first)
+    if resume:
+        state = load_checkpoint(ckpt_path, map_location=device)
+        expect_kind(state, "gan-finetune", ckpt_path)
+        nets.load_state_dict(state)
+        sampler = PoissonSampler.from_state_dict(state["sampler"])
+        noise_gen.set_state(state["noise_generator"].cpu())
+        draws = RecordRandomness.from_state_dict(state["record_randomness"])
+        budget.spent.clear()
+        budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
+        start, rows, g_loss = state["step"], state["log"], state["g_loss"]
+        log(f"finetune (GAN): resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
+    if budget.spent.get(FINETUNE, 0) != start:
+        raise ValueError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
+                         f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
+    engine = DPEngine(D, max_grad_norm=max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
+                      method=method, generator=noise_gen, compile=compile)
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    images_dev, labels_dev = images.to(device), labels.to(device).long()
+    groups = pair_groups(physical_batch_size, device)
+
+    def persist_ledger() -> None:
+        save_json(budget.state_dict(), run_dir / "budget.json")
+
+    def checkpoint(step: int) -> None:
+        persist_ledger()
+        save_checkpoint({"kind": "gan-finetune", "step": step, "steps": steps, **nets.state_dict(),
+                         "sampler": sampler.state_dict(), "noise_generator": noise_gen.get_state(),
+                         "record_randomness": draws.state_dict(), "budget": budget.state_dict(),
+                         "gan": gan.to_dict(), "log": rows, "g_loss": g_loss, "config": config}, ckpt_path)
+        write_csv(rows, run_dir / "logs" / "finetune.csv")
+
+    bar = progress_bar(steps, desc=f"DP fine-tune GAN (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
+                       initial=start)
+    t_last, n_last, done = time.perf_counter(), 0, start
+    for batch in sampler.logical_batches(n, start_step=start):
+        if stop_at_step is not None and batch.step >= stop_at_step:
+            break
+        d_loss_sum = torch.zeros((), device=device)
+        for phys in batch.physical:
+            real = to_model_range(images_dev[phys.indices.to(device)])
+            y = labels_dev[phys.indices.to(device)] if gan.num_classes else None
+            fake, y_fake = record_fakes(G, draws, step=batch.step, indices=phys.indices, device=device)
+            pad = phys.is_padding.to(device).repeat(2)
+
+            def loss_fn(model, real=real, y=y, fake=fake, y_fake=y_fake):
+                with torch.autocast(**amp):
+                    return paired_rows(model, real, y, fake, y_fake)
+
+            stats = engine.accumulate(loss_fn, is_padding=pad, groups=groups)
+            d_loss_sum = d_loss_sum + torch.where(pad, 0.0, stats.losses.detach().float()).sum()
+        budget.spend(FINETUNE)          # recorded (and checked) before the noisy gradient exists
+        engine.finalize()
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        done = batch.step + 1
+        if done % d_steps_per_g_step == 0:
+            g_rng = step_generator(seed, GAN_FINETUNE_STREAMS["generator"], batch.step, device=device)
+            g_loss = round(generator_update(G, D, opt_g, batch_size=g_batch, chunk=physical_batch_size, rng=g_rng,
+                                            amp=amp), 6)
+            ema.update(G)
+        n_last += batch.size
+        if done % log_every == 0 or done == steps:
+            now = time.perf_counter()
+            ips = n_last / max(now - t_last, 1e-9)
+            eps = budget.epsilon_spent().upper
+            d_loss = round(float(d_loss_sum) / max(batch.size, 1), 6)
+            rows.append({"step": done, "d_loss": d_loss, "g_loss": g_loss, "epsilon": round(eps, 4),
+                         "images_per_s": round(ips, 2), "sigma": sigma, "d_lr": d_lr, "g_lr": g_lr})
+            bar.set_postfix(d_loss=d_loss, g_loss=g_loss, eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
+            t_last, n_last = now, 0
+        bar.update()
+        if sample_every and done % sample_every == 0:
+            persist_ledger()
+            save_gan_grid(ema.module, run_dir / "samples" / f"finetune-{done:06d}.png", seed=seed, device=device)
+        if done % checkpoint_every == 0 or done == steps:
+            checkpoint(done)
+    bar.close()
+    engine.close()
+    checkpoint(done)
+    return ckpt_path
