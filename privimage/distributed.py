@@ -18,6 +18,9 @@ What runs where (the contract of this version):
   checkpoint holds what one process would hold (rank 0's noise generator; the sampler and the diffusion
   randomness are the same on every rank), so a run resumes under any world size.
 
+The fine-tune asserts every ``PRIVIMAGE_DIST_CHECK_EVERY`` steps (default 100; the tests use 1) that the
+replicas' weights are bit-identical (:func:`privimage.engine.distributed.check_replicas`).
+
 The secret seeds (the Poisson sampler's, the diffusion randomness key) travel from rank 0 to the others in
 memory, through the process group, never through a file.
 """
@@ -93,6 +96,11 @@ def init_from_env(backend: str | None = None) -> Launch | None:
     _LAUNCH = Launch(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                      backend=dist.get_backend(), group=dist.group.WORLD)
     return _LAUNCH
+
+
+def check_every() -> int:
+    """Steps between the fine-tune's replica checks (``PRIVIMAGE_DIST_CHECK_EVERY``, default 100; 0: never)."""
+    return int(os.environ.get("PRIVIMAGE_DIST_CHECK_EVERY", "100"))
 
 
 def current() -> Launch | None:

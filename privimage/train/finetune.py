@@ -203,7 +203,8 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         randomness = type(randomness).from_state_dict(dp_distributed.broadcast_from_rank0(randomness.state_dict(),
                                                                                           group))
     engine = DPEngine(denoiser, max_grad_norm=f.max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=f.method, generator=noise_gen, compile=f.compile, process_group=group)
+                      method=f.method, generator=noise_gen, compile=f.compile, process_group=group,
+                      check_every=distributed.check_every())
     loss = EDMLoss(num_noise=f.num_noise, label_dropout=f.label_dropout)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     num_classes = unet.num_classes

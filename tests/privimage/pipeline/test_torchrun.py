@@ -22,7 +22,8 @@ CONFIG = {"base": "test", "finetune": {"epochs": 1}}  # 4 fine-tune steps
 def _torchrun(*args, cache, timeout=240):
     """``torchrun --standalone --nproc_per_node=2 -m privimage ARGS``; the whole process group is killed on a
     timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120",
+           "PRIVIMAGE_DIST_CHECK_EVERY": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "privimage",
            *map(str, args)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
