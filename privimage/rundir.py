@@ -200,7 +200,6 @@ class RunDir:
         d = self._read(self.config_path, lambda p: json.loads(p.read_bytes()), "make one with `privimage run`", fix)
         if not isinstance(d, dict) or not isinstance(d.get("data", {}), dict):
             raise RunDirError(f"{self.config_path} does not hold a run config (a JSON object); {fix}.")
-        d.pop("launch", None)
         data = d.setdefault("data", {})
         for key in ("name", "root"):
             data.pop(key, None)
