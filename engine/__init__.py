@@ -9,6 +9,7 @@ or diffusion: usable alone in anyone's DP training code. Modules, in the order a
   to its per-sample norms, by a cost model), :mod:`.layers` (the per-layer rules), :mod:`.clipping` (norms,
   clip factors, clipped sums), :mod:`.compiled` (the same as compiled regions), :mod:`.loop` (the reference
   method), :mod:`.noise` (the Gaussian mechanism);
+* :mod:`.distributed`: the same step over a torch.distributed group (``DPEngine(..., process_group=...)``);
 * :mod:`.optimizer` (``make_private``), :mod:`.checker` (``check_per_sample_norms``);
 * :mod:`.accounting` (ε of compositions, σ calibration), :mod:`.budget` (the plan and ledger of one (ε, δ)).
 """

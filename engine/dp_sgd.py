@@ -40,6 +40,10 @@ Public vs private: ``max_grad_norm``, ``noise_multiplier`` and ``expected_batch_
 parameters; the drawn batch size is private and is never used as the divisor (a Poisson batch's size leaks
 membership). ``StepStats`` counts are private too: log them only in aggregate.
 
+Many processes (``process_group=``): the ranks of a torch.distributed group compute one logical batch
+together (each its slice), one all-reduce sums their clipped sums and the noise is drawn once, by rank 0:
+:mod:`privimage.engine.distributed` (contract, maths, a 20-line example).
+
 Compile (``compile=True``, bk-mixed only; opt-in): the forward and stages 2 and 3 run as compiled graphs;
 what stays eager and why: :mod:`privimage.engine.compiled`. Precision: under bf16 autocast the layers run in
 bf16; norms and sums run with autocast off and accumulate in float32 (:mod:`privimage.engine.clipping`).
@@ -79,12 +83,15 @@ class StepStats:
 
     ``losses``, ``norms`` and ``clip_factors`` are per-row / per-sample tensors (accumulate only; None in
     finalize). ``num_samples`` counts non-padding samples, ``num_nonfinite`` the samples whose gradient held
-    NaN/inf and were dropped (they contribute zero). Both are private data: log them only in aggregate.
+    NaN/inf and were dropped (they contribute zero), ``loss_sum`` (finalize) the sum of the non-padding rows'
+    losses. All are private data: log them only in aggregate. Under a process group, finalize's counts are
+    the whole logical batch's (summed over the ranks).
     """
 
     num_samples: int | torch.Tensor
     num_nonfinite: int | torch.Tensor
     losses: torch.Tensor | None = None
+    loss_sum: float | None = None  # finalize only: the logical batch's summed non-padding row losses
     norms: torch.Tensor | None = None
     clip_factors: torch.Tensor | None = None
 
@@ -121,6 +128,13 @@ class DPEngine:
         cost_model: the cost model's coefficients: a :class:`~privimage.engine.plan.CostModel`, or the path
             of a JSON file of measured coefficients per device (:meth:`CostModel.load`); default: the
             built-in coefficients for the model's device.
+        process_group: a ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD``) whose ranks
+            compute one logical batch together: each rank accumulates its slice, :meth:`finalize` all-reduces
+            the clipped sums once and the noise is drawn once, on the group's rank 0 from ITS ``generator``
+            (std σC for any world size). Construction refuses ranks whose settings or parameters differ.
+            Contract, maths and an example: :mod:`privimage.engine.distributed`. ``None``: one process.
+        check_every: with a process group, assert every this many finalize calls that the parameters are
+            bit-identical on every rank (a 64-bit fingerprint, one tiny all-gather); ``None`` or 0: never.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -136,7 +150,8 @@ class DPEngine:
                  expected_batch_size: float, method: str = "bk-mixed",
                  generator: torch.Generator | None = None, compile: bool = False,
                  compile_backend: str = "inductor", norm_strategy: str = "auto",
-                 cost_model: CostModel | str | os.PathLike | None = None):
+                 cost_model: CostModel | str | os.PathLike | None = None, process_group=None,
+                 check_every: int | None = 100):
         if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"Expected max_grad_norm={max_grad_norm} finite and > 0.")
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
@@ -175,7 +190,21 @@ class DPEngine:
                               on_grad=self._reduce_early)
         self._regions = CompiledRegions(compile_backend) if self.compile else None
         self._grouping = None  # the step's Grouping while its backward runs
+        self.check_every = int(check_every or 0)
+        self._reducer = self._join(process_group) if process_group is not None else None
+        self._finalized = 0
         self._reset()
+
+    def _join(self, group):
+        """The one all-reduce per step over ``group``, after refusing ranks that disagree (settings, weights)."""
+        from privimage.engine import distributed
+
+        reducer = distributed.GradientReducer(group)
+        distributed.check_backend_device(self.params, group)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        distributed.refuse_mismatch(distributed.engine_settings(self, named), group, "the DP engine's settings")
+        distributed.check_replicas(self.params, group, "initial parameters")
+        return reducer
 
     # ---- the mechanism ------------------------------------------------------------------------------------
 
@@ -208,6 +237,7 @@ class DPEngine:
             norms, c, finite, num_real, num_nonfinite = self._norms_and_clip(layers, grouping, dtype, losses.device)
             self._num_samples = self._num_samples + num_real
             self._num_nonfinite = self._num_nonfinite + num_nonfinite
+            self._loss_sum = self._loss_sum + self._masked_total(losses.detach().to(dtype), grouping)
             # Σ_i c_i g_i, added to the logical batch's sums
             for clipped in self._clipped_sums(layers, losses, grouping, c, finite):
                 for p, g in clipped.items():
@@ -224,11 +254,20 @@ class DPEngine:
         tensors = tuple(self._sums[p] if p in self._sums else
                         torch.zeros(p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device)
                         for p in self.params)
-        noisy = add_gaussian_noise(ClippedSum(tensors, l2_sensitivity=self.max_grad_norm),
-                                   noise_multiplier=self.noise_multiplier, generator=self.generator)
-        for p, t in zip(self.params, noisy):
+        counts = (self._num_samples, self._num_nonfinite, self._loss_sum)
+        reducer = self._reducer
+        if reducer is not None and self.check_every and self._finalized and self._finalized % self.check_every == 0:
+            from privimage.engine.distributed import check_replicas
+            check_replicas(self.params, reducer.group)
+        if reducer is None or reducer.is_noise_rank:  # the noise is drawn once, by one rank
+            tensors = add_gaussian_noise(ClippedSum(tensors, l2_sensitivity=self.max_grad_norm),
+                                         noise_multiplier=self.noise_multiplier, generator=self.generator)
+        if reducer is not None:  # Σ_ranks (every rank's clipped sum; rank 0's with the noise)
+            tensors, counts = reducer.all_reduce(tensors, counts)
+        for p, t in zip(self.params, tensors):
             p.grad = (t / self.expected_batch_size).to(p.dtype)
-        stats = StepStats(num_samples=int(self._num_samples), num_nonfinite=int(self._num_nonfinite))
+        self._finalized += 1
+        stats = StepStats(num_samples=int(counts[0]), num_nonfinite=int(counts[1]), loss_sum=float(counts[2]))
         if stats.num_nonfinite:
             logger.warning("DP step dropped %d sample(s) whose gradient was NaN/inf (they contribute zero).",
                            stats.num_nonfinite)
@@ -239,7 +278,7 @@ class DPEngine:
         """``accumulate`` then ``finalize``: one logical batch in one physical batch."""
         stats = self.accumulate(loss_fn, is_padding=is_padding, groups=groups)
         final = self.finalize()
-        stats.num_samples, stats.num_nonfinite = final.num_samples, final.num_nonfinite
+        stats.num_samples, stats.num_nonfinite, stats.loss_sum = final.num_samples, final.num_nonfinite, final.loss_sum
         return stats
 
     def close(self) -> None:
@@ -332,6 +371,7 @@ class DPEngine:
                                               self.max_grad_norm)
         self._num_samples = self._num_samples + real.sum()
         self._num_nonfinite = self._num_nonfinite + (~finite & real).sum()
+        self._loss_sum = self._loss_sum + self._masked_total(losses.detach().to(dtype), grouping)
         for p, g in loop.clipped_sum(grads, c, finite, self.params).items():
             self._add(p, g)
         return StepStats(num_samples=self._num_samples, num_nonfinite=self._num_nonfinite,
@@ -364,3 +404,4 @@ class DPEngine:
         self._sums: dict[nn.Parameter, torch.Tensor] = {}
         self._num_samples = 0
         self._num_nonfinite = 0
+        self._loss_sum = 0.0

@@ -40,6 +40,12 @@ class LogicalBatch:
     size: int  # the number of examples drawn: sensitive, for logs only, never a divisor
     physical: tuple[PhysicalBatch, ...]
 
+    def indices(self) -> torch.Tensor:
+        """The drawn examples' indices, in order (the non-padding rows of every micro-batch)."""
+        if not self.physical:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat([b.indices[~b.is_padding] for b in self.physical])
+
 
 @dataclass(frozen=True)
 class PoissonSampler:
@@ -111,10 +117,21 @@ class PoissonSampler:
         return sampler
 
     def _split(self, chosen: torch.Tensor) -> tuple[PhysicalBatch, ...]:
-        size = self.physical_batch_size
-        n_batches = max(1, -(-len(chosen) // size))
-        padded = torch.zeros(n_batches * size, dtype=torch.long)
-        padded[: len(chosen)] = chosen
-        is_padding = torch.arange(n_batches * size) >= len(chosen)
-        return tuple(PhysicalBatch(padded[i * size:(i + 1) * size], is_padding[i * size:(i + 1) * size])
-                     for i in range(n_batches))
+        return split_physical(chosen, self.physical_batch_size)
+
+
+def split_physical(chosen: torch.Tensor, physical_batch_size: int, *,
+                   min_batches: int = 1) -> tuple[PhysicalBatch, ...]:
+    """``chosen`` indices cut into micro-batches of ``physical_batch_size`` rows, the last padded (flagged).
+
+    At least ``min_batches`` micro-batches (all padding when ``chosen`` is empty): the sampler keeps one, so a
+    step with an empty Poisson batch still runs; a rank's share of a distributed batch
+    (:mod:`privimage.engine.distributed`) may be none at all.
+    """
+    size = physical_batch_size
+    n_batches = max(min_batches, -(-len(chosen) // size))
+    padded = torch.zeros(n_batches * size, dtype=torch.long)
+    padded[: len(chosen)] = chosen
+    is_padding = torch.arange(n_batches * size) >= len(chosen)
+    return tuple(PhysicalBatch(padded[i * size:(i + 1) * size], is_padding[i * size:(i + 1) * size])
+                 for i in range(n_batches))

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Commands whose work every rank shares under torchrun; the others run on rank 0 alone (privimage.distributed).
+DISTRIBUTED_COMMANDS = ("run", "finetune")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        return _run_launched(args)
     except KeyboardInterrupt:
         if _debug():
             raise
@@ -94,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         close_all()
         print(f"privimage {args.command}: error: {line}", file=sys.stderr)
         return 2
+
+
+def _run_launched(args) -> int:
+    """The command in this process: under torchrun, inside the process group (rank 0 alone for most commands)."""
+    from privimage import distributed
+
+    launch = distributed.init_from_env()
+    try:
+        if launch is not None and launch.rank != 0 and args.command not in DISTRIBUTED_COMMANDS:
+            return 0
+        return int(args._run(args) or 0)
+    finally:
+        distributed.shutdown()
 
 
 def _debug() -> bool:

@@ -316,11 +316,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict, base: "RunConfig | None" = None) -> "RunConfig":
-        """Build from a (possibly partial) nested dict over ``base``; unknown keys are errors naming them."""
+        """Build from a (possibly partial) nested dict over ``base``; unknown keys are errors naming them.
+        ``launch`` (how a run directory's config.json was launched: world size, backend) is a record, not a
+        setting, and is ignored."""
         base = base or CONFIGS["demo"]
         if not isinstance(d, dict):
             raise ConfigError(f"A config must be a JSON object, got {describe(d)}.")
-        _no_unknown_keys(d, [f.name for f in dataclasses.fields(cls)] + ["base"], "")
+        _no_unknown_keys(d, [f.name for f in dataclasses.fields(cls)] + ["base", "launch"], "")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:

@@ -42,7 +42,10 @@ __all__ = ["config_json", "load_run_config", "load_split", "plan_budget", "resum
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from privimage.distributed import is_writer
+
+    if is_writer():  # under torchrun, rank 0 alone reports
+        print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -269,17 +272,23 @@ def _stages(run: RunDir, cfg: RunConfig, sensitive, *, resume: bool, t0: float, 
         stage_finetune(run, cfg, sensitive=sensitive, resume=resume and run.checkpoint_path("finetune").is_file(),
                        log=log)
 
+    from privimage import distributed
+
     times = {}
     for name, fn in (("query", query), ("pretrain", pretrain), ("finetune", finetune),
                      ("sample", lambda: stage_sample(run, cfg, log=log)),
                      ("evaluate", lambda: stage_evaluate(run, cfg, log=log) if cfg.evaluate else None),
                      ("export", lambda: export_release(run, log=log))):
         t = time.perf_counter()
-        fn()
+        if name == "finetune" or distributed.is_writer():  # under torchrun, rank 0 alone runs the others
+            fn()
+        distributed.barrier()
         times[name] = round(time.perf_counter() - t, 2)
         log(f"[{name}] done in {times[name]:.1f} s")
     times["total"] = round(time.perf_counter() - t0, 2)
-    run.save_timings(times)
+    if not distributed.is_writer():
+        return
+    run.save_timings({**times, **distributed.launch_info()})
     log(f"done in {times['total']:.1f} s: {run.path}")
 
 

@@ -126,6 +126,11 @@ class RunDir:
         If those first writes fail (nothing is spent yet), the new folder is removed again. The lock is held
         until the ``with`` block ends.
         """
+        from privimage import distributed
+
+        if not distributed.is_writer():  # under torchrun: rank 0 makes it; the others learn its path
+            yield cls(distributed.share(None))
+            return
         run = cls.make(root, name)
         ready = False
         try:
@@ -134,6 +139,7 @@ class RunDir:
                 run.save_budget(budget)
                 run.save_plan(plan)
                 ready = True
+                distributed.share(str(run.path))
                 yield run
         finally:
             if not ready:
@@ -172,8 +178,13 @@ class RunDir:
         return run
 
     def lock(self, command: str, *, log: Callable[[str], None] = print):
-        """Context manager: hold this directory's writer lock (:mod:`privimage.lockfile`)."""
+        """Context manager: hold this directory's writer lock (:mod:`privimage.lockfile`); under torchrun, rank
+        0 holds it for the whole job and the other ranks take nothing."""
+        from privimage import distributed
         from privimage.lockfile import hold_lock
+
+        if not distributed.is_writer():
+            return contextlib.nullcontext()
 
         return hold_lock(self.lock_path, command=command, log=log)
 
@@ -342,7 +353,10 @@ def config_json(cfg) -> dict:
     """config.json: the RunConfig, with ``data.name/root/resolution`` added for ``privimage evaluate``."""
     from privimage.data import parse_spec
 
+    from privimage.distributed import launch_info
+
     d = cfg.to_dict()
+    d["launch"] = launch_info()  # {"world_size": N, "backend": ...}: how this run directory was made
     spec = parse_spec(cfg.data.sensitive)
     d["data"].update({"name": spec["name"], "root": spec.get("root"),
                       "resolution": None if cfg.data.pad_to else cfg.data.resolution})

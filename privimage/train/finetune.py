@@ -31,6 +31,12 @@ state, the loss randomness key, the ledger and the log. A resumed run repeats bi
 uninterrupted run does; steps computed after the last checkpoint but never saved are recomputed with the SAME
 randomness, so their output is the same release, not a second one.
 
+Under torchrun (:mod:`privimage.distributed`), every rank runs this loop on the same data: the engine takes the
+process group (one Poisson draw from rank 0's secret sampler seed, each rank its slice, one all-reduce, the
+noise once on rank 0; :mod:`privimage.engine.distributed`), the diffusion randomness key is rank 0's, and rank
+0 alone writes. Ranks whose settings, data or starting weights differ are refused before the first step. The
+checkpoint is the one a single process writes, so a run resumes under any world size.
+
 What is logged is private: ``logs/finetune.csv`` holds the mean loss over each drawn sensitive batch (no
 noise) and the running count of samples dropped for a NaN/inf gradient, diagnostics for the operator, never
 published. Throughput is computed from the public expected
@@ -47,7 +53,9 @@ import torch
 
 from privimage.config import FinetuneConfig
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA, to_model_range
+from privimage import distributed
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
+from privimage.engine import distributed as dp_distributed
 from privimage.engine.sampling import PhysicalBatch
 from privimage.errors import RunDirError
 from privimage.models import UNet, UNetConfig
@@ -136,7 +144,12 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
     """
     run = RunDir.of(run_dir)
     f = config
-    device = torch.device(device)
+    launch = distributed.current()
+    group = launch.group if launch is not None else None
+    writer = distributed.is_writer()
+    if not writer:
+        log = _silent
+    device = launch.device if launch is not None and launch.device is not None else torch.device(device)
     if unet.dropout:
         raise ValueError(f"The UNet has dropout={unet.dropout}: its masks would be drawn by torch's global generator "
                          f"(seeded by the public seed, by position in the batch), outside the secret per-record "
@@ -186,8 +199,17 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
     if budget.spent.get(FINETUNE, 0) != start:
         raise RunDirError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
                          f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
+    if group is not None:  # every rank: the same settings, data and secrets as rank 0 (module docstring)
+        dp_distributed.refuse_mismatch({"run_config": run_config, "finetune": repr(f), "num_examples": n,
+                                        "seed": seed, "start": start, "ledger": dict(budget.spent)}, group,
+                                       "the fine-tune")
+        dp_distributed.check_replicas([images, labels], group, "sensitive data")
+        sampler = dp_distributed.share_sampler(sampler, group)
+        randomness = type(randomness).from_state_dict(dp_distributed.broadcast_from_rank0(randomness.state_dict(),
+                                                                                          group))
     engine = DPEngine(denoiser, max_grad_norm=f.max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=f.method, generator=noise_gen, compile=f.compile)
+                      method=f.method, generator=noise_gen, compile=f.compile, process_group=group,
+                      check_every=distributed.check_every())
     loss = EDMLoss(num_noise=f.num_noise, label_dropout=f.label_dropout)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     num_classes = unet.num_classes
@@ -199,6 +221,8 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
                  "method": f.method, "secure": f.secure_noise, "label_dropout": f.label_dropout}
 
     def save(step: int, last_saved: int) -> None:
+        if not writer:  # rank 0 alone writes; its checkpoint is the same as one process's
+            return
         # The ledger first: once the checkpoint (or anything after it) exists, budget.json already counts it.
         run.save_budget(budget)
         run.save_checkpoint("finetune", {
@@ -212,21 +236,20 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
                              num_classes=num_classes, seed=seed, device=device)
 
     bar = progress_bar(steps, desc=f"DP fine-tune (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
-                       initial=start)
+                       initial=start, enabled=writer)
     t_last, steps_since_log, done, last_saved = time.perf_counter(), 0, start, start
     net.train()
     for batch in sampler.logical_batches(n, start_step=start):
         if stop_at_step is not None and batch.step >= stop_at_step:
             break
-        loss_sum = torch.zeros((), device=device)
-        for phys in batch.physical:
-            stats, pad_rows = accumulate_micro_batch(engine, loss, randomness, images=images_dev, labels=labels_dev,
-                                                     batch=phys, step=batch.step, num_classes=num_classes,
-                                                     autocast=amp)
-            if stats.losses is not None:
-                loss_sum = loss_sum + torch.where(pad_rows, 0.0, stats.losses.detach().float()).sum()
+        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=launch.rank,
+                                                                world_size=launch.world_size)
+        for phys in mine.physical:
+            accumulate_micro_batch(engine, loss, randomness, images=images_dev, labels=labels_dev, batch=phys,
+                                   step=batch.step, num_classes=num_classes, autocast=amp)
         budget.spend(FINETUNE)          # recorded (and checked) before the noisy gradient exists
-        nonfinite += engine.finalize().num_nonfinite
+        final = engine.finalize()       # under torchrun: the one all-reduce; counts are the whole batch's
+        nonfinite += final.num_nonfinite
         if on_release is not None:
             on_release(batch.step, denoiser)
         opt.step()
@@ -238,7 +261,7 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
             ips = steps_since_log * expected / max(now - t_last, 1e-9)   # public: expected, not drawn, size
             eps = budget.epsilon_spent().upper
             # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
-            value = float(loss_sum) / max(batch.size, 1)
+            value = final.loss_sum / max(batch.size, 1)
             rows.append({"step": done, "loss": round(value, 6), "epsilon": round(eps, 4),
                          "images_per_s": round(ips, 2), "sigma": sigma, "lr": f.lr, "dropped_nonfinite": nonfinite})
             bar.set_postfix(eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
@@ -255,6 +278,10 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         log(f"finetune: {nonfinite} sample gradient(s) with NaN/inf were dropped over the run (a count on the "
             f"sensitive data: keep it private).")
     return ckpt_path
+
+
+def _silent(message: str) -> None:
+    """The log of a rank other than 0 (rank 0 alone reports)."""
 
 
 def _refuse_fresh_start(run: RunDir, budget: PrivacyBudget) -> None:

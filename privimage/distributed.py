@@ -1,0 +1,148 @@
+"""privimage under ``torchrun``: one process per rank, rank 0 writes, the DP fine-tune shared by every rank.
+
+``torchrun --nproc_per_node=N -m privimage run ...`` starts N processes with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` and ``MASTER_ADDR``/``MASTER_PORT`` set; :func:`init_from_env` (called by
+the CLI) joins them into one process group. Without those variables nothing happens: one process, as always.
+
+Backend: NCCL when every rank of this node has its own CUDA device (``torch.cuda.device_count() >=
+LOCAL_WORLD_SIZE``), gloo otherwise; ``PRIVIMAGE_DIST_BACKEND=gloo|nccl`` forces one (NCCL without a CUDA
+device per rank is refused with a clear error). With NCCL, rank r of a node uses ``cuda:LOCAL_RANK``.
+
+What runs where (the contract of this version):
+
+* the DP fine-tune runs on every rank (:class:`privimage.engine.DPEngine` with ``process_group``: one Poisson
+  draw, each rank its slice, one all-reduce, the noise once on rank 0; :mod:`privimage.engine.distributed`);
+* every other stage (query, pre-training, sampling, evaluation, export) runs on rank 0 alone while the others
+  wait at a barrier (``PRIVIMAGE_DIST_TIMEOUT_S``, default 24 hours, bounds that wait);
+* only rank 0 writes (:func:`is_writer`): the run directory, its lock, checkpoints, the ledger, logs. A
+  checkpoint holds what one process would hold (rank 0's noise generator; the sampler and the diffusion
+  randomness are the same on every rank), so a run resumes under any world size.
+
+The fine-tune asserts every ``PRIVIMAGE_DIST_CHECK_EVERY`` steps (default 100; the tests use 1) that the
+replicas' weights are bit-identical (:func:`privimage.engine.distributed.check_replicas`).
+
+The secret seeds (the Poisson sampler's, the diffusion randomness key) travel from rank 0 to the others in
+memory, through the process group, never through a file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from privimage.errors import DeviceError
+
+__all__ = ["Launch", "barrier", "current", "init_from_env", "is_writer", "launch_info", "shutdown"]
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in the job: rank, world size, backend, the group and its device (NCCL)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    group: object
+
+    @property
+    def device(self) -> torch.device | None:
+        """``cuda:LOCAL_RANK`` under NCCL, else None (the config's device)."""
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else None
+
+
+_LAUNCH: Launch | None = None
+
+
+def choose_backend(requested: str | None = None) -> str:
+    """"nccl" iff every rank of this node can have its own CUDA device, else "gloo" (module docstring)."""
+    requested = (requested or os.environ.get("PRIVIMAGE_DIST_BACKEND") or "auto").lower()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "auto":
+        return "nccl" if gpus >= local_world >= 1 and gpus > 0 else "gloo"
+    if requested == "gloo":
+        return "gloo"
+    if requested == "nccl":
+        if gpus < local_world:
+            raise DeviceError(f"PRIVIMAGE_DIST_BACKEND=nccl needs one CUDA device per rank, but this node runs "
+                              f"{local_world} rank(s) and has {gpus} CUDA device(s). Use "
+                              f"PRIVIMAGE_DIST_BACKEND=gloo (CPUs), or fewer ranks per node.")
+        return "nccl"
+    raise DeviceError(f"PRIVIMAGE_DIST_BACKEND={requested!r} is not a backend privimage supports (gloo or nccl).")
+
+
+def init_from_env(backend: str | None = None) -> Launch | None:
+    """Join torchrun's process group if this process was started by torchrun; else None (one process)."""
+    global _LAUNCH
+    if _LAUNCH is not None:
+        return _LAUNCH
+    if not all(v in os.environ for v in _TORCHRUN_VARS):
+        return None
+    import torch.distributed as dist
+
+    chosen = choose_backend(backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if chosen == "nccl":
+        torch.cuda.set_device(local_rank)
+    timeout = timedelta(seconds=float(os.environ.get("PRIVIMAGE_DIST_TIMEOUT_S", 24 * 3600)))
+    if not dist.is_initialized():
+        dist.init_process_group(chosen, timeout=timeout)
+    _LAUNCH = Launch(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                     backend=dist.get_backend(), group=dist.group.WORLD)
+    return _LAUNCH
+
+
+def check_every() -> int:
+    """Steps between the fine-tune's replica checks (``PRIVIMAGE_DIST_CHECK_EVERY``, default 100; 0: never)."""
+    return int(os.environ.get("PRIVIMAGE_DIST_CHECK_EVERY", "100"))
+
+
+def current() -> Launch | None:
+    """The launch :func:`init_from_env` joined, or None in a plain single process."""
+    return _LAUNCH
+
+
+def is_writer() -> bool:
+    """True on the one process that writes files: rank 0, or the only process."""
+    return _LAUNCH is None or _LAUNCH.rank == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if _LAUNCH is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=_LAUNCH.group)
+
+
+def share(obj):
+    """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    if _LAUNCH is None:
+        return obj
+    from privimage.engine.distributed import broadcast_from_rank0
+
+    return broadcast_from_rank0(obj, _LAUNCH.group)
+
+
+def launch_info() -> dict:
+    """``{"world_size": N, "backend": ...}`` for config.json and the reports (backend None in one process)."""
+    if _LAUNCH is None:
+        return {"world_size": 1, "backend": None}
+    return {"world_size": _LAUNCH.world_size, "backend": _LAUNCH.backend}
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of the command)."""
+    global _LAUNCH
+    if _LAUNCH is not None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _LAUNCH = None

@@ -1,0 +1,102 @@
+"""`torchrun --nproc_per_node=2 -m privimage ...` (gloo, CPU) makes what one process makes: the same ledger and ε,
+the same fine-tuned weights (float tolerance: the all-reduce adds in another order) in the tests' non-secure
+mode; a world-1 checkpoint resumes under world 2. Rank 0 alone writes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from privimage.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+CONFIG = {"base": "test", "finetune": {"epochs": 1}}  # 4 fine-tune steps
+
+
+def _torchrun(*args, cache, timeout=240):
+    """``torchrun --standalone --nproc_per_node=2 -m privimage ARGS``; the whole process group is killed on a
+    timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120",
+           "PRIVIMAGE_DIST_CHECK_EVERY": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "privimage",
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran past {timeout} s")
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: `privimage run` in this process, (run dir, config file, cache)."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    config = tmp / "config.json"
+    config.write_text(json.dumps(CONFIG))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+        assert main(["run", "--config", str(config), "--out", str(tmp / "one")]) == 0
+    torch.set_num_threads(threads)
+    (run,) = (tmp / "one").iterdir()
+    return run, config, tmp / "cache"
+
+
+def _finetune_state(run):
+    return torch.load(run / "checkpoints" / "finetune.pt", map_location="cpu", weights_only=False)
+
+
+def _assert_same_finetune(run, ref):
+    assert json.loads((run / "budget.json").read_text()) == json.loads((ref / "budget.json").read_text())
+    a, b = _finetune_state(run), _finetune_state(ref)
+    assert a["step"] == b["step"] == 4
+    assert [r["epsilon"] for r in a["log"]] == [r["epsilon"] for r in b["log"]]
+    assert [r["loss"] for r in a["log"]] == pytest.approx([r["loss"] for r in b["log"]], rel=1e-5)
+    for key in b["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6)
+    for key in b["ema"]:
+        torch.testing.assert_close(a["ema"][key], b["ema"][key], rtol=1e-5, atol=1e-6)
+    # the checkpoint does not depend on the world size: the same secrets and keys as one process's
+    assert a["sampler"] == b["sampler"] and a["loss_randomness"] == b["loss_randomness"]
+    assert torch.equal(a["noise_generator"], b["noise_generator"])
+
+
+def test_torchrun_two_ranks_run_equals_one_process(one_process, tmp_path):
+    ref, config, cache = one_process
+    _torchrun("run", "--config", config, "--out", tmp_path / "two", cache=cache)
+    (run,) = (tmp_path / "two").iterdir()  # one run directory: rank 1 made none
+    _assert_same_finetune(run, ref)
+    assert json.loads((run / "config.json").read_text())["launch"] == {"world_size": 2, "backend": "gloo"}
+    assert json.loads((ref / "config.json").read_text())["launch"] == {"world_size": 1, "backend": None}
+    assert (run / "release" / "model.safetensors").is_file()
+    assert not (run / ".lock").exists()
+
+
+def test_world_two_resumes_a_world_one_checkpoint(one_process, tmp_path):
+    from privimage.pipeline import load_run_config, stage_finetune
+    from privimage.privacy import FINETUNE
+    from privimage.rundir import RunDir
+
+    ref, _, cache = one_process
+    run = tmp_path / "resume"
+    shutil.copytree(ref, run, ignore=shutil.ignore_patterns("finetune*", "release", "samples"))
+    r = RunDir(run)
+    budget = r.load_budget()
+    budget.spent.pop(FINETUNE)
+    r.save_budget(budget)  # the directory as it was before the fine-tune
+    stage_finetune(run, load_run_config(run), stop_at_step=2, log=lambda m: None)  # world 1, then stop
+    assert _finetune_state(run)["step"] == 2
+    _torchrun("finetune", run, "--resume", cache=cache)  # world 2 finishes
+    _assert_same_finetune(run, ref)

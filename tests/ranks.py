@@ -1,0 +1,70 @@
+"""Run a function on W processes of a gloo process group (CPU), for the distributed tests.
+
+``run_ranks(fn, world_size, *args)`` starts W processes, each with one torch thread, joins a gloo group through
+a file store in a temporary folder, calls ``fn(rank, world_size, *args)`` and returns the W return values
+(in rank order). An exception in any rank fails the call with that rank's traceback; a run longer than
+``timeout`` seconds kills every process and fails. ``fn`` must be importable (a module-level function).
+
+The processes fork from multiprocessing's fork server, which imports torch and privimage.engine once per test
+session: the ranks of each later call start in well under a second instead of importing torch again.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import traceback
+from datetime import timedelta
+
+import torch.multiprocessing as mp
+
+_PRELOAD = ["torch", "torch.distributed", "privimage.engine", "privimage.engine.distributed"]
+
+
+def _entry(rank: int, fn, world_size: int, store: str, out: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        result = ("ok", fn(rank, world_size, *args))
+    except BaseException as err:  # reported to the parent, which fails the test with it
+        result = ("error", f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as fh:
+        pickle.dump(result, fh)
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, expect_errors: bool = False) -> list:
+    """``[fn(r, world_size, *args) for r in ranks]``, each in its own process (module docstring).
+
+    With ``expect_errors``, a rank's exception is returned as its message (a str) instead of failing."""
+    mp.set_forkserver_preload(_PRELOAD)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        ctx = mp.start_processes(_entry, args=(fn, world_size, store, tmp, args), nprocs=world_size, join=False,
+                                 start_method="forkserver")
+        try:
+            import time
+
+            deadline = time.monotonic() + timeout
+            while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size} ranks of {fn.__name__} ran past {timeout} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"rank{rank}.pkl"), "rb") as fh:
+                status, value = pickle.load(fh)
+            if status == "error" and not expect_errors:
+                raise AssertionError(value)
+            results.append(value)
+        return results
