@@ -153,11 +153,11 @@ def test_finetune_stage_passes_the_compile_setting(tmp_path, monkeypatch):
 
     import privimage.train as train
     from privimage.config import RunConfig, load_config
-    from privimage.privacy import plan_privimage_budget
+    from privimage.engine import Mechanism, PrivacyBudget
+    from privimage.privacy import FINETUNE, QUERY
 
     cfg = RunConfig.from_dict({"pretrain": {"steps": 0}, "finetune": {"compile": True}}, base=load_config("test"))
-    budget = plan_privimage_budget(epsilon=10.0, delta=1e-5, sample_rate=0.1, steps=2,
-                                   query_noise_multiplier=5.0)
+    budget = PrivacyBudget(10.0, 1e-5, plan={QUERY: Mechanism(5.0, 1.0, 1), FINETUNE: Mechanism(1.0, 0.1, 2)})
     (tmp_path / "budget.json").write_text(json.dumps(budget.state_dict()))
     seen = {}
     monkeypatch.setattr(train, "finetune", lambda run_dir, config, **kwargs: seen.update(config=config) or run_dir)
