@@ -15,6 +15,7 @@ arXiv 1908.10530 for subsampling), which is a valid but looser upper bound, and 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -61,8 +62,31 @@ class Mechanism:
     def prv(self) -> PrivacyRandomVariable:
         if self.sample_rate == 1.0:
             return GaussianMechanism(noise_multiplier=self.noise_multiplier)
-        return PoissonSubsampledGaussianMechanism(noise_multiplier=self.noise_multiplier,
-                                                  sampling_probability=self.sample_rate)
+        return _subsampled_gaussian(self.noise_multiplier, self.sample_rate)
+
+
+class _SubsampledGaussian(PoissonSubsampledGaussianMechanism):
+    """prv-accountant's Poisson-subsampled Gaussian with its RDP curve memoised per order.
+
+    One ε evaluation asks for the same RDP orders several times (our RDP check, then the PRV accountant's
+    domain size for the composition and for each mechanism alone), and each order is a slow series in Python;
+    the values depend only on (σ, q, order), so they are computed once per object.
+    """
+
+    def __init__(self, sampling_probability: float, noise_multiplier: float) -> None:
+        super().__init__(sampling_probability=sampling_probability, noise_multiplier=noise_multiplier)
+        self._rdp: dict[float, float] = {}
+
+    def rdp(self, alpha: float) -> float:
+        value = self._rdp.get(alpha)
+        if value is None:
+            value = self._rdp[alpha] = super().rdp(alpha)
+        return value
+
+
+@functools.lru_cache(maxsize=256)
+def _subsampled_gaussian(noise_multiplier: float, sample_rate: float) -> _SubsampledGaussian:
+    return _SubsampledGaussian(sampling_probability=sample_rate, noise_multiplier=noise_multiplier)
 
 
 @dataclass(frozen=True)
