@@ -11,12 +11,7 @@ from privimage.diffusion import (EDMDenoiser, EDMLoss, EMA, SamplerConfig, sampl
 from privimage.models import build_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _denoiser(num_classes=3, res=8, randomize=True):

@@ -3,12 +3,8 @@ only adds synchronisation, and on a shared 2-core CPU two threads per process ov
 (measured: 35 s for this folder on one thread vs 145 s on two, at load average ~5)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every evaluation test on one torch thread (the shared fixture; pytestmark does not apply from a conftest)."""

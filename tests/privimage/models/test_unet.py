@@ -7,13 +7,7 @@ import torch.nn as nn
 from privimage.models import PRESETS, build_unet, count_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny shapes: OpenMP threads only add synchronisation cost on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Pinned counts. "s" ≈ 1.75M and "b" ≈ 6.1M are the sizes PrivImage reports for its CIFAR-10 models.

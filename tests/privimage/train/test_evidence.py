@@ -17,12 +17,7 @@ from privimage.train.evidence import compare_starting_points, embedded_setup
 STEPS, PRETRAIN_STEPS = 10, 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_selected_subset_beats_random_public_beats_no_pretraining():
