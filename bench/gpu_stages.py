@@ -297,7 +297,7 @@ def kernels_checks(suite: Suite, cmds: dict) -> list[Check]:
 # ---- 5. throughput -----------------------------------------------------------------------------------------
 
 def throughput_commands(suite: Suite) -> list[Command]:
-    eager, loaders, features, compiled = shares(suite, "throughput", 15, 12, 13, 20)
+    eager, loaders, features, compiled, draws = shares(suite, "throughput", 15, 12, 13, 20, 3)
     if suite.smoke:
         train = ["--presets", SMOKE["preset"], "--batch", SMOKE["batch"], "--k", SMOKE["k"], "--warmup", 0,
                  "--repeats", 1]
@@ -309,6 +309,9 @@ def throughput_commands(suite: Suite) -> list[Command]:
     return [Command("train-step-eager", suite.python("bench/train_step.py", "--device", suite.device, *train,
                                                      "--json", suite.work / "train_step_eager.json"), cap_s=eager),
             Command("loaders", suite.python("bench/loaders.py", "--device", suite.device, *load), cap_s=loaders),
+            Command("record-draws", suite.python("bench/randomness.py", "--device", suite.device, "--repeats",
+                                                 2 if suite.smoke else 10, "--json", suite.work / "randomness.json"),
+                    cap_s=draws),
             Command("evaluate-features", suite.python("bench/evaluate.py", "--features-check", "--device",
                                                       suite.device, "--images", 2000), cap_s=features,
                     skip=suite.gpu_only("the Inception at 299×299 takes seconds per image on this CPU")),
@@ -333,6 +336,10 @@ def throughput_checks(suite: Suite, cmds: dict) -> list[Check]:
         want = 1 if suite.smoke else 2
         out.append(check("throughput", name, len(complete) >= want, value, f"{want} preset(s)",
                          "" if len(complete) >= want else missing(cmds.get(f"train-step-{mode}"))))
+    draws = (suite.data("randomness") or {}).get("timings", [])
+    out.append(check("throughput", "per-record secret draws: loop vs vectorised", bool(draws), "; ".join(
+        f"{r['shape']}: loop {r['loop']['median_ms']:.3g} ms, vectorised {r['vectorised']['median_ms']:.3g} ms"
+        for r in draws), "rows", "" if draws else missing(cmds.get("record-draws"))))
     rows = suite.results["data"].get("loaders_csv", [])
     out.append(check("throughput", "loaders measured", bool(rows), "; ".join(
         f"{r['loader']} {r['resolution']}px {int(r['images_per_s']):,} img/s" for r in rows), "rows",

@@ -9,10 +9,13 @@ verbatim in substance, as the baseline). Shapes: the demo fine-tune's micro-batc
 1 thread and at torch's default thread count. Then the peak memory of one call beyond its outputs, each
 measurement in a fresh process (``harness.PeakMemory``).
 
-Results: ``bench/results/randomness.json`` and ``randomness.md``, with the environment record.
+Results: ``bench/results/randomness.json`` and ``randomness.md``, with the environment record; with
+``--json PATH`` only that file (the GPU suite). On CUDA (``--device cuda``) the loop keeps one CUDA generator
+per record, the device is synchronised after every call, and the memory is ``max_memory_allocated`` in-process.
 
 Usage:
     python bench/randomness.py             # 2-core CPU: about a minute
+    python bench/randomness.py --device cuda --repeats 10 --json out.json
 """
 
 from __future__ import annotations
@@ -46,37 +49,42 @@ NUM_CLASSES = 10
 
 def loop_draw(loss: EDMLoss, x, labels, *, key: bytes, step: int, records: list[int | None], num_classes: int):
     """The replaced implementation: record i's generator seeded with BLAKE2b(key; step, i), then its dropout
-    uniform, K normals for ln σ and K noise images from it, one record per loop iteration."""
-    B, K = x.shape[0], loss.num_noise
-    drop = torch.zeros(B, dtype=torch.bool)
-    z = torch.zeros(B, K)
-    noise = torch.zeros((B, K, *x.shape[1:]))
+    uniform, K normals for ln σ and K noise images from it, one record per loop iteration (on ``x``'s device)."""
+    B, K, dev = x.shape[0], loss.num_noise, x.device
+    drop = torch.zeros(B, dtype=torch.bool, device=dev)
+    z = torch.zeros(B, K, device=dev)
+    noise = torch.zeros((B, K, *x.shape[1:]), device=dev)
     for i, record in enumerate(records):
         if record is None:
             continue
         seed = hashlib.blake2b(struct.pack("<QQ", step, record), key=key, digest_size=8).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(seed, "little"))
-        drop[i] = torch.rand((), generator=gen) < loss.label_dropout
-        torch.randn(K, generator=gen, out=z[i])
-        torch.randn((K, *x.shape[1:]), generator=gen, out=noise[i])
+        gen = torch.Generator(dev).manual_seed(int.from_bytes(seed, "little"))
+        drop[i] = torch.rand((), generator=gen, device=dev) < loss.label_dropout
+        torch.randn(K, generator=gen, device=dev, out=z[i])
+        torch.randn((K, *x.shape[1:]), generator=gen, device=dev, out=noise[i])
     labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
     return labels, (z.reshape(B * K) * loss.p_std + loss.p_mean).exp(), noise.reshape(B * K, *x.shape[1:])
 
 
-def _inputs(name: str):
+def _inputs(name: str, device: str = "cpu"):
     B, K, chw = SHAPES[name]
     loss = EDMLoss(num_noise=K, label_dropout=0.1)
-    x = torch.zeros(B, *chw)
-    labels = torch.arange(B) % NUM_CLASSES
-    indices = torch.randperm(50_000, generator=torch.Generator().manual_seed(0))[:B]
+    x = torch.zeros(B, *chw, device=device)
+    labels = torch.arange(B, device=device) % NUM_CLASSES
+    indices = torch.randperm(50_000, generator=torch.Generator().manual_seed(0))[:B].to(device)
     return loss, x, labels, indices
 
 
-def _callers(name: str):
-    loss, x, labels, indices = _inputs(name)
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _callers(name: str, device: str = "cpu"):
+    loss, x, labels, indices = _inputs(name, device)
     key, randomness = secrets.token_bytes(32), RecordRandomness.secret()
     records = indices.tolist()
-    is_padding = torch.zeros(len(records), dtype=torch.bool)
+    is_padding = torch.zeros(len(records), dtype=torch.bool, device=device)
     state = {"step": 0}
 
     def old():
@@ -91,17 +99,19 @@ def _callers(name: str):
     return old, new
 
 
-def time_pair(name: str, *, threads: int, warmup: int, repeats: int) -> dict:
+def time_pair(name: str, *, threads: int, warmup: int, repeats: int, device: str = "cpu") -> dict:
     torch.set_num_threads(threads)
-    fns = dict(zip(("loop", "vectorised"), _callers(name)))
+    fns = dict(zip(("loop", "vectorised"), _callers(name, device)))
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    _sync(device)
     wall = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            _sync(device)
             wall[k].append(time.perf_counter() - t0)
     out = {k: dict(zip(("median_ms", "p20_ms", "p80_ms"), summarize(v))) for k, v in wall.items()}
     B, K, chw = SHAPES[name]
@@ -125,14 +135,25 @@ def peak_child(name: str, which: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--json", type=Path, default=None, help="write only this JSON file (the GPU suite)")
     parser.add_argument("--peak", nargs=2, metavar=("SHAPE", "WHICH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak:
         return peak_child(*args.peak)
     default_threads = torch.get_num_threads()
-    env = environment("cpu", default_threads=default_threads, chunk_words=dict(CHUNK_WORDS))
+    env = environment(args.device, default_threads=default_threads, chunk_words=dict(CHUNK_WORDS))
+    if torch.device(args.device).type == "cuda":
+        rows = [time_pair(name, threads=default_threads, warmup=2, repeats=args.repeats, device=args.device)
+                for name in SHAPES]
+        write_json(args.json or results_dir() / "randomness-cuda.json", {"environment": env, "timings": rows})
+        print(json.dumps(rows, indent=1))
+        return None
     rows = [time_pair(name, threads=t, warmup=2, repeats=args.repeats)
             for t in sorted({1, default_threads}) for name in SHAPES]
+    if args.json:
+        write_json(args.json, {"environment": env, "timings": rows})
+        return None
     peaks = []
     for name in SHAPES:
         for which in ("loop", "vectorised"):
