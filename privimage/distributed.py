@@ -12,7 +12,9 @@ What runs where (the contract of this version):
 
 * the DP fine-tune runs on every rank (:class:`privimage.engine.DPEngine` with ``process_group``: one Poisson
   draw, each rank its slice, one all-reduce, the noise once on rank 0; :mod:`privimage.engine.distributed`);
-* every other stage (query, pre-training, sampling, evaluation, export) runs on rank 0 alone while the others
+* pre-training runs on every rank under DistributedDataParallel, each rank streaming its rows of every batch
+  (:mod:`privimage.train.pretrain`);
+* every other stage (query, sampling, evaluation, export) runs on rank 0 alone while the others
   wait at a barrier (``PRIVIMAGE_DIST_TIMEOUT_S``, default 24 hours, bounds that wait);
 * only rank 0 writes (:func:`is_writer`): the run directory, its lock, checkpoints, the ledger, logs. A
   checkpoint holds what one process would hold (rank 0's noise generator; the sampler and the diffusion
@@ -35,7 +37,8 @@ import torch
 
 from privimage.errors import DeviceError
 
-__all__ = ["Launch", "barrier", "current", "init_from_env", "is_writer", "launch_info", "shutdown"]
+__all__ = ["Launch", "barrier", "current", "init_from_env", "is_writer", "launch_info", "share", "shutdown",
+           "use_group"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -95,6 +98,18 @@ def init_from_env(backend: str | None = None) -> Launch | None:
         dist.init_process_group(chosen, timeout=timeout)
     _LAUNCH = Launch(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                      backend=dist.get_backend(), group=dist.group.WORLD)
+    return _LAUNCH
+
+
+def use_group(group=None, *, local_rank: int = 0) -> Launch:
+    """Run privimage's stages in an already initialised process group (default: the world), as torchrun's
+    launch would: for code that makes its own group (the tests' in-process ranks, an embedding program)."""
+    global _LAUNCH
+    import torch.distributed as dist
+
+    group = group if group is not None else dist.group.WORLD
+    _LAUNCH = Launch(rank=dist.get_rank(group), world_size=dist.get_world_size(group), local_rank=local_rank,
+                     backend=dist.get_backend(group), group=group)
     return _LAUNCH
 
 

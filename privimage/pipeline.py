@@ -41,6 +41,10 @@ __all__ = ["config_json", "load_run_config", "load_split", "plan_budget", "resum
            "write_subset"]
 
 
+#: The stages every rank works on under torchrun (privimage.distributed); rank 0 alone runs the others.
+SHARED_STAGES = ("pretrain", "finetune")
+
+
 def _log(msg: str) -> None:
     from privimage.distributed import is_writer
 
@@ -280,7 +284,7 @@ def _stages(run: RunDir, cfg: RunConfig, sensitive, *, resume: bool, t0: float, 
                      ("evaluate", lambda: stage_evaluate(run, cfg, log=log) if cfg.evaluate else None),
                      ("export", lambda: export_release(run, log=log))):
         t = time.perf_counter()
-        if name == "finetune" or distributed.is_writer():  # under torchrun, rank 0 alone runs the others
+        if name in SHARED_STAGES or distributed.is_writer():  # under torchrun, rank 0 alone runs the others
             fn()
         distributed.barrier()
         times[name] = round(time.perf_counter() - t, 2)

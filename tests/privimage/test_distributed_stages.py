@@ -1,0 +1,62 @@
+"""The stages every rank shares under torchrun, on in-process gloo ranks (tests/ranks.py): each computes at
+world 2 what one process computes. Pre-training: the same weights (float tolerance: the gradients are summed
+in another order), resumable across world sizes."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from privimage import distributed
+from privimage.config import PretrainConfig
+from privimage.data import load_dataset
+from privimage.models.unet import PRESETS
+from privimage.rundir import read_checkpoint
+
+from ranks import run_ranks
+
+UNET = replace(PRESETS["tiny"], nf=8, ch_mult=(1,), attn_resolutions=(8,), resolution=8, num_classes=5)
+# 11 images, batch 5 (2 + 3 rows at world 2): 2 batches an epoch, so 5 steps cross epochs and resume mid-epoch
+PRETRAIN = PretrainConfig(steps=5, batch_size=5, lr=2e-3, checkpoint_every=100, log_every=1, loader="device")
+
+
+def _pretrain_worker(rank, world_size, run_dir, adopt, stop_at_step, resume):
+    from privimage.train import pretrain
+
+    if adopt:
+        distributed.use_group()
+    data = load_dataset("embedded", split="sensitive", size=11, resolution=8, seed=3)
+    pretrain(run_dir, PRETRAIN, images=data.images, labels=data.labels, unet=UNET, seed=4,
+             stop_at_step=stop_at_step, resume=resume, log=lambda *_: None)
+
+
+def _pretrain(run_dir, world_size, *, stop_at_step=None, resume=False):
+    """Pre-train into ``run_dir`` on ``world_size`` ranks (world 1: the plain one-process path); its checkpoint."""
+    run_ranks(_pretrain_worker, world_size, str(run_dir), world_size > 1, stop_at_step, resume, timeout=120)
+    return read_checkpoint(run_dir / "checkpoints" / "pretrain.pt")
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    return _pretrain(tmp_path_factory.mktemp("pretrain") / "one", 1)
+
+
+def _assert_same_pretrain(state, ref):
+    assert state["step"] == ref["step"] == PRETRAIN.steps
+    assert [r["loss"] for r in state["log"]] == pytest.approx([r["loss"] for r in ref["log"]], rel=1e-5)
+    for part in ("model", "ema"):
+        for key, value in ref[part].items():
+            torch.testing.assert_close(state[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{part}.{key}")
+
+
+def test_pretraining_on_two_ranks_equals_one_process(pretrained, tmp_path):
+    two = _pretrain(tmp_path / "two", 2)
+    _assert_same_pretrain(two, pretrained)
+    assert not any(key.startswith("module.") for key in two["model"])  # DDP's wrapper is not in the checkpoint
+    assert (tmp_path / "two" / "samples" / "pretrain.png").is_file()
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_pretraining_resumes_under_another_world_size(pretrained, tmp_path, first, then):
+    assert _pretrain(tmp_path, first, stop_at_step=3)["step"] == 3
+    _assert_same_pretrain(_pretrain(tmp_path, then, resume=True), pretrained)
