@@ -14,7 +14,11 @@ What runs where (the contract of this version):
   draw, each rank its slice, one all-reduce, the noise once on rank 0; :mod:`privimage.engine.distributed`);
 * pre-training runs on every rank under DistributedDataParallel, each rank streaming its rows of every batch
   (:mod:`privimage.train.pretrain`);
-* every other stage (query, sampling, evaluation, export) runs on rank 0 alone while the others
+* the query: rank 0 trains the classifier (public data) and hands it to every rank, each rank classifies its
+  batches of the sensitive images (:func:`my_batches`), the vote counts are all-reduced (SUM) and rank 0 alone
+  draws the noise and releases the selection, which it hands to the others
+  (:func:`privimage.query.stage.shared_votes`);
+* every other stage (sampling, evaluation, export) runs on rank 0 alone while the others
   wait at a barrier (``PRIVIMAGE_DIST_TIMEOUT_S``, default 24 hours, bounds that wait);
 * only rank 0 writes (:func:`is_writer`): the run directory, its lock, checkpoints, the ledger, logs. A
   checkpoint holds what one process would hold (rank 0's noise generator; the sampler and the diffusion
@@ -29,6 +33,7 @@ memory, through the process group, never through a file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,8 +42,8 @@ import torch
 
 from privimage.errors import DeviceError
 
-__all__ = ["Launch", "barrier", "current", "init_from_env", "is_writer", "launch_info", "share", "shutdown",
-           "use_group"]
+__all__ = ["Launch", "alone", "barrier", "current", "init_from_env", "is_writer", "launch_info", "my_batches", "share",
+           "shutdown", "use_group"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -113,6 +118,17 @@ def use_group(group=None, *, local_rank: int = 0) -> Launch:
     return _LAUNCH
 
 
+@contextlib.contextmanager
+def alone():
+    """Inside: this process works as the only one (no launch), for a command rank 0 runs alone."""
+    global _LAUNCH
+    saved, _LAUNCH = _LAUNCH, None
+    try:
+        yield
+    finally:
+        _LAUNCH = saved
+
+
 def check_every() -> int:
     """Steps between the fine-tune's replica checks (``PRIVIMAGE_DIST_CHECK_EVERY``, default 100; 0: never)."""
     return int(os.environ.get("PRIVIMAGE_DIST_CHECK_EVERY", "100"))
@@ -143,6 +159,15 @@ def share(obj):
     from privimage.engine.distributed import broadcast_from_rank0
 
     return broadcast_from_rank0(obj, _LAUNCH.group)
+
+
+def my_batches(n: int, batch_size: int) -> list[slice]:
+    """This rank's batches of ``n`` items: batches ``rank, rank + W, ...`` of the ``batch_size`` chunks one
+    process would make (all of them in one process). Each batch is the one-process batch, computed alone, so
+    what it gives is the same bit for bit for any world size (the query's logits, the sampler's images)."""
+    rank, world = (_LAUNCH.rank, _LAUNCH.world_size) if _LAUNCH is not None else (0, 1)
+    starts = range(rank * batch_size, n, world * batch_size)
+    return [slice(start, min(n, start + batch_size)) for start in starts]
 
 
 def launch_info() -> dict:

@@ -42,7 +42,7 @@ __all__ = ["config_json", "load_run_config", "load_split", "plan_budget", "resum
 
 
 #: The stages every rank works on under torchrun (privimage.distributed); rank 0 alone runs the others.
-SHARED_STAGES = ("pretrain", "finetune")
+SHARED_STAGES = ("query", "pretrain", "finetune")
 
 
 def _log(msg: str) -> None:
@@ -110,18 +110,25 @@ def stage_query(run_dir: RunDir | Path, cfg: RunConfig, *, sensitive=None, publi
     the classifier, the votes (kept in memory), then this run's release. ``sensitive``: the already loaded
     sensitive split (default: load it). Returns the label map (selected public label -> sensitive class).
     """
-    from privimage.query import query_votes
-    from privimage.query.stage import query_classifier, release_query, unspent_query_budget
+    from privimage import distributed
+    from privimage.query.stage import query_classifier, release_query, shared_votes, unspent_query_budget
 
     unspent_query_budget(run_dir)  # before any work: a spent query is refused at once
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     public = load_split(cfg, "public", root=public_root)
-    classifier = query_classifier(cfg, public, resolution=sensitive.resolution, log=log)
-    classifier.save(RunDir.of(run_dir).classifier_path, public_accuracy=classifier.public_accuracy)
-    log(f"query: classifier public accuracy {classifier.public_accuracy:.3f}")
-    votes = query_votes(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
-                        top_k=cfg.query.top_k)
-    return release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive.class_names, log=log)
+    classifier = None
+    if distributed.is_writer():  # under torchrun: rank 0 trains it (public data only) and hands it over
+        classifier = query_classifier(cfg, public, resolution=sensitive.resolution, log=log)
+        classifier.save(RunDir.of(run_dir).classifier_path, public_accuracy=classifier.public_accuracy)
+        log(f"query: classifier public accuracy {classifier.public_accuracy:.3f}")
+    classifier = distributed.share(classifier)
+    votes = shared_votes(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
+                         top_k=cfg.query.top_k)
+    label_map = None
+    if distributed.is_writer():  # the noise is drawn once, on rank 0; the selection goes to every rank
+        label_map = release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive.class_names,
+                                  log=log)
+    return distributed.share(label_map)
 
 
 def write_subset(run: RunDir, cfg: RunConfig, public, label_map: dict[int, int], num_classes: int) -> int:

@@ -1,6 +1,10 @@
 """The stages every rank shares under torchrun, on in-process gloo ranks (tests/ranks.py): each computes at
 world 2 what one process computes. Pre-training: the same weights (float tolerance: the gradients are summed
-in another order), resumable across world sizes."""
+in another order), resumable across world sizes. Query: the same votes exactly, the noise drawn once (the
+same release in the non-secure test mode)."""
+
+import json
+import os
 
 from dataclasses import replace
 
@@ -60,3 +64,60 @@ def test_pretraining_on_two_ranks_equals_one_process(pretrained, tmp_path):
 def test_pretraining_resumes_under_another_world_size(pretrained, tmp_path, first, then):
     assert _pretrain(tmp_path, first, stop_at_step=3)["step"] == 3
     _assert_same_pretrain(_pretrain(tmp_path, then, resume=True), pretrained)
+
+
+def _votes_worker(rank, world_size, adopt):
+    from privimage.query import QueryClassifier
+    from privimage.query.stage import shared_votes
+
+    if adopt:
+        distributed.use_group()
+    torch.manual_seed(0)
+    classifier = QueryClassifier(num_classes=7, channels=3, resolution=8, width=4)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (23, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (23,), generator=g)
+    # batches of 4: rank 0 classifies batches 0, 2, 4 (the last one short), rank 1 batches 1, 3, 5
+    return shared_votes(classifier, images, labels, num_classes=3, top_k=2, batch_size=4).counts
+
+
+def test_query_votes_on_two_ranks_are_the_one_process_votes_exactly():
+    (one,) = run_ranks(_votes_worker, 1, False)
+    two = run_ranks(_votes_worker, 2, True)
+    assert one.sum() == 23 * 2
+    for counts in two:  # every rank holds the summed histogram
+        assert torch.equal(counts, one)
+
+
+def _query_worker(rank, world_size, run_dir, cache, adopt):
+    from privimage.pipeline import load_run_config, stage_query
+
+    os.environ["PRIVIMAGE_CACHE_DIR"] = cache
+    if adopt:
+        distributed.use_group()
+    return stage_query(run_dir, load_run_config(run_dir), log=lambda *_: None)
+
+
+def test_query_stage_on_two_ranks_releases_once_what_one_process_releases(tmp_path):
+    from privimage.config import load_config
+    from privimage.pipeline import load_split, plan_budget, write_run_plan
+    from privimage.rundir import RunDir
+
+    cfg = load_config("test")
+    assert not cfg.finetune.secure_noise  # the non-secure test mode: the noise is seeded, comparable
+    n = len(load_split(cfg, "sensitive"))
+    runs = {}
+    for world_size in (1, 2):
+        run = RunDir(tmp_path / f"world{world_size}")
+        run.path.mkdir()
+        write_run_plan(run, cfg, plan_budget(cfg, n), n)
+        maps = run_ranks(_query_worker, world_size, str(run.path), str(tmp_path / "cache"), world_size > 1,
+                         timeout=120)
+        assert all(m == maps[0] for m in maps)  # the selection reached every rank
+        runs[world_size] = run
+    one, two = runs[1], runs[2]
+    assert (two.path / "query" / "histogram.npy").read_bytes() == (one.path / "query" / "histogram.npy").read_bytes()
+    assert two.load_selection() == one.load_selection()
+    assert json.loads(two.budget_path.read_text()) == json.loads(one.budget_path.read_text())  # spent once
+    for a, b in zip(two.load_subset(), one.load_subset()):
+        assert (a == b).all()
