@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands whose work every rank shares under torchrun; the others run on rank 0 alone (privimage.distributed).
-DISTRIBUTED_COMMANDS = ("run", "pretrain", "finetune")
+DISTRIBUTED_COMMANDS = ("run", "pretrain", "finetune", "sample")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,10 @@ What runs where (the contract of this version):
   batches of the sensitive images (:func:`my_batches`), the vote counts are all-reduced (SUM) and rank 0 alone
   draws the noise and releases the selection, which it hands to the others
   (:func:`privimage.query.stage.shared_votes`);
-* every other stage (sampling, evaluation, export) runs on rank 0 alone while the others
+* sampling: each rank draws its batches of images (:func:`my_batches`: image i's seed fixes it, and each
+  batch is the one-process batch), rank 0 gathers them (:func:`gather_batches`) and writes: samples.npz is
+  the same for any world size;
+* every other stage (evaluation, export) runs on rank 0 alone while the others
   wait at a barrier (``PRIVIMAGE_DIST_TIMEOUT_S``, default 24 hours, bounds that wait);
 * only rank 0 writes (:func:`is_writer`): the run directory, its lock, checkpoints, the ledger, logs. A
   checkpoint holds what one process would hold (rank 0's noise generator; the sampler and the diffusion
@@ -42,7 +45,7 @@ import torch
 
 from privimage.errors import DeviceError
 
-__all__ = ["Launch", "alone", "barrier", "current", "init_from_env", "is_writer", "launch_info", "my_batches", "share",
+__all__ = ["Launch", "alone", "barrier", "current", "gather_batches", "init_from_env", "is_writer", "launch_info", "my_batches", "share",
            "shutdown", "use_group"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -168,6 +171,28 @@ def my_batches(n: int, batch_size: int) -> list[slice]:
     rank, world = (_LAUNCH.rank, _LAUNCH.world_size) if _LAUNCH is not None else (0, 1)
     starts = range(rank * batch_size, n, world * batch_size)
     return [slice(start, min(n, start + batch_size)) for start in starts]
+
+
+def gather_batches(rows: torch.Tensor, parts: list[slice], n: int) -> torch.Tensor | None:
+    """On rank 0, the (n, ...) tensor whose ``parts`` (:func:`my_batches`) each rank computed as ``rows`` (in
+    that order); None on the other ranks; ``rows`` itself in one process."""
+    if _LAUNCH is None:
+        return rows
+    import torch.distributed as dist
+
+    group = _LAUNCH.group
+    dst = 0 if group is dist.group.WORLD else dist.get_global_rank(group, 0)
+    gathered = [None] * _LAUNCH.world_size if _LAUNCH.rank == 0 else None
+    dist.gather_object(([(p.start, p.stop) for p in parts], rows.cpu()), gathered, dst=dst, group=group)
+    if _LAUNCH.rank != 0:
+        return None
+    out = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype)
+    for their_parts, their_rows in gathered:
+        offset = 0
+        for start, stop in their_parts:
+            out[start:stop] = their_rows[offset:offset + stop - start]
+            offset += stop - start
+    return out
 
 
 def launch_info() -> dict:

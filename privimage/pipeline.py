@@ -42,7 +42,7 @@ __all__ = ["config_json", "load_run_config", "load_split", "plan_budget", "resum
 
 
 #: The stages every rank works on under torchrun (privimage.distributed); rank 0 alone runs the others.
-SHARED_STAGES = ("query", "pretrain", "finetune")
+SHARED_STAGES = ("query", "pretrain", "finetune", "sample")
 
 
 def _log(msg: str) -> None:
@@ -192,18 +192,28 @@ def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
     from privimage.release import export_release, load_release_denoiser
     from privimage.train import resolve_device
 
+    from privimage import distributed
+
     run = RunDir.of(run_dir)
-    device = resolve_device(cfg.device)
-    if not run.release_model_path.is_file():  # none yet: export it from the finished fine-tune first
+    launch = distributed.current()
+    device = launch.device if launch is not None and launch.device is not None else resolve_device(cfg.device)
+    if distributed.is_writer() and not run.release_model_path.is_file():  # none yet: export the fine-tune first
         export_release(run, log=log)
+    distributed.barrier()
     den = load_release_denoiser(run, device=device)
     c = den.net.config
     s = cfg.sample
-    bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img")
+    parts = distributed.my_batches(s.num_samples, s.batch_size)  # under torchrun, this rank's batches
+    bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img",
+                       enabled=distributed.is_writer())
     images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
                                        num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
-                                       config=s, device=device, progress=bar)
+                                       config=s, device=device, progress=bar, batches=parts)
     bar.close()
+    images = distributed.gather_batches(images, parts, s.num_samples)
+    labels = distributed.gather_batches(labels, parts, s.num_samples)
+    if not distributed.is_writer():  # rank 0 writes
+        return run.samples_path
     run.save_samples(images.numpy(), labels.numpy())
     # grid: one row per class, the first grid_per_class samples of each
     k = max(c.num_classes, 1)

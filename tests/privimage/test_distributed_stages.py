@@ -1,7 +1,7 @@
 """The stages every rank shares under torchrun, on in-process gloo ranks (tests/ranks.py): each computes at
 world 2 what one process computes. Pre-training: the same weights (float tolerance: the gradients are summed
 in another order), resumable across world sizes. Query: the same votes exactly, the noise drawn once (the
-same release in the non-secure test mode)."""
+same release in the non-secure test mode). Sampling: the same images bit for bit."""
 
 import json
 import os
@@ -121,3 +121,26 @@ def test_query_stage_on_two_ranks_releases_once_what_one_process_releases(tmp_pa
     assert json.loads(two.budget_path.read_text()) == json.loads(one.budget_path.read_text())  # spent once
     for a, b in zip(two.load_subset(), one.load_subset()):
         assert (a == b).all()
+
+
+def _sample_worker(rank, world_size, adopt):
+    from privimage.diffusion import EDMDenoiser, SamplerConfig, sample_in_batches
+    from privimage.models import UNet
+
+    if adopt:
+        distributed.use_group()
+    torch.manual_seed(0)
+    den = EDMDenoiser(UNet(UNET)).eval()
+    parts = distributed.my_batches(11, 3)  # 4 batches: ranks 0 and 1 draw 2 each, the last one short
+    images, labels = sample_in_batches(den, num=11, shape=(3, 8, 8), num_classes=5, seed=7, batch_size=3,
+                                       config=SamplerConfig(num_steps=3), batches=parts)
+    assert len(images) == sum(p.stop - p.start for p in parts)
+    return distributed.gather_batches(images, parts, 11), distributed.gather_batches(labels, parts, 11)
+
+
+def test_sampling_on_two_ranks_gathers_the_one_process_images_bit_for_bit():
+    ((ref_images, ref_labels),) = run_ranks(_sample_worker, 1, False)
+    (images, labels), (none, _) = run_ranks(_sample_worker, 2, True)
+    assert none is None  # rank 0 alone holds them
+    assert torch.equal(images, ref_images) and torch.equal(labels, ref_labels)
+    assert labels.tolist() == [i % 5 for i in range(11)] and ref_images.float().std() > 0

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from privimage.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-CONFIG = {"base": "test", "finetune": {"epochs": 1}}  # 4 fine-tune steps
+CONFIG = {"base": "test", "finetune": {"epochs": 1}, "sample": {"batch_size": 4}}  # 4 fine-tune steps, 3 batches
 
 
 def _torchrun(*args, cache, timeout=240):
@@ -78,6 +79,9 @@ def test_torchrun_two_ranks_run_equals_one_process(one_process, tmp_path):
     _torchrun("run", "--config", config, "--out", tmp_path / "two", cache=cache)
     (run,) = (tmp_path / "two").iterdir()  # one run directory: rank 1 made none
     _assert_same_finetune(run, ref)
+    # the samples of each rank's batches, gathered: the same images as one process's, bit for bit
+    with np.load(run / "samples" / "samples.npz") as a, np.load(ref / "samples" / "samples.npz") as b:
+        assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in b.files)
     assert json.loads((run / "config.json").read_text())["launch"] == {"world_size": 2, "backend": "gloo"}
     assert json.loads((ref / "config.json").read_text())["launch"] == {"world_size": 1, "backend": None}
     assert (run / "release" / "model.safetensors").is_file()
