@@ -60,7 +60,7 @@ import torch.nn as nn
 from privimage.engine.sampling import LogicalBatch, PoissonSampler, split_physical
 
 __all__ = ["GradientReducer", "broadcast_from_rank0", "broadcast_parameters", "check_replicas",
-           "collective_device", "fingerprint", "refuse_mismatch", "shard", "share_sampler"]
+           "collective_device", "fingerprint", "refuse_mismatch", "rank_rows", "shard", "share_sampler"]
 
 
 def _src(group) -> int:
@@ -87,17 +87,22 @@ def share_sampler(sampler: PoissonSampler, group) -> PoissonSampler:
     return PoissonSampler.from_state_dict(broadcast_from_rank0(sampler.state_dict(), group))
 
 
+def rank_rows(n: int, *, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s rows of ``n``: the ``rank``-th of ``world_size`` contiguous slices, sizes differing by at
+    most one (``n = 5``, 2 ranks: rows 0-1 and 2-4). The one rule every split across ranks follows."""
+    if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"Expected 0 <= rank={rank} < world_size={world_size}.")
+    return slice(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 def shard(batch: LogicalBatch, physical_batch_size: int, *, rank: int, world_size: int) -> LogicalBatch:
     """Rank ``rank``'s share of ``batch``: the ``rank``-th of ``world_size`` contiguous slices of the drawn
     indices (sizes differ by at most one), cut into padded micro-batches of ``physical_batch_size`` rows.
 
     ``size`` stays the whole batch's (private, for logs). An empty slice has no micro-batch at all.
     """
-    if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
-        raise ValueError(f"Expected 0 <= rank={rank} < world_size={world_size}.")
     chosen = batch.indices()
-    n = len(chosen)
-    mine = chosen[rank * n // world_size:(rank + 1) * n // world_size]
+    mine = chosen[rank_rows(len(chosen), rank=rank, world_size=world_size)]
     return LogicalBatch(step=batch.step, size=batch.size,
                         physical=split_physical(mine, physical_batch_size, min_batches=0))
 

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Commands whose work every rank shares under torchrun; the others run on rank 0 alone (privimage.distributed).
-DISTRIBUTED_COMMANDS = ("run", "finetune")
+DISTRIBUTED_COMMANDS = ("run", "pretrain", "finetune", "sample")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,8 +106,11 @@ def _run_launched(args) -> int:
 
     launch = distributed.init_from_env()
     try:
-        if launch is not None and launch.rank != 0 and args.command not in DISTRIBUTED_COMMANDS:
-            return 0
+        if launch is not None and args.command not in DISTRIBUTED_COMMANDS:
+            if launch.rank != 0:
+                return 0
+            with distributed.alone():  # rank 0 does the work as one process: no collective waits for the others
+                return int(args._run(args) or 0)
         return int(args._run(args) or 0)
     finally:
         distributed.shutdown()

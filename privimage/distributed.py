@@ -12,7 +12,16 @@ What runs where (the contract of this version):
 
 * the DP fine-tune runs on every rank (:class:`privimage.engine.DPEngine` with ``process_group``: one Poisson
   draw, each rank its slice, one all-reduce, the noise once on rank 0; :mod:`privimage.engine.distributed`);
-* every other stage (query, pre-training, sampling, evaluation, export) runs on rank 0 alone while the others
+* pre-training runs on every rank under DistributedDataParallel, each rank streaming its rows of every batch
+  (:mod:`privimage.train.pretrain`);
+* the query: rank 0 trains the classifier (public data) and hands it to every rank, each rank classifies its
+  batches of the sensitive images (:func:`my_batches`), the vote counts are all-reduced (SUM) and rank 0 alone
+  draws the noise and releases the selection, which it hands to the others
+  (:func:`privimage.query.stage.shared_votes`);
+* sampling: each rank draws its batches of images (:func:`my_batches`: image i's seed fixes it, and each
+  batch is the one-process batch), rank 0 gathers them (:func:`gather_batches`) and writes: samples.npz is
+  the same for any world size;
+* every other stage (evaluation, export) runs on rank 0 alone while the others
   wait at a barrier (``PRIVIMAGE_DIST_TIMEOUT_S``, default 24 hours, bounds that wait);
 * only rank 0 writes (:func:`is_writer`): the run directory, its lock, checkpoints, the ledger, logs. A
   checkpoint holds what one process would hold (rank 0's noise generator; the sampler and the diffusion
@@ -27,6 +36,7 @@ memory, through the process group, never through a file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,7 +45,8 @@ import torch
 
 from privimage.errors import DeviceError
 
-__all__ = ["Launch", "barrier", "current", "init_from_env", "is_writer", "launch_info", "shutdown"]
+__all__ = ["Launch", "alone", "barrier", "current", "gather_batches", "init_from_env", "is_writer", "launch_info", "my_batches", "share",
+           "shutdown", "use_group"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -98,6 +109,29 @@ def init_from_env(backend: str | None = None) -> Launch | None:
     return _LAUNCH
 
 
+def use_group(group=None, *, local_rank: int = 0) -> Launch:
+    """Run privimage's stages in an already initialised process group (default: the world), as torchrun's
+    launch would: for code that makes its own group (the tests' in-process ranks, an embedding program)."""
+    global _LAUNCH
+    import torch.distributed as dist
+
+    group = group if group is not None else dist.group.WORLD
+    _LAUNCH = Launch(rank=dist.get_rank(group), world_size=dist.get_world_size(group), local_rank=local_rank,
+                     backend=dist.get_backend(group), group=group)
+    return _LAUNCH
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside: this process works as the only one (no launch), for a command rank 0 runs alone."""
+    global _LAUNCH
+    saved, _LAUNCH = _LAUNCH, None
+    try:
+        yield
+    finally:
+        _LAUNCH = saved
+
+
 def check_every() -> int:
     """Steps between the fine-tune's replica checks (``PRIVIMAGE_DIST_CHECK_EVERY``, default 100; 0: never)."""
     return int(os.environ.get("PRIVIMAGE_DIST_CHECK_EVERY", "100"))
@@ -128,6 +162,37 @@ def share(obj):
     from privimage.engine.distributed import broadcast_from_rank0
 
     return broadcast_from_rank0(obj, _LAUNCH.group)
+
+
+def my_batches(n: int, batch_size: int) -> list[slice]:
+    """This rank's batches of ``n`` items: batches ``rank, rank + W, ...`` of the ``batch_size`` chunks one
+    process would make (all of them in one process). Each batch is the one-process batch, computed alone, so
+    what it gives is the same bit for bit for any world size (the query's logits, the sampler's images)."""
+    rank, world = (_LAUNCH.rank, _LAUNCH.world_size) if _LAUNCH is not None else (0, 1)
+    starts = range(rank * batch_size, n, world * batch_size)
+    return [slice(start, min(n, start + batch_size)) for start in starts]
+
+
+def gather_batches(rows: torch.Tensor, parts: list[slice], n: int) -> torch.Tensor | None:
+    """On rank 0, the (n, ...) tensor whose ``parts`` (:func:`my_batches`) each rank computed as ``rows`` (in
+    that order); None on the other ranks; ``rows`` itself in one process."""
+    if _LAUNCH is None:
+        return rows
+    import torch.distributed as dist
+
+    group = _LAUNCH.group
+    dst = 0 if group is dist.group.WORLD else dist.get_global_rank(group, 0)
+    gathered = [None] * _LAUNCH.world_size if _LAUNCH.rank == 0 else None
+    dist.gather_object(([(p.start, p.stop) for p in parts], rows.cpu()), gathered, dst=dst, group=group)
+    if _LAUNCH.rank != 0:
+        return None
+    out = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype)
+    for their_parts, their_rows in gathered:
+        offset = 0
+        for start, stop in their_parts:
+            out[start:stop] = their_rows[offset:offset + stop - start]
+            offset += stop - start
+    return out
 
 
 def launch_info() -> dict:

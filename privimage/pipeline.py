@@ -41,6 +41,10 @@ __all__ = ["config_json", "load_run_config", "load_split", "plan_budget", "resum
            "write_subset"]
 
 
+#: The stages every rank works on under torchrun (privimage.distributed); rank 0 alone runs the others.
+SHARED_STAGES = ("query", "pretrain", "finetune", "sample")
+
+
 def _log(msg: str) -> None:
     from privimage.distributed import is_writer
 
@@ -106,18 +110,25 @@ def stage_query(run_dir: RunDir | Path, cfg: RunConfig, *, sensitive=None, publi
     the classifier, the votes (kept in memory), then this run's release. ``sensitive``: the already loaded
     sensitive split (default: load it). Returns the label map (selected public label -> sensitive class).
     """
-    from privimage.query import query_votes
-    from privimage.query.stage import query_classifier, release_query, unspent_query_budget
+    from privimage import distributed
+    from privimage.query.stage import query_classifier, release_query, shared_votes, unspent_query_budget
 
     unspent_query_budget(run_dir)  # before any work: a spent query is refused at once
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     public = load_split(cfg, "public", root=public_root)
-    classifier = query_classifier(cfg, public, resolution=sensitive.resolution, log=log)
-    classifier.save(RunDir.of(run_dir).classifier_path, public_accuracy=classifier.public_accuracy)
-    log(f"query: classifier public accuracy {classifier.public_accuracy:.3f}")
-    votes = query_votes(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
-                        top_k=cfg.query.top_k)
-    return release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive.class_names, log=log)
+    classifier = None
+    if distributed.is_writer():  # under torchrun: rank 0 trains it (public data only) and hands it over
+        classifier = query_classifier(cfg, public, resolution=sensitive.resolution, log=log)
+        classifier.save(RunDir.of(run_dir).classifier_path, public_accuracy=classifier.public_accuracy)
+        log(f"query: classifier public accuracy {classifier.public_accuracy:.3f}")
+    classifier = distributed.share(classifier)
+    votes = shared_votes(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
+                         top_k=cfg.query.top_k)
+    label_map = None
+    if distributed.is_writer():  # the noise is drawn once, on rank 0; the selection goes to every rank
+        label_map = release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive.class_names,
+                                  log=log)
+    return distributed.share(label_map)
 
 
 def write_subset(run: RunDir, cfg: RunConfig, public, label_map: dict[int, int], num_classes: int) -> int:
@@ -181,18 +192,28 @@ def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
     from privimage.release import export_release, load_release_denoiser
     from privimage.train import resolve_device
 
+    from privimage import distributed
+
     run = RunDir.of(run_dir)
-    device = resolve_device(cfg.device)
-    if not run.release_model_path.is_file():  # none yet: export it from the finished fine-tune first
+    launch = distributed.current()
+    device = launch.device if launch is not None and launch.device is not None else resolve_device(cfg.device)
+    if distributed.is_writer() and not run.release_model_path.is_file():  # none yet: export the fine-tune first
         export_release(run, log=log)
+    distributed.barrier()
     den = load_release_denoiser(run, device=device)
     c = den.net.config
     s = cfg.sample
-    bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img")
+    parts = distributed.my_batches(s.num_samples, s.batch_size)  # under torchrun, this rank's batches
+    bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img",
+                       enabled=distributed.is_writer())
     images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
                                        num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
-                                       config=s, device=device, progress=bar)
+                                       config=s, device=device, progress=bar, batches=parts)
     bar.close()
+    images = distributed.gather_batches(images, parts, s.num_samples)
+    labels = distributed.gather_batches(labels, parts, s.num_samples)
+    if not distributed.is_writer():  # rank 0 writes
+        return run.samples_path
     run.save_samples(images.numpy(), labels.numpy())
     # grid: one row per class, the first grid_per_class samples of each
     k = max(c.num_classes, 1)
@@ -280,7 +301,7 @@ def _stages(run: RunDir, cfg: RunConfig, sensitive, *, resume: bool, t0: float, 
                      ("evaluate", lambda: stage_evaluate(run, cfg, log=log) if cfg.evaluate else None),
                      ("export", lambda: export_release(run, log=log))):
         t = time.perf_counter()
-        if name == "finetune" or distributed.is_writer():  # under torchrun, rank 0 alone runs the others
+        if name in SHARED_STAGES or distributed.is_writer():  # under torchrun, rank 0 alone runs the others
             fn()
         distributed.barrier()
         times[name] = round(time.perf_counter() - t, 2)

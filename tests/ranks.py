@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-_PRELOAD = ["torch", "torch.distributed", "privimage.engine", "privimage.engine.distributed"]
+_PRELOAD = ["torch", "torch.distributed", "privimage.engine", "privimage.engine.distributed", "privimage.train"]
 
 
 def _entry(rank: int, fn, world_size: int, store: str, out: str, args: tuple) -> None:

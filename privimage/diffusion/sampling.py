@@ -99,21 +99,28 @@ def sample(denoiser: nn.Module, *, seeds: Sequence[int], shape: Sequence[int], l
 
 def sample_in_batches(denoiser: nn.Module, *, num: int, shape: Sequence[int], num_classes: int, seed: int = 0,
                       batch_size: int = 256, config: SamplerConfig = SamplerConfig(),
-                      device: torch.device | str = "cpu", progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+                      device: torch.device | str = "cpu", progress=None,
+                      batches: Sequence[slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``num`` uint8 images with balanced labels (``i % num_classes``; zeros if unconditional).
 
     Image i uses seed ``seed * 1_000_003 + i``, so any prefix of a larger draw is the same images.
+    ``batches``: draw only these of the ``batch_size`` batches (slices of ``range(num)``, e.g. one rank's
+    :func:`privimage.distributed.my_batches`), returned in that order with their labels.
     """
     from privimage.diffusion.edm import to_uint8
 
     labels = torch.arange(num) % max(num_classes, 1)
-    out = []
-    for start in range(0, num, batch_size):
-        stop = min(num, start + batch_size)
+    if not num_classes:
+        labels = torch.zeros(num, dtype=torch.long)
+    if batches is None:
+        batches = [slice(start, min(num, start + batch_size)) for start in range(0, num, batch_size)]
+    out = [torch.zeros((0, *shape), dtype=torch.uint8)]
+    for part in batches:
+        start, stop = part.start, part.stop
         seeds = [seed * 1_000_003 + i for i in range(start, stop)]
         y = labels[start:stop] if num_classes else None
         out.append(to_uint8(sample(denoiser, seeds=seeds, shape=shape, labels=y, config=config,
                                    device=device)).cpu())
         if progress is not None:
             progress.update(stop - start)
-    return torch.cat(out), labels if num_classes else torch.zeros(num, dtype=torch.long)
+    return torch.cat(out), torch.cat([labels[part] for part in batches] or [labels[:0]])

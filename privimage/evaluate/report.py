@@ -144,6 +144,9 @@ def evaluate_run(run_dir: str | os.PathLike, opts: EvaluateOptions | None = None
                      "publishable).")
     reports.public["figures"] = [str(p.relative_to(public_dir)) for p in public_figures]
     reports.private["figures"] = [str(p.relative_to(private_dir)) for p in private_figures]
+    # how the run directory was trained (config.json's record; the evaluation itself runs in one process)
+    launch = config.get("launch") if isinstance(config.get("launch"), dict) else {}
+    reports.public["launch"] = {"world_size": launch.get("world_size", 1), "backend": launch.get("backend")}
     reports.public["options"] = asdict(opts)
     timings["total_s"] = time.perf_counter() - t_start
     reports.public["timings"] = timings

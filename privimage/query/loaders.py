@@ -33,13 +33,20 @@ import numpy as np
 import torch
 
 from privimage.data import ImageDataset
+from privimage.engine.distributed import rank_rows
 
 
-def augment(images: torch.Tensor, *, flip: bool, normalize: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Random horizontal flip (probability ½ per image) and uint8 -> [-1, 1] float, on the batch's device."""
+def augment(images: torch.Tensor, *, flip: bool, normalize: bool, generator: torch.Generator | None,
+            rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Random horizontal flip (probability ½ per image) and uint8 -> [-1, 1] float, on the batch's device.
+
+    ``rows=(first, n)``: ``images`` are rows ``first, first + 1, ...`` of a batch of ``n`` (one rank's share):
+    the flips are drawn for all ``n`` and these rows' taken, so they are the ones the whole batch would get."""
     x = images.float().div_(127.5).sub_(1.0) if normalize else images
     if flip:
-        mask = torch.rand(x.shape[0], generator=generator, device=generator.device if generator else x.device)
+        first, n = rows if rows is not None else (0, x.shape[0])
+        mask = torch.rand(n, generator=generator, device=generator.device if generator else x.device)
+        mask = mask[first:first + x.shape[0]]
         x = torch.where(mask.to(x.device)[:, None, None, None] < 0.5, x.flip(-1), x)
     elif not normalize:
         x = x.clone()  # FFCV reuses its batch buffers; never hand out a view of them
@@ -88,8 +95,11 @@ class _Epochs:
         epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
         yield from self.epoch(epoch)
 
-    def epoch(self, epoch: int, *, start: int = 0):
-        """Batches ``start, start + 1, ...`` of epoch ``epoch``; each depends only on (seed, epoch, its index)."""
+    def epoch(self, epoch: int, *, start: int = 0, rank: int = 0, world_size: int = 1):
+        """Batches ``start, start + 1, ...`` of epoch ``epoch``; each depends only on (seed, epoch, its index).
+
+        With ``world_size > 1``: this rank's rows of each batch (:func:`privimage.engine.distributed.rank_rows`,
+        flips included), so the ranks' shares of batch b together are exactly the one-process batch b."""
         if epoch < 0 or not 0 <= start <= len(self):
             raise ValueError(f"Expected epoch={epoch} >= 0 and 0 <= start={start} <= {len(self)} batches.")
         n = self.num_examples
@@ -97,11 +107,13 @@ class _Epochs:
                                 device=self._order_device) if self.shuffle
                  else torch.arange(n, device=self._order_device))
         order = order[start * self.batch_size:len(self) * self.batch_size]
-        for b, (images, labels) in enumerate(self._gather(order), start):
+        for b, (images, labels, rows) in enumerate(self._gather(order, rank, world_size), start):
             gen = _generator(self.seed, _FLIP_STREAM, epoch, b, device=self.device) if self.flip else None
-            yield augment(images, flip=self.flip, normalize=self.normalize, generator=gen), labels
+            yield augment(images, flip=self.flip, normalize=self.normalize, generator=gen, rows=rows), labels
 
-    def _gather(self, order: torch.Tensor):
+    def _gather(self, order: torch.Tensor, rank: int, world_size: int):
+        """Per batch of ``order`` (``batch_size`` at a time): this rank's uint8 images and int64 labels, and
+        ``(first row, batch size)``."""
         raise NotImplementedError
 
 
@@ -138,10 +150,13 @@ class DeviceLoader(_Epochs):
     def num_examples(self) -> int:
         return self.images.shape[0]
 
-    def _gather(self, order: torch.Tensor):
+    def _gather(self, order: torch.Tensor, rank: int, world_size: int):
         for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield self._rows[idx].view(torch.uint8).view(len(idx), *self.images.shape[1:]), self.labels[idx]
+            batch = order[i:i + self.batch_size]
+            mine = rank_rows(len(batch), rank=rank, world_size=world_size)
+            idx = batch[mine]  # only this rank's rows are gathered
+            yield (self._rows[idx].view(torch.uint8).view(len(idx), *self.images.shape[1:]), self.labels[idx],
+                   (mine.start, len(batch)))
 
 
 class _Indexed:
@@ -269,14 +284,18 @@ class FFCVLoader(_Epochs):
     def num_examples(self) -> int:
         return len(self._loader.indices)
 
-    def _gather(self, order: torch.Tensor):
+    def _gather(self, order: torch.Tensor, rank: int, world_size: int):
+        # FFCV's batch size is fixed when the loader is made: with several ranks, each decodes the whole batch
+        # and keeps its rows (FFCV's point is a file larger than memory, not less decoding per rank).
         self._order.plan = self._loader.indices[order.numpy()]
         threads = torch.get_num_threads()
         for images, labels in self._loader:
             if torch.get_num_threads() != threads:  # the epoch's worker thread reset it (see _keep_torch_threads)
                 torch.set_num_threads(threads)
+            mine = rank_rows(len(labels), rank=rank, world_size=world_size)
             # FFCV reuses its batch buffers: the labels are copied here, the images by augment.
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True).long().clone()
+            yield (images[mine].to(self.device, non_blocking=True),
+                   labels[mine].to(self.device, non_blocking=True).long().clone(), (mine.start, len(labels)))
 
 
 def loader_kind(dataset: ImageDataset, *, device: str | torch.device = "cpu", kind: str = "auto") -> str:

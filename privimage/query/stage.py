@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from privimage.data import ImageDataset
     from privimage.query.classifier import QueryClassifier
 
-__all__ = ["query_classifier", "release_query", "unspent_query_budget"]
+__all__ = ["query_classifier", "release_query", "shared_votes", "unspent_query_budget"]
 
 
 def _log(msg: str) -> None:
@@ -67,6 +67,32 @@ def query_classifier(cfg: RunConfig, public: ImageDataset, *, resolution: int, l
         config=ClassifierConfig(width=qc.classifier_width, epochs=qc.classifier_epochs,
                                 style_noise=qc.classifier_style_noise, style_gain=qc.classifier_style_gain,
                                 seed=cfg.seed))
+
+
+def shared_votes(classifier: QueryClassifier, images: torch.Tensor, labels: torch.Tensor | None, *, num_classes: int,
+                 top_k: int, batch_size: int = 512) -> Votes:
+    """:func:`~privimage.query.query_votes`, the work shared by the ranks under torchrun (one process: itself).
+
+    Rank r classifies batches r, r + W, ... of the one-process batches (:func:`privimage.distributed.my_batches`),
+    so every image gets the logits one process computes, bit for bit; the ranks' counts are summed by one
+    all-reduce, exact (integers in float64). Every rank gets the whole SECRET histogram, in memory only.
+    """
+    from privimage import distributed
+    from privimage.query.semantic import query_votes
+
+    launch = distributed.current()
+    if launch is None:
+        return query_votes(classifier, images, labels, num_classes=num_classes, top_k=top_k, batch_size=batch_size)
+    import torch.distributed as dist
+    from privimage.engine.distributed import collective_device
+
+    parts = distributed.my_batches(len(images), batch_size)
+    mine = torch.cat([torch.arange(p.start, p.stop) for p in parts]) if parts else torch.zeros(0, dtype=torch.long)
+    votes = query_votes(classifier, images[mine], labels[mine] if labels is not None else None,
+                        num_classes=num_classes, top_k=top_k, batch_size=batch_size)
+    counts = votes.counts.to(collective_device(launch.group))
+    dist.all_reduce(counts, group=launch.group)
+    return Votes(counts.cpu(), top_k)
 
 
 def release_query(run_dir: RunDir | Path, cfg: RunConfig, votes: Votes, *, public: ImageDataset,

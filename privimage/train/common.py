@@ -51,6 +51,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     return read_checkpoint(path, map_location=map_location, missing="run the stage first, or drop --resume")
 
 
+def silent(message: str) -> None:
+    """The log of a rank other than 0 under torchrun (rank 0 alone reports)."""
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a torch.compile wrapper, so state dicts never carry ``_orig_mod.`` keys."""
     return getattr(model, "_orig_mod", model)

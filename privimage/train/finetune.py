@@ -63,7 +63,7 @@ from privimage.privacy import FINETUNE
 from privimage.progress import progress_bar
 from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
-from privimage.train.common import save_sample_grid
+from privimage.train.common import save_sample_grid, silent
 
 __all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs"]
 
@@ -148,7 +148,7 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
     group = launch.group if launch is not None else None
     writer = distributed.is_writer()
     if not writer:
-        log = _silent
+        log = silent
     device = launch.device if launch is not None and launch.device is not None else torch.device(device)
     if unet.dropout:
         raise ValueError(f"The UNet has dropout={unet.dropout}: its masks would be drawn by torch's global generator "
@@ -278,10 +278,6 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         log(f"finetune: {nonfinite} sample gradient(s) with NaN/inf were dropped over the run (a count on the "
             f"sensitive data: keep it private).")
     return ckpt_path
-
-
-def _silent(message: str) -> None:
-    """The log of a rank other than 0 (rank 0 alone reports)."""
 
 
 def _refuse_fresh_start(run: RunDir, budget: PrivacyBudget) -> None:

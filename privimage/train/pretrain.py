@@ -10,6 +10,15 @@ and [-1, 1] normalisation on the batch. Step s is batch ``s % B`` of epoch ``s /
 and a loader's batches depend only on (seed, epoch, batch index), so a resumed run streams exactly the
 batches the interrupted one would have.
 
+Under torchrun (:mod:`privimage.distributed`) every rank runs this loop: the model is wrapped in
+``DistributedDataParallel`` (rank 0's initial weights on every rank, gradients all-reduced in buckets
+during the backward), each rank streams its rows of every batch (``loader.epoch(e, start=b, rank=r,
+world_size=W)``: the config's batch split across ranks, sizes differing by at most one), and draws the step's
+randomness for the WHOLE batch, keeping its rows. The gradients are SUMMED (each rank's loss is its rows'
+sum over the whole batch's size), so every step is the one-process step up to the order of additions, for any
+W, uneven splits included. Rank 0 alone writes; the checkpoint is the one a single process writes, so a run
+resumes under any world size.
+
 The step is small and pure (inputs: images, labels, σ, noise), so ``torch.compile`` sees fixed shapes; the
 step's randomness (σ, noise, label dropout) is drawn outside from a generator seeded by (seed, step), which
 also keeps ``--resume`` exact. bf16 autocast is used on CUDA only (CPU bf16 matmuls are slower than fp32 on
@@ -23,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from privimage import distributed
 from privimage.config import PretrainConfig
 from privimage.data import ImageDataset
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA
@@ -31,7 +41,8 @@ from privimage.models import UNet, UNetConfig
 from privimage.progress import progress_bar
 from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.rundir import RunDir
-from privimage.train.common import save_sample_grid, step_generator, unwrap
+from privimage.engine import distributed as dp_distributed
+from privimage.train.common import save_sample_grid, silent, step_generator, unwrap
 
 __all__ = ["pretrain"]
 
@@ -58,7 +69,13 @@ def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: to
     run = RunDir.of(run_dir)
     p = config
     steps = p.steps
-    device = torch.device(device)
+    launch = distributed.current()
+    group = launch.group if launch is not None else None
+    rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
+    writer = distributed.is_writer()
+    if not writer:
+        log = silent
+    device = launch.device if launch is not None and launch.device is not None else torch.device(device)
     ckpt_path = run.checkpoint_path("pretrain")
     if len(images) == 0:
         raise RunDirError("The pre-training subset is empty.")
@@ -85,8 +102,13 @@ def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: to
     subset = ImageDataset(images, labels.long(), [str(c) for c in range(max(num_classes, int(labels.max()) + 1))])
     ffcv_path, batch_size = run.subset_ffcv_path, p.batch_size
     kind = loader_kind(subset, device=device, kind=p.loader)
-    if kind == "ffcv" and not (resume and ffcv_path.is_file()):
+    if kind == "ffcv" and not (resume and ffcv_path.is_file()) and writer:
         write_ffcv(subset, ffcv_path)  # this subset's bytes, whatever an earlier run left at the path
+    if group is not None:  # every rank: rank 0's settings, data and step; the file written before it is read
+        dp_distributed.refuse_mismatch({"pretrain": repr(p), "unet": unet.to_dict(), "num_examples": len(subset),
+                                        "seed": seed, "start": start, "kind": kind}, group, "the pre-training")
+        dp_distributed.check_replicas([images, labels], group, "pre-training subset")
+        distributed.barrier()
     # drop_last keeps every step's batch the same size (one compiled shape, the same loss scale); a subset
     # smaller than one batch is one short batch per epoch instead.
     batches = make_loader(subset, batch_size=batch_size, device=device, kind=kind, ffcv_path=ffcv_path, seed=seed,
@@ -98,55 +120,103 @@ def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: to
         log(f"pretrain: the subset has {len(subset)} images, fewer than batch_size={batch_size}; "
             "each step takes the whole subset")
 
+    model = denoiser  # what the step calls: under torchrun, DDP around it
+    if group is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(denoiser, process_group=group, broadcast_buffers=False)
+        model.register_comm_hook(group, _sum_gradients)
+    full = min(batch_size, len(subset))  # every step's whole batch (drop_last, or the whole small subset)
+
     def checkpoint(step: int) -> None:
+        if not writer:  # rank 0 alone writes; its checkpoint is the same as one process's
+            return
         run.save_checkpoint("pretrain", {"kind": "pretrain", "step": step, "steps": steps,
                                          "model": unwrap(net).state_dict(), "ema": ema.state_dict(),
                                          "optimizer": opt.state_dict(), "unet": unet.to_dict(), "log": rows,
                                          "config": run_config})
         run.save_log("pretrain", rows)
 
-    bar = progress_bar(steps, desc="pre-train (public subset)", unit="step", initial=start)
+    bar = progress_bar(steps, desc="pre-train (public subset)", unit="step", initial=start, enabled=writer)
     t_last, n_last = time.perf_counter(), 0
     done = start
     end = steps if stop_at_step is None else max(start, min(steps, stop_at_step))
-    for step, (x, y) in zip(range(start, end), _stream(batches, start)):
+    for step, (x, y) in zip(range(start, end), _stream(batches, start, rank, world)):
         y = y if num_classes else None
         gen = step_generator(seed, 1, step, device=device)
-        drawn = loss.draw(x, y, num_classes=num_classes, generator=gen)
+        drawn = _draw_rows(loss, x, y, rank_rows=dp_distributed.rank_rows(full, rank=rank, world_size=world),
+                           full=full, num_classes=num_classes, generator=gen)
         with torch.autocast(**amp):
-            rows_loss = compute(denoiser, x, *drawn)
-        total = rows_loss.sum() / x.shape[0]
+            rows_loss = compute(model, x, *drawn)
+        total = rows_loss.sum() / full  # this rank's share of the batch mean: the ranks' gradients are summed
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         ema.update(denoiser)
-        n_last += x.shape[0]
+        n_last += full
         done = step + 1
         if done % p.log_every == 0 or done == steps:
             now = time.perf_counter()
             ips = n_last / max(now - t_last, 1e-9)
-            value = float(total.detach())
+            value = float(_summed(total.detach(), group))
             rows.append({"step": done, "loss": round(value, 6), "epsilon": 0.0, "images_per_s": round(ips, 2),
                          "lr": p.lr})
             bar.set_postfix(loss=f"{value:.4f}", img_s=f"{ips:.0f}", refresh=False)
             t_last, n_last = now, 0
         bar.update()
-        if p.sample_every and done % p.sample_every == 0:
+        if p.sample_every and done % p.sample_every == 0 and writer:
             save_sample_grid(ema.module, run.training_grid_path("pretrain", done), shape=shape,
                              num_classes=num_classes, seed=seed, device=device)
         if done % p.checkpoint_every == 0 or done == steps:
             checkpoint(done)
     bar.close()
     checkpoint(done)
-    if done == steps and steps > 0:
+    if done == steps and steps > 0 and writer:
         save_sample_grid(ema.module, run.training_grid_path("pretrain"), shape=shape, num_classes=num_classes,
                          seed=seed, device=device)
     return ckpt_path
 
 
-def _stream(batches, step: int):
-    """Batches from step ``step`` on: batch ``step % B`` of epoch ``step // B``, then on, epoch after epoch."""
+def _stream(batches, step: int, rank: int = 0, world_size: int = 1):
+    """Batches from step ``step`` on: batch ``step % B`` of epoch ``step // B``, then on, epoch after epoch
+    (this rank's rows of each)."""
     epoch, start = divmod(step, len(batches))
     while True:
-        yield from batches.epoch(epoch, start=start)
+        yield from batches.epoch(epoch, start=start, rank=rank, world_size=world_size)
         epoch, start = epoch + 1, 0
+
+
+def _draw_rows(loss: EDMLoss, x: torch.Tensor, y: torch.Tensor | None, *, rank_rows: slice, full: int,
+               num_classes: int, generator: torch.Generator):
+    """The step's draws (dropped-out labels, σ, noise) for rows ``rank_rows`` of a batch of ``full`` images:
+    drawn for the whole batch, as one process draws them, and these rows' kept (``x``, ``y``: those rows)."""
+    if x.shape[0] == full:
+        return loss.draw(x, y, num_classes=num_classes, generator=generator)
+    whole = x.new_empty(()).expand(full, *x.shape[1:])  # the batch's shape, no memory
+    labels = None
+    if y is not None:
+        labels = y.new_zeros(full)
+        labels[rank_rows] = y
+    labels, sigma, noise = loss.draw(whole, labels, num_classes=num_classes, generator=generator)
+    k = loss.num_noise
+    rows = slice(rank_rows.start * k, rank_rows.stop * k)
+    return (None if labels is None else labels[rank_rows]), sigma[rows], noise[rows]
+
+
+def _sum_gradients(group, bucket):
+    """DDP communication hook: SUM the bucket over the ranks (DDP's default averages)."""
+    import torch.distributed as dist
+
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _summed(value: torch.Tensor, group) -> torch.Tensor:
+    """``value`` summed over the ranks (itself in one process)."""
+    if group is None:
+        return value
+    import torch.distributed as dist
+
+    out = value.float().reshape(1).to(dp_distributed.collective_device(group))
+    dist.all_reduce(out, group=group)
+    return out[0]

@@ -24,7 +24,8 @@ def run_dir(tmp_path, monkeypatch):
     """A run directory as `privimage run` writes it (issue 7), with embedded data standing in for samples."""
     monkeypatch.delenv("PRIVIMAGE_INCEPTION_WEIGHTS", raising=False)
     run = tmp_path / "00001-demo"
-    save_json({"data": {"name": "embedded"}, "name": "demo"}, run / "config.json")
+    save_json({"data": {"name": "embedded"}, "name": "demo", "launch": {"world_size": 2, "backend": "gloo"}},
+              run / "config.json")
     budget = PrivacyBudget(10.0, 1e-5, plan={"query": Mechanism(5.0, 1.0, 1), "finetune": Mechanism(1.0, 0.01, 100)},
                            spent={"query": 1, "finetune": 50})
     save_json(budget.state_dict(), run / "budget.json")
@@ -55,6 +56,7 @@ def test_proxy_report_files_exist_parse_and_are_labelled(run_dir, tmp_path):
     assert 0 <= metrics["classification_accuracy"]["accuracy"] <= 1
     assert metrics["classification_accuracy"]["num_test"] == 60
     assert {m["computed_on"] for m in metrics.values()} == {"held_out", "samples"}  # --real: a held-out test set
+    assert report["launch"] == {"world_size": 2, "backend": "gloo"}  # how the run was trained (config.json)
     privacy = report["privacy"]
     generator = privacy["generator"]
     assert generator["ledger"] == {"query": 1, "finetune": 50} and generator["delta"] == 1e-5

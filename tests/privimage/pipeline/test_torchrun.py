@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from privimage.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-CONFIG = {"base": "test", "finetune": {"epochs": 1}}  # 4 fine-tune steps
+CONFIG = {"base": "test", "finetune": {"epochs": 1}, "sample": {"batch_size": 4}}  # 4 fine-tune steps, 3 batches
 
 
 def _torchrun(*args, cache, timeout=240):
@@ -78,25 +79,57 @@ def test_torchrun_two_ranks_run_equals_one_process(one_process, tmp_path):
     _torchrun("run", "--config", config, "--out", tmp_path / "two", cache=cache)
     (run,) = (tmp_path / "two").iterdir()  # one run directory: rank 1 made none
     _assert_same_finetune(run, ref)
+    # the samples of each rank's batches, gathered: the same images as one process's, bit for bit
+    with np.load(run / "samples" / "samples.npz") as a, np.load(ref / "samples" / "samples.npz") as b:
+        assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in b.files)
     assert json.loads((run / "config.json").read_text())["launch"] == {"world_size": 2, "backend": "gloo"}
     assert json.loads((ref / "config.json").read_text())["launch"] == {"world_size": 1, "backend": None}
     assert (run / "release" / "model.safetensors").is_file()
     assert not (run / ".lock").exists()
 
 
-def test_world_two_resumes_a_world_one_checkpoint(one_process, tmp_path):
-    from privimage.pipeline import load_run_config, stage_finetune
+def _before_finetune(ref, run):
+    """A copy of the run directory ``ref`` as it was before its fine-tune."""
     from privimage.privacy import FINETUNE
     from privimage.rundir import RunDir
 
-    ref, _, cache = one_process
-    run = tmp_path / "resume"
     shutil.copytree(ref, run, ignore=shutil.ignore_patterns("finetune*", "release", "samples"))
     r = RunDir(run)
     budget = r.load_budget()
     budget.spent.pop(FINETUNE)
-    r.save_budget(budget)  # the directory as it was before the fine-tune
+    r.save_budget(budget)
+    return run
+
+
+def test_world_two_resumes_a_world_one_checkpoint(one_process, tmp_path):
+    from privimage.pipeline import load_run_config, stage_finetune
+
+    ref, _, cache = one_process
+    run = _before_finetune(ref, tmp_path / "resume")
     stage_finetune(run, load_run_config(run), stop_at_step=2, log=lambda m: None)  # world 1, then stop
     assert _finetune_state(run)["step"] == 2
     _torchrun("finetune", run, "--resume", cache=cache)  # world 2 finishes
+    _assert_same_finetune(run, ref)
+
+
+def _finetune_two_ranks(rank, world_size, run_dir, stop_at_step):
+    from privimage import distributed
+    from privimage.pipeline import load_run_config, stage_finetune
+
+    os.environ["PRIVIMAGE_DIST_CHECK_EVERY"] = "1"
+    distributed.use_group()
+    stage_finetune(run_dir, load_run_config(run_dir), stop_at_step=stop_at_step, log=lambda m: None)
+
+
+def test_world_one_resumes_a_world_two_checkpoint(one_process, tmp_path):
+    """The reverse of the test above, the world-2 part on in-process ranks (tests/ranks.py, no torchrun)."""
+    from privimage.pipeline import load_run_config, stage_finetune
+
+    from ranks import run_ranks
+
+    ref, _, _ = one_process
+    run = _before_finetune(ref, tmp_path / "reverse")
+    run_ranks(_finetune_two_ranks, 2, str(run), 2, timeout=180)  # world 2, then stop
+    assert _finetune_state(run)["step"] == 2
+    stage_finetune(run, load_run_config(run), resume=True, log=lambda m: None)  # world 1 finishes
     _assert_same_finetune(run, ref)
