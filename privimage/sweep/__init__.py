@@ -148,7 +148,7 @@ def _execute(sweep: SweepDir, cfg: RunConfig, state: dict, points: list[Point], 
     for group in state["pretraining"]:
         log(f"sweep: pre-training {group['key'][:12]} computed in {group['computed_in']}, shared with "
             f"{', '.join(group['shared_with']) or 'no other point'}")
-    _refresh(sweep, cfg, state, points)
+    _refresh(sweep, cfg, state, points, privacy=False)
     pre_jobs = [Job("pretrain", str(sweep.run(owner).path), owner.name) for owner, _ in groups.values()
                 if not _pretrain_done(sweep.run(owner))]
     failed = run_queue(pre_jobs, devices, run_job, on_start=lambda j: log(f"sweep: pre-training in {j.point}"),

@@ -12,6 +12,7 @@ release that no accountant here counts.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -34,7 +35,8 @@ def point_summary(sweep: SweepDir, point: Point) -> dict:
         entry.update({k: plan.get(k) for k in ("query_noise_multiplier", "finetune_noise_multiplier",
                                                "finetune_steps", "finetune_sample_rate")})
     if run.budget_path.is_file():
-        spent = run.load_budget().epsilon_spent()
+        budget = run.load_budget()
+        spent = _composed(tuple(_mechanisms(budget, budget.spent)), budget.delta)
         entry["epsilon_spent"] = spent.upper if point.private else "inf"
         entry["accountant"] = spent.accountant
     entry["status"] = "done" if run.timings_path.is_file() else "started" if run.budget_path.is_file() else "planned"
@@ -62,7 +64,6 @@ def compose_points(sweep: SweepDir, points: list[Point], *, delta: float, planne
     Counts are each point's ledger (``budget.json``: what was spent); ``planned`` (point name -> PrivacyBudget,
     before any directory exists) gives the planned counts instead (``--dry-run``).
     """
-    from privimage.engine import Mechanism, compose_epsilon
     from privimage.evaluate.privacy import load_evaluation_ledger
 
     mechanisms, per_point, evaluation = [], {}, 0.0
@@ -79,14 +80,29 @@ def compose_points(sweep: SweepDir, points: list[Point], *, delta: float, planne
             budget = run.load_budget()
             counts = dict(budget.spent)
             evaluation += sum(r["epsilon"] for r in load_evaluation_ledger(run.path))
-        ms = [Mechanism(budget.plan[n].noise_multiplier, budget.plan[n].sample_rate, c) for n, c in counts.items()]
+        ms = _mechanisms(budget, counts)
         mechanisms += ms
-        per_point[point.name] = compose_epsilon(ms, delta=delta).upper
-    report = compose_epsilon(mechanisms, delta=delta)
+        per_point[point.name] = _composed(tuple(ms), delta).upper
+    report = _composed(tuple(mechanisms), delta)
     return {"delta": delta, "points": per_point, "composed_epsilon": report.upper, "accountant": report.accountant,
             "evaluation_epsilon": evaluation, "total_epsilon": report.upper + evaluation,
             "counts": "planned" if planned is not None else "spent (each point's budget.json)",
             "non_private_points": [p.name for p in points if not p.private]}
+
+
+def _mechanisms(budget, counts: dict) -> list:
+    from privimage.engine import Mechanism
+
+    return [Mechanism(budget.plan[n].noise_multiplier, budget.plan[n].sample_rate, c) for n, c in sorted(counts.items())]
+
+
+@functools.lru_cache(maxsize=256)
+def _composed(mechanisms: tuple, delta: float):
+    """:func:`privimage.engine.compose_epsilon`, once per distinct composition (the summary is redrawn after
+    every point, and each composition costs the accountant seconds)."""
+    from privimage.engine import compose_epsilon
+
+    return compose_epsilon(list(mechanisms), delta=delta)
 
 
 def _mean_std(values: list[float]) -> str:
