@@ -53,12 +53,23 @@ def test_each_point_equals_a_standalone_run_and_pretraining_is_shared(setup, tmp
     state = json.loads((sweep / "sweep.json").read_text())
     assert [p["name"] for p in state["points"]] == ["eps1-seed0", "eps1-seed1", "eps10-seed0", "eps10-seed1"]
     assert all(p["status"] == "done" for p in state["points"])
-    # the same seed's points selected the same subset: one pre-training per seed, linked read-only into the other
-    groups = {g["computed_in"]: g["shared_with"] for g in state["pretraining"]}
-    assert groups == {"eps1-seed0": ["eps10-seed0"], "eps1-seed1": ["eps10-seed1"]}
-    for owner, (member,) in groups.items():
-        a, b = (sweep / owner / "checkpoints" / "pretrain.pt").stat(), (sweep / member / "checkpoints" / "pretrain.pt").stat()
-        assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev) and not b.st_mode & 0o222
+    # points share a pre-training exactly when they have the same seed and selected the same subset; a shared
+    # one is computed once and linked read-only into the others (seed 0's two points select the same classes)
+    group_of = {m: g["computed_in"] for g in state["pretraining"] for m in [g["computed_in"], *g["shared_with"]]}
+    assert len(group_of) == 4 and group_of["eps10-seed0"] == "eps1-seed0"
+
+    def subset(name):
+        with np.load(sweep / name / "query" / "subset.npz") as z:
+            return z["images"].tobytes() + z["labels"].tobytes()
+
+    for a in group_of:
+        for b in group_of:
+            same = a[-5:] == b[-5:] and subset(a) == subset(b)
+            assert (group_of[a] == group_of[b]) == same, (a, b)
+            x, y = ((sweep / n / "checkpoints" / "pretrain.pt").stat() for n in (a, b))
+            assert ((x.st_ino, x.st_dev) == (y.st_ino, y.st_dev)) == same, (a, b)
+            if same and a != b:
+                assert not x.st_mode & 0o222  # read-only
     # a standalone run at (10, 1) makes what the sweep's point made
     monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(cache))
     assert main(["run", "--config", str(config), "--epsilon", "10", "--seed", "1", "--out", str(tmp_path)]) == 0
