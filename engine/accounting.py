@@ -34,6 +34,8 @@ MAX_NOISE_MULTIPLIER = 1e4
 EPS_ERROR = 0.01
 #: A coarser grid for calibration's search (much cheaper); the answer is then verified at EPS_ERROR.
 _SEARCH_EPS_ERROR = 0.1
+#: The ``accountant`` of a composition holding a mechanism without noise (σ = 0): ε = ∞, not private.
+NON_PRIVATE = "none (sigma = 0: NOT private)"
 #: Above this RDP ε the PRV accountant is not run (see compose_epsilon).
 _PRV_MAX_EPSILON = 100.0
 
@@ -43,7 +45,9 @@ class Mechanism:
     """A Gaussian mechanism, Poisson-subsampled at ``sample_rate`` (1.0: not subsampled), run ``count`` times.
 
     Attributes:
-        noise_multiplier: noise std divided by the L2 sensitivity of each release.
+        noise_multiplier: noise std divided by the L2 sensitivity of each release. 0 is allowed for a
+            NON-PRIVATE reference run (no noise: :func:`compose_epsilon` reports ε = ∞ for any composition
+            holding it, and no accountant is asked); calibration never returns it.
         sample_rate: probability q that each example joins a release (Poisson sampling).
         count: number of releases (DP-SGD steps; 1 for the semantic query).
     """
@@ -53,7 +57,8 @@ class Mechanism:
     count: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive(noise_multiplier=self.noise_multiplier)
+        if self.noise_multiplier != 0:  # 0: the non-private reference (class docstring)
+            _check_positive(noise_multiplier=self.noise_multiplier)
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"Expected sample_rate={self.sample_rate} in (0, 1].")
         if not (isinstance(self.count, int) and self.count >= 0):
@@ -115,12 +120,15 @@ def compose_epsilon(mechanisms: Sequence[Mechanism], *, delta: float, eps_error:
         eps_error: the accountant's absolute error in ε (its discretisation; smaller is slower).
 
     Returns:
-        The PRV accountant's bounds, or the RDP upper bound where the PRV discretisation fails.
+        The PRV accountant's bounds, or the RDP upper bound where the PRV discretisation fails; ε = ∞
+        (accountant ``NON_PRIVATE``) when a mechanism that ran has no noise (``noise_multiplier == 0``).
     """
     _check_delta(delta)
     active = [m for m in mechanisms if m.count > 0]
     if not active:
         return EpsilonReport(0.0, 0.0, 0.0, delta)
+    if any(m.noise_multiplier == 0 for m in active):  # an exact release: no ε holds, for any δ < 1
+        return EpsilonReport(math.inf, math.inf, math.inf, delta, NON_PRIVATE)
     prvs = [m.prv() for m in active]
     counts = [m.count for m in active]
     rdp_upper = _rdp_epsilon(prvs, counts, delta)
@@ -159,7 +167,9 @@ class PlannedComposition:
         self.mechanisms, self.delta, self.eps_error = tuple(mechanisms), delta, eps_error
         self._accountant = None
         active = [m for m in self.mechanisms if m.count > 0]
-        if active and _rdp_epsilon([m.prv() for m in active], [m.count for m in active], delta) <= _PRV_MAX_EPSILON:
+        noisy = all(m.noise_multiplier > 0 for m in active)  # else compose_epsilon's ε = ∞ (NON_PRIVATE)
+        if active and noisy and _rdp_epsilon([m.prv() for m in active], [m.count for m in active],
+                                             delta) <= _PRV_MAX_EPSILON:
             try:
                 self._accountant = PRVAccountant(prvs=[m.prv() for m in active],
                                                  max_self_compositions=[m.count for m in active],
@@ -199,6 +209,7 @@ def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, 
         >>> report.upper >= report.estimate
         True
     """
+    _check_positive(noise_multiplier=noise_multiplier)  # sigma = 0 only in an explicit Mechanism (class docstring)
     return compose_epsilon([Mechanism(noise_multiplier, sample_rate, steps)], delta=delta)
 
 

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("privimage.commands.query",
               "DP semantic query: select the public classes the sensitive images resemble; build the subset"),
     "run": ("privimage.commands.run", "the whole pipeline (query, pre-train, DP fine-tune, sample, evaluate) into a run dir"),
+    "sweep": ("privimage.commands.sweep",
+              "epsilon sweep: one run per (epsilon, seed), sharing the public work (query classifier, pre-training)"),
     "pretrain": ("privimage.commands.pretrain", "pre-train a run directory's UNet on its public subset (--resume)"),
     "finetune": ("privimage.commands.finetune", "DP-SGD fine-tune a run directory's UNet on the sensitive data (--resume)"),
     "sample": ("privimage.commands.sample", "draw samples and a grid from a run directory's released EMA model"),

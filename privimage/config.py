@@ -248,6 +248,10 @@ class RunConfig:
     # Experiments only: accept delta >= 1/n (which permits publishing a record outright). Every report, the
     # release's privacy.json and PRIVACY.md then say so (privimage.preflight.large_delta_note).
     allow_large_delta: bool = False
+    # The NON-PRIVATE reference of an epsilon sweep (`privimage sweep --epsilons ...,inf`): the query and the
+    # fine-tune run with sigma = 0 (no noise; clipping as configured), epsilon is ignored and reported as inf,
+    # and every plan, log and statement says NOT PRIVATE (privimage.privacy.plan_non_private_budget).
+    non_private: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -36,9 +36,9 @@ from privimage.errors import ConfigError, DataError, RunDirError
 from privimage.preflight import describe_plan, plan_budget, preflight
 from privimage.rundir import RunDir, config_json
 
-__all__ = ["config_json", "load_run_config", "load_split", "plan_budget", "resume_pipeline", "run_pipeline",
-           "stage_evaluate", "stage_finetune", "stage_pretrain", "stage_query", "stage_sample", "write_run_plan",
-           "write_subset"]
+__all__ = ["config_json", "continue_run", "load_run_config", "load_split", "plan_budget", "pretrain_finished",
+           "query_spent", "resume_pipeline", "run_pipeline", "stage_evaluate", "stage_finetune", "stage_pretrain",
+           "stage_query", "stage_query_release", "stage_sample", "write_run_plan", "write_subset"]
 
 
 #: The stages every rank works on under torchrun (privimage.distributed); rank 0 alone runs the others.
@@ -111,7 +111,7 @@ def stage_query(run_dir: RunDir | Path, cfg: RunConfig, *, sensitive=None, publi
     sensitive split (default: load it). Returns the label map (selected public label -> sensitive class).
     """
     from privimage import distributed
-    from privimage.query.stage import query_classifier, release_query, shared_votes, unspent_query_budget
+    from privimage.query.stage import query_classifier, shared_votes, unspent_query_budget
 
     unspent_query_budget(run_dir)  # before any work: a spent query is refused at once
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
@@ -119,16 +119,26 @@ def stage_query(run_dir: RunDir | Path, cfg: RunConfig, *, sensitive=None, publi
     classifier = None
     if distributed.is_writer():  # under torchrun: rank 0 trains it (public data only) and hands it over
         classifier = query_classifier(cfg, public, resolution=sensitive.resolution, log=log)
-        classifier.save(RunDir.of(run_dir).classifier_path, public_accuracy=classifier.public_accuracy)
         log(f"query: classifier public accuracy {classifier.public_accuracy:.3f}")
     classifier = distributed.share(classifier)
     votes = shared_votes(classifier, sensitive.images, sensitive.labels, num_classes=sensitive.num_classes,
                          top_k=cfg.query.top_k)
     label_map = None
     if distributed.is_writer():  # the noise is drawn once, on rank 0; the selection goes to every rank
-        label_map = release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive.class_names,
-                                  log=log)
+        label_map = stage_query_release(run_dir, cfg, classifier=classifier, votes=votes, public=public,
+                                        sensitive_class_names=sensitive.class_names, log=log)
     return distributed.share(label_map)
+
+
+def stage_query_release(run_dir: RunDir | Path, cfg: RunConfig, *, classifier, votes, public,
+                        sensitive_class_names: list[str], log=_log) -> dict[int, int]:
+    """The query stage's writes from a classifier and votes already computed (``privimage sweep`` computes them
+    once for many run directories): ``query/classifier.pt``, then this run's own release of the votes
+    (:func:`privimage.query.stage.release_query`: its σ, its ledger). Returns the label map."""
+    from privimage.query.stage import release_query
+
+    classifier.save(RunDir.of(run_dir).classifier_path, public_accuracy=classifier.public_accuracy)
+    return release_query(run_dir, cfg, votes, public=public, sensitive_class_names=sensitive_class_names, log=log)
 
 
 def write_subset(run: RunDir, cfg: RunConfig, public, label_map: dict[int, int], num_classes: int) -> int:
@@ -281,12 +291,12 @@ def _stages(run: RunDir, cfg: RunConfig, sensitive, *, resume: bool, t0: float, 
     from privimage.release import export_release
 
     def query():
-        if resume and _query_spent(run, cfg, log):
+        if resume and query_spent(run, cfg, log):
             return None
         return stage_query(run, cfg, sensitive=sensitive, log=log)
 
     def pretrain():
-        if cfg.pretrain.steps:
+        if cfg.pretrain.steps and not (resume and pretrain_finished(run)):
             stage_pretrain(run, cfg, resume=resume and run.checkpoint_path("pretrain").is_file(), log=log)
 
     def finetune():
@@ -313,7 +323,23 @@ def _stages(run: RunDir, cfg: RunConfig, sensitive, *, resume: bool, t0: float, 
     log(f"done in {times['total']:.1f} s: {run.path}")
 
 
-def _query_spent(run: RunDir, cfg: RunConfig, log) -> bool:
+def continue_run(run: RunDir, cfg: RunConfig, sensitive, *, log=_log) -> None:
+    """The stages of ``run`` still to do, as ``resume_pipeline`` runs them (finished ones skipped, started ones
+    resumed), for a caller that holds the run's lock and has loaded ``sensitive`` (``privimage sweep``, after
+    its own query stage and a shared pre-training)."""
+    _stages(run, cfg, sensitive, resume=True, t0=time.perf_counter(), log=log)
+
+
+def pretrain_finished(run: RunDir) -> bool:
+    """True when ``checkpoints/pretrain.pt`` is at its last step and the stage's last write (the final grid,
+    ``samples/pretrain.png``) exists: nothing of the pre-training is left to do."""
+    if not (run.checkpoint_path("pretrain").is_file() and run.training_grid_path("pretrain").is_file()):
+        return False
+    state = run.load_checkpoint("pretrain")
+    return state["step"] >= state["steps"]
+
+
+def query_spent(run: RunDir, cfg: RunConfig, log) -> bool:
     """On resume: True when the query's spend is recorded and its outputs are complete (rebuilding the
     subset from the selection if it is missing); False when the query was never spent (run it)."""
     from privimage.privacy import QUERY

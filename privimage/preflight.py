@@ -149,12 +149,16 @@ def large_delta_note(delta: float, n: int | None) -> str | None:
 
 def plan_budget(cfg: RunConfig, num_sensitive: int):
     """The run's PrivacyBudget (a fresh one, nothing spent): the query's σ from its ε share, the fine-tune's σ
-    calibrated on the rest."""
+    calibrated on the rest (``cfg.non_private``: both with σ = 0, ε = ∞)."""
     from privimage.engine import PrivacyBudget
 
     check_delta(cfg.delta, num_sensitive, allow=cfg.allow_large_delta)
     q = cfg.finetune.sample_rate(num_sensitive)
     steps = cfg.finetune.steps(num_sensitive)
+    if cfg.non_private:  # the sweep's reference point: sigma = 0, epsilon = inf (labelled everywhere)
+        from privimage.privacy import plan_non_private_budget
+
+        return plan_non_private_budget(delta=cfg.delta, sample_rate=q, steps=steps)
     try:
         state = _planned(cfg.epsilon, cfg.delta, q, steps, cfg.query.epsilon_fraction)
     except (ValueError, ArithmeticError) as err:  # an impossible budget (epsilon too small for the steps, ...)
@@ -175,7 +179,7 @@ def _planned(epsilon: float, delta: float, sample_rate: float, steps: int, query
 
 def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:
     """plan.json: the planned mechanisms in numbers (σ, q, steps, expected batch, ε)."""
-    from privimage.privacy import FINETUNE, QUERY
+    from privimage.privacy import FINETUNE, NON_PRIVATE_NOTE, QUERY
 
     ft = budget.plan[FINETUNE]
     return {"num_sensitive": num_sensitive, "epsilon": cfg.epsilon, "delta": cfg.delta,
@@ -184,7 +188,8 @@ def describe_plan(cfg: RunConfig, budget, num_sensitive: int) -> dict:
             "finetune_noise_multiplier": ft.noise_multiplier, "finetune_sample_rate": ft.sample_rate,
             "finetune_steps": ft.count, "expected_batch_size": ft.sample_rate * num_sensitive,
             "epsilon_planned": budget.epsilon_planned().upper,
-            **({"large_delta": note} if (note := large_delta_note(cfg.delta, num_sensitive)) else {})}
+            **({"large_delta": note} if (note := large_delta_note(cfg.delta, num_sensitive)) else {}),
+            **({"epsilon": budget.epsilon, "non_private": NON_PRIVATE_NOTE} if cfg.non_private else {})}
 
 
 def _check_out(out: Path) -> None:

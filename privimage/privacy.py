@@ -6,16 +6,41 @@ Gaussian release of a top-k label histogram, sensitivity √k) and once per DP-S
 fine-tune's noise multiplier on the composition of both (:meth:`privimage.engine.PrivacyBudget.plan`), so
 the two together meet the total. ``QUERY`` and ``FINETUNE`` name the two mechanisms in the budget's plan
 and ledger (``budget.json``, checkpoints).
+
+The non-private reference (``RunConfig.non_private``, the ``inf`` point of ``privimage sweep``):
+:func:`plan_non_private_budget` plans the same two mechanisms with σ = 0 (no noise on the histogram, none on
+the clipped gradients), so the accountant reports ε = ∞ (:data:`privimage.engine.accounting.NON_PRIVATE`),
+and every statement carries :data:`NON_PRIVATE_NOTE`. It is a point of comparison, never a release.
 """
 
 from __future__ import annotations
 
+import math
+
 from privimage.engine import Mechanism, PrivacyBudget, calibrate_noise_multiplier
 
-__all__ = ["FINETUNE", "QUERY", "plan_privimage_budget"]
+__all__ = ["FINETUNE", "NON_PRIVATE_NOTE", "QUERY", "is_non_private", "plan_non_private_budget",
+           "plan_privimage_budget"]
 
 QUERY = "query"
 FINETUNE = "finetune"
+NON_PRIVATE_NOTE = ("NOT PRIVATE: the non-private reference (non_private = true, epsilon = inf): the query's "
+                    "histogram and the fine-tune's clipped gradients were used WITHOUT noise (sigma = 0). A point "
+                    "of comparison only: never publish it, and never count it in a privacy statement.")
+
+
+def plan_non_private_budget(*, delta: float, sample_rate: float, steps: int) -> PrivacyBudget:
+    """The non-private reference's plan: the query and ``steps`` fine-tune steps, both with σ = 0 (ε = ∞).
+
+    The ledger still counts releases (resume and export check it as for a private run); ``epsilon`` is ∞.
+    """
+    return PrivacyBudget(math.inf, delta, plan={QUERY: Mechanism(0.0, 1.0, 1),
+                                                FINETUNE: Mechanism(0.0, sample_rate, steps)})
+
+
+def is_non_private(budget: PrivacyBudget) -> bool:
+    """True for :func:`plan_non_private_budget`'s budgets (ε = ∞)."""
+    return math.isinf(budget.epsilon)
 
 
 def plan_privimage_budget(*, epsilon: float, delta: float, sample_rate: float, steps: int,

@@ -25,6 +25,7 @@ and ``privimage evaluate`` read the release. It refuses an unfinished fine-tune 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -150,7 +151,7 @@ TEST_MODE = ("NOT PRIVATE: the run used the non-secure test mode (finetune.secur
 
 
 def _statement(run: RunDir, finetune: dict) -> dict:
-    from privimage.privacy import QUERY
+    from privimage.privacy import NON_PRIVATE_NOTE, QUERY
     from privimage.evaluate.privacy import generator_privacy, load_evaluation_ledger, privacy_summary
     from privimage.preflight import large_delta_note
 
@@ -165,26 +166,28 @@ def _statement(run: RunDir, finetune: dict) -> dict:
         mechanisms["query"] = {"mechanism": "Gaussian on the top-k vote histogram (one release)",
                                "noise_multiplier": query["noise_multiplier"], "releases": gen["ledger"].get(QUERY, 0),
                                **{k: info[k] for k in ("top_k", "l2_sensitivity", "noise_std") if k in info}}
-    return {"guarantee": "(epsilon, delta)-differential privacy of everything in release/ with respect to adding "
-                         "or removing one sensitive training image" if finetune["secure"] else TEST_MODE,
-            "private": bool(finetune["secure"]),
+    non_private = gen is not None and math.isinf(gen["epsilon_budget"])  # the sweep's reference point
+    not_private = [NON_PRIVATE_NOTE] if non_private else [TEST_MODE] if not finetune["secure"] else []
+    return {"guarantee": not_private[0] if not_private else "(epsilon, delta)-differential privacy of everything "
+                         "in release/ with respect to adding or removing one sensitive training image",
+            "private": not not_private,
             "epsilon": total["epsilon"] if total else None, "delta": total["delta"] if total else None,
             "epsilon_budget": gen["epsilon_budget"] if gen else None,
             "training": {k: gen[k] for k in ("epsilon_spent", "accountant", "ledger")} if gen else None,
             "evaluation": {k: summary["evaluation"][k] for k in ("epsilon", "releases")},
             "composition": summary["composition"], "mechanisms": mechanisms,
-            "large_delta": large_delta, "not_covered": ([TEST_MODE] if not finetune["secure"] else [])
-            + ([large_delta] if large_delta else []) + NOT_COVERED}
+            "large_delta": large_delta, "not_covered": not_private + ([large_delta] if large_delta else [])
+            + NOT_COVERED}
 
 
 def _statement_markdown(s: dict) -> str:
     lines = ["# Privacy statement", ""]
     if not s["private"]:
-        lines += [f"**{TEST_MODE}**", ""]
+        lines += [f"**{s['guarantee']}**", ""]
     if s.get("large_delta"):
         lines += [f"**{s['large_delta']}**", ""]
     eps = "unknown" if s["epsilon"] is None else f"{s['epsilon']:.4g}"
-    lines += [f"Guarantee: {s['guarantee']}." if s["private"] else "Guarantee: none (test mode).", "",
+    lines += [f"Guarantee: {s['guarantee']}." if s["private"] else "Guarantee: none.", "",
               f"- epsilon = **{eps}** at delta = **{s['delta']:g}**" if s["delta"] is not None else "- epsilon unknown",
               f"- training: epsilon {s['training']['epsilon_spent']:.4g} ({s['training']['accountant']} "
               f"accountant, upper bound; releases: "

@@ -66,6 +66,8 @@ class SemanticQuery:
         top_n: public classes selected in all, split evenly over the sensitive classes (at least one each).
         sigma: noise multiplier: the noise std is ``sigma * sqrt(top_k)``. Its ε at a given δ is that of
             one Gaussian release, ``compute_epsilon(noise_multiplier=sigma, sample_rate=1, steps=1, delta)``.
+            0 (the exact histogram, NOT private) only in the non-private reference
+            (:func:`privimage.privacy.plan_non_private_budget`).
 
     Example:
         >>> query = SemanticQuery(top_k=2, top_n=3, sigma=1.5)
@@ -82,8 +84,9 @@ class SemanticQuery:
             raise ValueError(f"Expected top_k={self.top_k} to be an integer >= 1.")
         if not (isinstance(self.top_n, int) and self.top_n >= 1):
             raise ValueError(f"Expected top_n={self.top_n} to be an integer >= 1.")
-        if not self.sigma > 0:
-            raise ValueError(f"Expected sigma={self.sigma} > 0 (sigma = 0 would release the exact histogram).")
+        if not (self.sigma > 0 or self.sigma == 0):
+            raise ValueError(f"Expected sigma={self.sigma} > 0 (sigma = 0 releases the exact histogram: only the "
+                             f"non-private reference, privimage.privacy.plan_non_private_budget, plans it).")
 
     @classmethod
     def from_budget(cls, budget: PrivacyBudget, *, top_k: int, top_n: int) -> "SemanticQuery":

@@ -111,6 +111,9 @@ def release_query(run_dir: RunDir | Path, cfg: RunConfig, votes: Votes, *, publi
     budget = unspent_query_budget(run)
     qc = cfg.query
     query = SemanticQuery.from_budget(budget, top_k=qc.top_k, top_n=qc.top_n)
+    if cfg.non_private:
+        log("query: non_private=true: the histogram is released WITHOUT noise (sigma = 0). NOT private; the "
+            "reference point of a sweep only.")
     if cfg.finetune.secure_noise:
         generator = secure_generator()
     else:

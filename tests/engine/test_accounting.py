@@ -132,3 +132,10 @@ def test_budget_epsilon_spent_is_monotone_and_ends_at_the_plan():
         seen.append(budget.epsilon_spent().upper)
     assert seen == sorted(seen) and seen[0] < seen[-1]
     assert abs(seen[-1] - budget.epsilon_planned().upper) <= 2 * EPS_ERROR
+
+
+def test_planned_composition_of_a_noiseless_plan_is_infinite():
+    planned = PlannedComposition([Mechanism(0.0, 1.0, 1), Mechanism(1.0, 0.1, 5)], delta=1e-5)
+    assert planned.epsilon([0, 3]).upper < math.inf
+    report = planned.epsilon([1, 3])
+    assert report.upper == math.inf and "NOT private" in report.accountant

@@ -83,8 +83,11 @@ def test_votes_are_secret_they_do_not_print_pickle_or_save():
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="top_k=0"):
         SemanticQuery(top_k=0, top_n=1, sigma=1.0)
-    with pytest.raises(ValueError, match="sigma=0"):
-        SemanticQuery(top_k=1, top_n=1, sigma=0.0)
+    with pytest.raises(ValueError, match="sigma=-1"):
+        SemanticQuery(top_k=1, top_n=1, sigma=-1.0)
+    with pytest.raises(ValueError, match="sigma=nan"):
+        SemanticQuery(top_k=1, top_n=1, sigma=float("nan"))
+    assert SemanticQuery(top_k=1, top_n=1, sigma=0.0).noise_std == 0  # the non-private reference only
     with pytest.raises(ValueError, match="top_k=20"):
         count_votes(torch.randn(3, 10), top_k=20)
     with pytest.raises(ValueError, match="exceed the 10 public classes"):  # top_n=20 of 10 classes
