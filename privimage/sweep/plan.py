@@ -120,12 +120,19 @@ def resolve_devices(text: str) -> list[str]:
     return devices
 
 
+#: The non-private reference point's clipping norm: the largest the config allows, so no per-image gradient of
+#: these models is clipped (with σ = 0 the norm scales no noise): the reference trains without clipping.
+NO_CLIPPING = 1e6
+
+
 def point_config(cfg: RunConfig, point: Point) -> RunConfig:
     """The config of ``point``'s run directory: ``cfg`` with its ε and seed, exactly what ``privimage run --epsilon
-    E --seed S`` would use; ``inf`` keeps ``cfg.epsilon`` and sets ``non_private`` (σ = 0)."""
+    E --seed S`` would use; ``inf`` keeps ``cfg.epsilon`` and sets ``non_private`` (σ = 0 for the query and the
+    fine-tune) and ``finetune.max_grad_norm = NO_CLIPPING`` (no clipping)."""
     if point.private:
         return replace(cfg, epsilon=point.epsilon, seed=point.seed)
-    return replace(cfg, seed=point.seed, non_private=True)
+    return replace(cfg, seed=point.seed, non_private=True,
+                   finetune=replace(cfg.finetune, max_grad_norm=NO_CLIPPING))
 
 
 class SweepDir:

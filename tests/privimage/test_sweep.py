@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from privimage.cli import main
+from privimage.sweep.plan import NO_CLIPPING
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -180,6 +181,7 @@ def test_inf_is_the_labelled_non_private_reference_and_distinct_subsets_pretrain
     assert state["privacy"]["non_private_points"] == ["epsinf-seed0"]
     ref = sweep / "epsinf-seed0"
     assert json.loads((ref / "config.json").read_text())["non_private"] is True
+    assert json.loads((ref / "config.json").read_text())["finetune"]["max_grad_norm"] == NO_CLIPPING  # no clipping
     assert "NOT PRIVATE" in json.loads((ref / "plan.json").read_text())["non_private"]
     statement = json.loads((ref / "release" / "privacy.json").read_text())
     assert statement["private"] is False and "non-private reference" in statement["guarantee"]
