@@ -1,4 +1,4 @@
-"""DPEngine over a gloo process group (privimage.engine.distributed), on CPU processes (tests/ranks.py).
+"""DPEngine over a gloo process group (privimage.engine.distributed), on CPU processes (tests/helpers/ranks.py).
 
 The references: the plain one-process engine on the same drawn batches (exact at world 1, 1e-12 in float64 at
 world 2), and the Gaussian of std σC for the noise (a KS test that rejects √2·σC and σC/√2)."""

@@ -1,4 +1,4 @@
-"""DPEngine against the slow loop reference (tests/reference.py): norms, clipped sums, final .grad, for every
+"""DPEngine against the slow loop reference (tests/helpers/reference.py): norms, clipped sums, final .grad, for every
 layer type a diffusion UNet uses, every method, odd shapes, padding, groups and frozen parameters.
 
 The exactness tests take the ``device`` and ``precision`` fixtures (tests/conftest.py): on the CPU in float64 by

@@ -1,4 +1,4 @@
-"""The stages every rank shares under torchrun, on in-process gloo ranks (tests/ranks.py): each computes at
+"""The stages every rank shares under torchrun, on in-process gloo ranks (tests/helpers/ranks.py): each computes at
 world 2 what one process computes. Pre-training: the same weights (float tolerance: the gradients are summed
 in another order), resumable across world sizes. Query: the same votes exactly, the noise drawn once (the
 same release in the non-secure test mode). Sampling: the same images bit for bit."""

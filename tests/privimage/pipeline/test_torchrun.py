@@ -122,7 +122,7 @@ def _finetune_two_ranks(rank, world_size, run_dir, stop_at_step):
 
 
 def test_world_one_resumes_a_world_two_checkpoint(one_process, tmp_path):
-    """The reverse of the test above, the world-2 part on in-process ranks (tests/ranks.py, no torchrun)."""
+    """The reverse of the test above, the world-2 part on in-process ranks (tests/helpers/ranks.py, no torchrun)."""
     from privimage.pipeline import load_run_config, stage_finetune
 
     from ranks import run_ranks
