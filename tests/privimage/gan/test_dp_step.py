@@ -12,7 +12,7 @@ from privimage.engine import DPEngine, check_per_sample_norms
 from privimage.gan import d_hinge, pair_groups, paired_rows, record_fakes
 from privimage.models import GAN_PRESETS, Discriminator, Generator
 from privimage.randomness import RecordRandomness
-from tests.reference import clipped_sum_loop, per_sample_norms_loop
+from reference import clipped_sum_loop, per_sample_norms_loop
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
