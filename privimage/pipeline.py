@@ -173,15 +173,17 @@ def stage_finetune(run_dir: RunDir | Path, cfg: RunConfig, *, resume: bool = Fal
     if cfg.kind == "gan" and distributed.current() is not None:
         raise ConfigError("kind='gan': the GAN fine-tune runs in one process; launch it without torchrun.")
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
+    gan = cfg.kind == "gan"
+    init = None
+    if cfg.pretrain.steps > 0:  # the pre-trained start (before anything else: its absence is the first error)
+        init = pretrained_init(run) if gan else run.load_checkpoint("pretrain")["model"]
     model = _model_config(cfg, run, sensitive.images.shape[1])
-    common = dict(images=sensitive.images, labels=sensitive.labels, budget=budget, seed=cfg.seed,
+    common = dict(images=sensitive.images, labels=sensitive.labels, budget=budget, init_state=init, seed=cfg.seed,
                   device=resolve_device(cfg.device), resume=resume, stop_at_step=stop_at_step,
                   run_config=cfg.to_dict(), log=log)
-    if cfg.kind == "gan":
-        init = pretrained_init(run) if cfg.pretrain.steps > 0 else None
-        return finetune_gan(run, cfg.finetune, gan=model, init_state=init, **common)
-    init = run.load_checkpoint("pretrain")["model"] if cfg.pretrain.steps > 0 else None
-    return finetune(run, cfg.finetune, unet=model, init_state=init, **common)
+    if gan:
+        return finetune_gan(run, cfg.finetune, gan=model, **common)
+    return finetune(run, cfg.finetune, unet=model, **common)
 
 
 def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
