@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import sys
 import time
@@ -122,8 +123,11 @@ def bench_sampling(name: str, gan_preset: str, unet: dict, sampler: SamplerConfi
             "gan_images_per_s": g_ips, "diffusion_images_per_s": d_ips, "gan_over_diffusion": g_ips / d_ips}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, *, stem: str = "gan_step", prog: str | None = None) -> int:
+    """The command line; results go to ``bench/results/<stem>.{json,md}`` (``bench/train_step.py --gan``: stem
+    ``train_step_gan``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32, help="pairs per discriminator step (default: %(default)s)")
     parser.add_argument("--presets", nargs="+", default=["32", "demo"])
     parser.add_argument("--warmup", type=int, default=2)
@@ -131,12 +135,14 @@ def main() -> int:
     parser.add_argument("--sample-repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-save", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--skip-cifar-sampling", action="store_true",
+                        help="time sampling at the CPU demo's sizes only (the CIFAR-10 UNet's 50 steps take minutes)")
+    args = parser.parse_args(argv)
     torch_v, triton_v = _versions()
     meta = {"device": device_name(args.device), "torch": torch_v, "triton": triton_v, "git_sha": git_sha(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dp_method": "bk-mixed", "threads": torch.get_num_threads(),
-            "command": "python " + " ".join(sys.argv)}
+            "command": "python " + " ".join(sys.argv), "load_average": list(os.getloadavg())}
     steps = []
     for preset in args.presets:
         r = bench_discriminator(preset, batch=args.batch, warmup=args.warmup, repeats=args.repeats,
@@ -147,22 +153,22 @@ def main() -> int:
               f"fakes {r['fakes']['median_ms']:.1f} ms", flush=True)
     demo_unet = dict(preset="s", ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
                      num_classes=10)
-    samplings = [
+    samplings = [] if args.skip_cifar_sampling else [
         bench_sampling("CIFAR-10 sizes", "32", dict(preset="s"), SamplerConfig(num_steps=50), gan_batch=64,
-                       unet_batch=8, repeats=args.sample_repeats, device=args.device),
-        bench_sampling("CPU demo", "demo", demo_unet, SamplerConfig(num_steps=30, guidance=1.0), gan_batch=100,
-                       unet_batch=20, repeats=args.sample_repeats, device=args.device),
-    ]
+                       unet_batch=8, repeats=args.sample_repeats, device=args.device)]
+    samplings.append(bench_sampling("CPU demo", "demo", demo_unet, SamplerConfig(num_steps=30, guidance=1.0),
+                                    gan_batch=100, unet_batch=20, repeats=args.sample_repeats, device=args.device))
     for s in samplings:
         print(f"sampling ({s['setting']}): GAN {s['gan_images_per_s']:.1f} img/s, diffusion "
               f"{s['diffusion_images_per_s']:.2f} img/s: x{s['gan_over_diffusion']:.0f}", flush=True)
     if args.no_save:
         return 0
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gan_step.json").write_text(json.dumps({"meta": meta, "discriminator_step": steps,
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "discriminator_step": steps,
                                                        "sampling": samplings}, indent=2) + "\n")
     lines = [f"# PRIVIMAGE+G costs ({meta['device']}, torch {torch_v}, {meta['date']}, git {meta['git_sha']})", "",
-             f"Command: `{meta['command']}`; DP method bk-mixed; {meta['threads']} torch thread(s).", "",
+             f"Command: `{meta['command']}`; DP method bk-mixed; {meta['threads']} torch thread(s); load average "
+             f"(1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in meta['load_average'])}.", "",
              "## Discriminator step (real/fake pairs; fakes generated once, timed apart)", "",
              "| GAN preset | side | D params | pairs | non-private ms | DP ms | DP / non-private (wall) | (cpu) | "
              "fakes ms |", "|---|---|---|---|---|---|---|---|---|"]
@@ -178,7 +184,7 @@ def main() -> int:
         lines.append(f"| {s['setting']} | {s['resolution']} | {s['generator_parameters']:,} | "
                      f"{s['unet_parameters']:,} | {sampler} | {s['gan_images_per_s']:.1f} | "
                      f"{s['diffusion_images_per_s']:.2f} | {s['gan_over_diffusion']:.0f} |")
-    (RESULTS / "gan_step.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0
 
 

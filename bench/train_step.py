@@ -15,8 +15,13 @@ the first step, which compiles, is reported apart (``compile_s``). Results: ``tr
 ``train_step.md`` in ``bench/results`` (``harness.results_dir``), or ``--json PATH``, with device, versions,
 git sha and date.
 
+The GAN generator (PRIVIMAGE+G): ``--gan`` times the DP discriminator step against the non-private one and GAN
+sampling against the diffusion model's (:mod:`gan_step`, whose options follow ``--gan``); results in
+``train_step_gan.json`` and ``train_step_gan.md``.
+
 Usage:
     python bench/train_step.py                       # batch 16, K in {1, 4}, presets s and b (~2-3 min, 2-core CPU)
+    python bench/train_step.py --gan --presets demo 32   # the GAN's discriminator step and sampling
     python bench/train_step.py --batch 256 --k 8 --device cuda --compile --json out.json
 """
 
@@ -111,6 +116,11 @@ def bench_preset(name: str, *, batch: int, ks: list[int], warmup: int, repeats: 
 
 
 def main() -> int:
+    if "--gan" in sys.argv[1:]:
+        import gan_step
+
+        return gan_step.main([a for a in sys.argv[1:] if a != "--gan"], stem="train_step_gan",
+                             prog="train_step.py --gan")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["s", "b"])
     parser.add_argument("--batch", type=int, default=16, help="images per step (default: %(default)s)")

@@ -1,7 +1,11 @@
 """Run configurations: frozen dataclasses, named presets, JSON files.
 
 A :class:`RunConfig` says everything one ``privimage run`` does: which data (sensitive, its held-out test
-split, public), the semantic query, the UNet, pre-training, DP fine-tuning, sampling and the total (ε, δ).
+split, public), the semantic query, the generator (``kind``: the UNet of PRIVIMAGE+D, or the GAN of
+PRIVIMAGE+G), pre-training, DP fine-tuning, sampling and the total (ε, δ). Each kind has its own pre-training
+and fine-tuning sections (:class:`PretrainConfig`/:class:`FinetuneConfig`, :class:`GANPretrainConfig`/
+:class:`GANFinetuneConfig`); a key that only the other kind reads (``finetune.num_noise`` in a GAN config,
+``finetune.d_lr`` in a diffusion one, the diffusion sampler's keys in a GAN's ``sample``) is a ConfigError.
 Every field is public information (settings, never data); the whole config is written to the run
 directory's ``config.json`` and into every checkpoint.
 
@@ -11,6 +15,9 @@ Presets (``privimage run --config NAME``):
 * ``test``: the smallest end-to-end run, for the test suite.
 * ``fmnist``: the data issue's Fashion-MNIST split (three sensitive classes, the other seven public),
   padded to 32×32 grayscale.
+* ``demo-gan``, ``test-gan``: the same with the GAN generator (``kind = "gan"``, PRIVIMAGE+G).
+* ``cifar10-gan-eps{1,10}``: PRIVIMAGE+G on CIFAR-10, sized like DPImageBench's DP-GAN (:func:`_cifar10_gan`:
+  generator 3.84 M, discriminator 1.65 M parameters).
 * ``cifar10-eps{1,5,10}``, ``celeba32-eps{1,5,10}``, ``celeba64-eps{1,5,10}``: the official PrivImage settings
   (logical batch 16384 × K = 8 noise draws, C = 1e-3, Adam 3e-4, 50 epochs, EMA 0.999; δ = 1e-5 for CIFAR-10,
   8e-7 for CelebA). They need the real files: ``--sensitive-root`` and ``--public-root`` on the command line
@@ -42,13 +49,19 @@ from pathlib import Path
 from privimage.checks import check_fields, coerce, describe, need, suggest
 from privimage.diffusion.sampling import SamplerConfig
 from privimage.errors import ConfigError, DataError
+from privimage.models.gan import GAN_PRESETS, GANConfig
 from privimage.models.unet import PRESETS as UNET_PRESETS, UNetConfig
 
-__all__ = ["CONFIGS", "DataConfig", "FinetuneConfig", "PretrainConfig", "QueryConfig", "RunConfig",
-           "SampleConfig", "load_config"]
+__all__ = ["CONFIGS", "DataConfig", "FinetuneConfig", "GANFinetuneConfig", "GANPretrainConfig", "KINDS",
+           "PretrainConfig", "QueryConfig", "RunConfig", "SampleConfig", "load_config"]
 
 #: UNet fields a config may override (resolution, channels and classes come from the data).
 UNET_OVERRIDES = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")
+#: GAN fields a config may override (resolution, channels and classes come from the data).
+GAN_OVERRIDES = ("z_dim", "shared_dim", "g_width", "g_ch_mult", "g_attention", "g_spectral_norm", "d_width",
+                 "d_ch_mult", "d_downsample")
+#: The generator a run trains: PrivImage's two variants (PRIVIMAGE+D and PRIVIMAGE+G).
+KINDS = ("diffusion", "gan")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,3})?")
 
@@ -149,8 +162,43 @@ class PretrainConfig:
 MAX_FINETUNE_STEPS = 1_000_000
 
 
+class _PoissonPlan:
+    """What the budget plan reads of a fine-tune section (``epochs``, ``batch_size``): the Poisson rate and the
+    number of DP steps (diffusion: DP-SGD steps of the UNet; GAN: discriminator steps)."""
+
+    def sample_rate(self, num_examples: int) -> float:
+        if self.batch_size > num_examples:
+            raise ConfigError(f"finetune.batch_size={self.batch_size} exceeds the {num_examples} sensitive "
+                              f"images; the Poisson rate batch_size/N must be <= 1.")
+        return self.batch_size / num_examples
+
+    def steps(self, num_examples: int) -> int:
+        steps = max(1, round(self.epochs / self.sample_rate(num_examples)))
+        need(steps <= MAX_FINETUNE_STEPS, "finetune.epochs", self.epochs,
+             f"at most {MAX_FINETUNE_STEPS} DP-SGD steps (epochs x N / batch_size gives {steps})")
+        return steps
+
+
+def _check_dp_section(f) -> None:
+    """The checks the two fine-tune sections share (their common fields)."""
+    from privimage.engine.dp_sgd import METHODS
+
+    need(0 < f.epochs <= 100_000, "finetune.epochs", f.epochs, "a number in (0, 100000]")
+    need(1 <= f.batch_size <= 2 ** 31, "finetune.batch_size", f.batch_size, "an integer >= 1")
+    need(1 <= f.physical_batch_size <= 2 ** 20, "finetune.physical_batch_size", f.physical_batch_size,
+         "an integer >= 1")
+    need(0 < f.max_grad_norm <= 1e6, "finetune.max_grad_norm", f.max_grad_norm, "a number > 0")
+    _fraction("finetune.ema_decay", f.ema_decay)
+    need(f.method in METHODS, "finetune.method", f.method, f"one of {', '.join(METHODS)}" + suggest(f.method, METHODS))
+    need(not f.compile or f.method == "bk-mixed", "finetune.compile", f.compile,
+         f"false with finetune.method={f.method!r} (the compiled step is bk-mixed only)")
+    _every("finetune.checkpoint_every", f.checkpoint_every, 1)
+    _every("finetune.log_every", f.log_every, 1)
+    _every("finetune.sample_every", f.sample_every, 0)
+
+
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(_PoissonPlan):
     """DP-SGD fine-tuning on the sensitive data (official: 16384 × K=8, C=1e-3, Adam 3e-4, 50 epochs)."""
 
     epochs: float = 50.0               # steps = round(epochs / sample_rate)
@@ -172,38 +220,88 @@ class FinetuneConfig:
     secure_noise: bool = True
 
     def __post_init__(self) -> None:
-        from privimage.engine.dp_sgd import METHODS
-
         check_fields(self, "finetune")
-        need(0 < self.epochs <= 100_000, "finetune.epochs", self.epochs, "a number in (0, 100000]")
-        need(1 <= self.batch_size <= 2 ** 31, "finetune.batch_size", self.batch_size, "an integer >= 1")
-        need(1 <= self.physical_batch_size <= 2 ** 20, "finetune.physical_batch_size", self.physical_batch_size,
-             "an integer >= 1")
+        _check_dp_section(self)
         need(1 <= self.num_noise <= 1024, "finetune.num_noise", self.num_noise, "an integer in [1, 1024]")
-        need(0 < self.max_grad_norm <= 1e6, "finetune.max_grad_norm", self.max_grad_norm, "a number > 0")
         need(0 <= self.lr <= 10, "finetune.lr", self.lr,
              "a number in [0, 10] (0: the weights stay put, as the privacy audit needs)")
-        _fraction("finetune.ema_decay", self.ema_decay)
         _fraction("finetune.label_dropout", self.label_dropout, closed_right=True)
-        need(self.method in METHODS, "finetune.method", self.method,
-             f"one of {', '.join(METHODS)}" + suggest(self.method, METHODS))
-        need(not self.compile or self.method == "bk-mixed", "finetune.compile", self.compile,
-             f"false with finetune.method={self.method!r} (the compiled step is bk-mixed only)")
-        _every("finetune.checkpoint_every", self.checkpoint_every, 1)
-        _every("finetune.log_every", self.log_every, 1)
-        _every("finetune.sample_every", self.sample_every, 0)
 
-    def sample_rate(self, num_examples: int) -> float:
-        if self.batch_size > num_examples:
-            raise ConfigError(f"finetune.batch_size={self.batch_size} exceeds the {num_examples} sensitive "
-                              f"images; the Poisson rate batch_size/N must be <= 1.")
-        return self.batch_size / num_examples
 
-    def steps(self, num_examples: int) -> int:
-        steps = max(1, round(self.epochs / self.sample_rate(num_examples)))
-        need(steps <= MAX_FINETUNE_STEPS, "finetune.epochs", self.epochs,
-             f"at most {MAX_FINETUNE_STEPS} DP-SGD steps (epochs x N / batch_size gives {steps})")
-        return steps
+
+def _check_gan_steps(section: str, c) -> None:
+    """The settings the two GAN sections share: both optimizers and the generator's schedule."""
+    need(0 < c.d_lr <= 10, f"{section}.d_lr", c.d_lr, "a number in (0, 10]")
+    need(0 < c.g_lr <= 10, f"{section}.g_lr", c.g_lr, "a number in (0, 10]")
+    need(len(c.betas) == 2 and all(0 <= b < 1 for b in c.betas), f"{section}.betas", c.betas,
+         "two numbers in [0, 1) (Adam's beta1, beta2; DP-GAN: [0, 0.999])")
+    need(1 <= c.d_steps_per_g_step <= 10_000, f"{section}.d_steps_per_g_step", c.d_steps_per_g_step,
+         "an integer >= 1 (n_D: one generator step after every n_D discriminator steps)")
+    _fraction(f"{section}.ema_decay", c.ema_decay)
+
+
+@dataclass(frozen=True)
+class GANPretrainConfig:
+    """Non-private GAN pre-training on the selected public subset (``kind = "gan"``; DPImageBench's DP-GAN:
+    batch 64, Adam β = (0, 0.999), D 5e-4, G 2e-4, n_D = 5, EMA 0.999). :func:`privimage.train.pretrain_gan`."""
+
+    steps: int = 1000                  # discriminator steps
+    batch_size: int = 64               # real images per discriminator step (= fakes = generator batch)
+    d_lr: float = 5e-4
+    g_lr: float = 2e-4
+    betas: tuple[float, ...] = (0.0, 0.999)
+    d_steps_per_g_step: int = 5        # n_D
+    ema_decay: float = 0.999           # EMA of the generator, after each generator step
+    checkpoint_every: int = 500
+    sample_every: int = 0
+    log_every: int = 50
+    compile: bool | None = None        # torch.compile both networks; None: on for CUDA, off on CPU
+    loader: str = "auto"               # "device", "ffcv" or "auto" (privimage.query.loaders)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "pretrain")
+        need(0 <= self.steps <= 10 ** 9, "pretrain.steps", self.steps, "an integer >= 0")
+        need(1 <= self.batch_size <= 2 ** 20, "pretrain.batch_size", self.batch_size, "an integer >= 1")
+        need(self.loader in ("auto", "device", "ffcv"), "pretrain.loader", self.loader,
+             "one of 'auto', 'device', 'ffcv'" + suggest(self.loader, ("auto", "device", "ffcv")))
+        _check_gan_steps("pretrain", self)
+        _every("pretrain.checkpoint_every", self.checkpoint_every, 1)
+        _every("pretrain.log_every", self.log_every, 1)
+        _every("pretrain.sample_every", self.sample_every, 0)
+
+
+@dataclass(frozen=True)
+class GANFinetuneConfig(_PoissonPlan):
+    """DP fine-tune of the GAN (``kind = "gan"``): the discriminator by DP-SGD (one DP step per discriminator
+    step; the budget plan counts these), the generator from the DP discriminator only (post-processing).
+    DPImageBench's DP-GAN for CIFAR-10: batch 4096, 150 epochs, C = 1 (ε = 10) or 1e-3 (ε = 1), n_D = 5.
+    :func:`privimage.train.finetune_gan`."""
+
+    epochs: float = 150.0              # discriminator steps = round(epochs / sample_rate)
+    batch_size: int = 4096             # EXPECTED logical batch of sensitive images per discriminator step
+    physical_batch_size: int = 64      # records per micro-batch (each a real image and its fake: 2 rows)
+    max_grad_norm: float = 1.0         # C, per record (the pair's gradient)
+    d_lr: float = 5e-4
+    g_lr: float = 2e-4
+    betas: tuple[float, ...] = (0.0, 0.999)
+    d_steps_per_g_step: int = 5        # n_D
+    g_batch_size: int | None = None    # fakes per generator step; null: the expected batch q·N (public)
+    ema_decay: float = 0.999
+    method: str = "bk-mixed"           # the DP engine's per-sample gradient method (discriminator)
+    checkpoint_every: int = 10
+    sample_every: int = 0              # a grid at the first checkpoint at/after each multiple
+    log_every: int = 1
+    compile: bool = False              # DPEngine(compile=...) for the discriminator step
+    # As FinetuneConfig.secure_noise: False derives the sampler seed, DP noise and per-record fakes from the
+    # PUBLIC seed (tests only, NOT private).
+    secure_noise: bool = True
+
+    def __post_init__(self) -> None:
+        check_fields(self, "finetune")
+        _check_dp_section(self)
+        _check_gan_steps("finetune", self)
+        need(self.g_batch_size is None or 1 <= self.g_batch_size <= 2 ** 24, "finetune.g_batch_size",
+             self.g_batch_size, "null (the expected batch) or an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -237,12 +335,15 @@ class RunConfig:
     delta: float = 1e-5
     seed: int = 0
     device: str = "auto"                  # "auto": cuda if available, else cpu
-    model: str = "s"                      # a UNet preset (privimage.models.PRESETS) ...
-    model_overrides: dict = field(default_factory=dict)  # ... with fields replaced (nf, ch_mult, ...)
+    kind: str = "diffusion"               # the generator: "diffusion" (PRIVIMAGE+D) or "gan" (PRIVIMAGE+G)
+    model: str = "s"                      # a UNet preset (privimage.models.PRESETS), or with kind "gan" a GAN
+                                          # preset (privimage.models.GAN_PRESETS) ...
+    model_overrides: dict = field(default_factory=dict)  # ... with fields replaced (nf, ch_mult, ... / g_width, ...)
     data: DataConfig = DataConfig()
     query: QueryConfig = QueryConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
+    # The sections of the kind: PretrainConfig/FinetuneConfig (diffusion), GANPretrainConfig/GANFinetuneConfig.
+    pretrain: PretrainConfig | GANPretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig | GANFinetuneConfig = FinetuneConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: bool = True                 # run `privimage evaluate` at the end (small CA preset)
     # Experiments only: accept delta >= 1/n (which permits publishing a record outright). Every report, the
@@ -261,28 +362,52 @@ class RunConfig:
         need(0 < self.delta < 1, "delta", self.delta, "a number in (0, 1), below 1/n for n sensitive images")
         need(0 <= self.seed < 2 ** 63, "seed", self.seed, "an integer in [0, 2**63)")
         need(bool(_DEVICE.fullmatch(self.device)), "device", self.device, "auto, cpu, cuda or cuda:N")
-        need(self.model in UNET_PRESETS, "model", self.model,
-             f"a UNet preset, one of {', '.join(sorted(UNET_PRESETS))}" + suggest(self.model, UNET_PRESETS))
+        need(self.kind in KINDS, "kind", self.kind, f"one of {', '.join(KINDS)}" + suggest(self.kind, KINDS))
+        gan = self.kind == "gan"
+        for name, want in (("pretrain", GANPretrainConfig if gan else PretrainConfig),
+                           ("finetune", GANFinetuneConfig if gan else FinetuneConfig)):
+            if not isinstance(getattr(self, name), want):
+                raise ConfigError(f"{name}: a {type(getattr(self, name)).__name__} section with kind={self.kind!r}; "
+                                  f"expected a {want.__name__} (each kind has its own {name} settings).")
+        if gan:  # the diffusion sampler's settings mean nothing to a GAN: kept at their defaults, never written
+            object.__setattr__(self, "sample", SampleConfig(**{k: v for k, v in vars(self.sample).items()
+                                                               if k not in SAMPLER_KEYS}))
+        presets, what = (GAN_PRESETS, "GAN") if gan else (UNET_PRESETS, "UNet")
+        need(self.model in presets, "model", self.model, f"a {what} preset with kind={self.kind!r}, one of "
+             f"{', '.join(sorted(presets))}" + suggest(self.model, presets))
         self._check_model_overrides()
 
     def _check_model_overrides(self) -> None:
-        """Overrides are UNet fields of the right types, and the UNet they give is valid for the data."""
+        """Overrides are fields of the kind's model (UNet or GAN) of the right types, and the model they give is
+        valid for the data."""
         import typing
 
-        hints = typing.get_type_hints(UNetConfig)
+        gan = self.kind == "gan"
+        allowed, other = (GAN_OVERRIDES, UNET_OVERRIDES) if gan else (UNET_OVERRIDES, GAN_OVERRIDES)
+        hints = typing.get_type_hints(GANConfig if gan else UNetConfig)
         over = {}
         for key, value in self.model_overrides.items():
-            need(key in UNET_OVERRIDES, "model_overrides", key, f"keys among {', '.join(UNET_OVERRIDES)}"
-                 + suggest(key, UNET_OVERRIDES) + " (resolution, channels and classes come from the data)")
+            if key in other and key not in allowed:
+                raise ConfigError(f"model_overrides.{key} is a {'UNet' if gan else 'GAN'} setting, but this config "
+                                  f"has kind={self.kind!r}; remove it (its model's keys: {', '.join(allowed)}).")
+            need(key in allowed, "model_overrides", key, f"keys among {', '.join(allowed)}"
+                 + suggest(key, allowed) + " (resolution, channels and classes come from the data)")
             over[key] = coerce(value, hints[key], f"model_overrides.{key}")
-        object.__setattr__(self, "model_overrides", over)  # JSON lists become the UNet's tuples
-        need(over.get("dropout", UNET_PRESETS[self.model].dropout) == 0, "model_overrides.dropout",
-             over.get("dropout"), "0: the DP fine-tune refuses dropout (its masks would not be secret randomness)")
+        object.__setattr__(self, "model_overrides", over)  # JSON lists become the model's tuples
+        if not gan:
+            need(over.get("dropout", UNET_PRESETS[self.model].dropout) == 0, "model_overrides.dropout",
+                 over.get("dropout"), "0: the DP fine-tune refuses dropout (its masks would not be secret randomness)")
         try:
-            self.unet_config(channels=3, num_classes=1)
+            self.gan_config(channels=3, num_classes=1) if gan else self.unet_config(channels=3, num_classes=1)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model={self.model!r} with model_overrides {self.model_overrides} at data.resolution="
                               f"{self.data.resolution}: {err}") from None
+
+    def gan_config(self, *, channels: int, num_classes: int) -> GANConfig:
+        """The GAN for this data (kind "gan"): the preset, its overrides, then resolution/channels/classes."""
+        over = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_overrides.items()}
+        return replace(GAN_PRESETS[self.model], **{**over, "resolution": self.data.resolution,
+                                                    "in_channels": channels, "num_classes": num_classes})
 
     def unet_config(self, *, channels: int, num_classes: int) -> UNetConfig:
         """The UNet for this data: the preset, its overrides, then resolution/channels/classes from the data."""
@@ -316,7 +441,11 @@ class RunConfig:
                                           public=rooted(d.public, public)))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings as nested dicts; a GAN config leaves out the diffusion sampler's keys (:data:`SAMPLER_KEYS`)."""
+        d = dataclasses.asdict(self)
+        if self.kind == "gan":
+            d["sample"] = {k: v for k, v in d["sample"].items() if k not in SAMPLER_KEYS}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict, base: "RunConfig | None" = None) -> "RunConfig":
@@ -327,11 +456,19 @@ class RunConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"A config must be a JSON object, got {describe(d)}.")
         _no_unknown_keys(d, [f.name for f in dataclasses.fields(cls)] + ["base", "launch"], "")
+        kind = d.get("kind", base.kind)
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise ConfigError(f"kind={kind!r}: expected one of {', '.join(KINDS)}"
+                              + (suggest(kind, KINDS) if isinstance(kind, str) else "") + ".")
+        _no_keys_of_the_other_kind(d, kind)
         kwargs = {}
+        if kind != base.kind:  # the base's sections of the other kind give way to this kind's defaults
+            kwargs.update(pretrain=_SECTIONS[kind]["pretrain"](), finetune=_SECTIONS[kind]["finetune"](),
+                          model_overrides={})
         for f in dataclasses.fields(cls):
             if f.name not in d:
                 continue
-            value, current = d[f.name], getattr(base, f.name)
+            value, current = d[f.name], kwargs.get(f.name, getattr(base, f.name))
             if dataclasses.is_dataclass(current):
                 sub_known = [g.name for g in dataclasses.fields(current)]
                 if not isinstance(value, dict):
@@ -341,6 +478,29 @@ class RunConfig:
                 value = replace(current, **value)
             kwargs[f.name] = value
         return replace(base, **kwargs)
+
+
+#: The sample section's keys that only the diffusion sampler reads (a GAN draws one forward per image).
+SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(SamplerConfig))
+_SECTIONS = {"diffusion": {"pretrain": PretrainConfig, "finetune": FinetuneConfig},
+             "gan": {"pretrain": GANPretrainConfig, "finetune": GANFinetuneConfig}}
+
+
+def _no_keys_of_the_other_kind(d: dict, kind: str) -> None:
+    """A key that only the other kind reads is a mistake (a diffusion setting in a GAN config or the reverse),
+    refused by name rather than silently ignored."""
+    other = "gan" if kind == "diffusion" else "diffusion"
+    foreign = {name: {g.name for g in dataclasses.fields(_SECTIONS[other][name])}
+               - {g.name for g in dataclasses.fields(_SECTIONS[kind][name])} for name in ("pretrain", "finetune")}
+    if kind == "gan":
+        foreign["sample"] = set(SAMPLER_KEYS)
+    for section, keys in foreign.items():
+        value = d.get(section)
+        for key in (value if isinstance(value, dict) else ()):
+            if key in keys:
+                raise ConfigError(f"{section}.{key} is a {other} setting, but this config has kind={kind!r}; remove "
+                                  f"it, or set kind={other!r}" + (" (a GAN draws each sample in one forward: no "
+                                  "sampler steps, sigmas or guidance)" if section == "sample" else "") + ".")
 
 
 def _no_unknown_keys(d: dict, known: list[str], prefix: str) -> None:
@@ -417,6 +577,43 @@ for _ds in ("cifar10", "celeba32", "celeba64"):
     for _eps in (1.0, 5.0, 10.0):
         _c = _official(_ds, _eps)
         CONFIGS[_c.name] = _c
+
+
+def _cifar10_gan(eps: float) -> RunConfig:
+    """PRIVIMAGE+G on CIFAR-10 sized like DPImageBench's DP-GAN (configs/DPGAN/cifar10_32_eps{1.0,10.0}.yaml):
+    GAN preset "32" (generator 3,838,884 parameters, discriminator 1,649,127 at 10 classes), pre-training
+    batch 64 with n_D = 5, Adam β = (0, 0.999), D 5e-4, G 2e-4; DP fine-tune batch 4096 for 150 epochs, C = 1
+    at ε = 10 and 1e-3 at ε = 1, EMA 0.999. The query is the diffusion presets' (top-50 ImageNet32 classes)."""
+    base = _official("cifar10", eps)
+    return replace(
+        base, name=f"cifar10-gan-eps{eps:g}", kind="gan", model="32", model_overrides={},
+        pretrain=GANPretrainConfig(steps=20_000, batch_size=64, checkpoint_every=2000, sample_every=5000,
+                                   log_every=100),
+        finetune=GANFinetuneConfig(epochs=150, batch_size=4096, physical_batch_size=256,
+                                   max_grad_norm=1.0 if eps >= 10 else 1e-3, checkpoint_every=10),
+        sample=SampleConfig(num_samples=5000, batch_size=1000))
+
+
+CONFIGS.update({
+    # PRIVIMAGE+G on the embedded data: the demo's data and query, GAN preset "demo" (32 channels), sized so the
+    # whole run fits in minutes on a 2-core CPU (bench/results/demo_gan.md).
+    "demo-gan": replace(
+        CONFIGS["demo"], name="demo-gan", kind="gan", model="demo", model_overrides={},
+        pretrain=GANPretrainConfig(steps=600, batch_size=32, d_lr=1e-3, g_lr=1e-3, betas=(0.5, 0.999),
+                                   d_steps_per_g_step=1, ema_decay=0.99, checkpoint_every=200, log_every=50),
+        finetune=GANFinetuneConfig(epochs=2.5, batch_size=100, physical_batch_size=100, max_grad_norm=1e-3,
+                                   d_lr=2e-4, g_lr=2e-4, betas=(0.5, 0.999), d_steps_per_g_step=2, ema_decay=0.9,
+                                   checkpoint_every=10, log_every=5),
+        sample=SampleConfig(num_samples=200, batch_size=100, grid_per_class=8)),
+    # the smallest end-to-end GAN run, for the test suite (like "test")
+    "test-gan": replace(
+        CONFIGS["test"], name="test-gan", kind="gan", model="tiny", model_overrides={},
+        pretrain=GANPretrainConfig(steps=4, batch_size=8, d_steps_per_g_step=2, checkpoint_every=2, log_every=1),
+        finetune=GANFinetuneConfig(epochs=2, batch_size=16, physical_batch_size=8, max_grad_norm=1e-2,
+                                   d_steps_per_g_step=2, g_batch_size=8, checkpoint_every=2, secure_noise=False),
+        sample=SampleConfig(num_samples=10, batch_size=10, grid_per_class=2)),
+    **{c.name: c for c in (_cifar10_gan(1.0), _cifar10_gan(10.0))},
+})
 
 
 def load_config(name_or_file: str) -> RunConfig:

@@ -4,7 +4,10 @@
 privacy settings, output folder) → plan the budget → make and lock the run directory → train the query
 classifier (public data only) → DP semantic query per sensitive class → public subset relabelled to the
 sensitive classes → pre-train → DP fine-tune → sample (from the exported release) → evaluate → export (again:
-the grid and the final privacy statement). Each stage reads what the previous one wrote into
+the grid and the final privacy statement). The config's ``kind`` picks the generator of the three training
+stages: the UNet (PRIVIMAGE+D) or the GAN (PRIVIMAGE+G, :mod:`privimage.train.gan_pretrain`,
+:mod:`privimage.train.gan_finetune`); the query, the budget plan (the GAN's DP steps are its discriminator
+steps), the release, samples.npz and the evaluation are the same for both. Each stage reads what the previous one wrote into
 ``runs/NNNNN-<config>/``, whose layout :class:`privimage.rundir.RunDir` owns.
 
 ``resume_pipeline`` continues a run directory whose ``privimage run`` stopped (a crash, a full disk, Ctrl-C):
@@ -152,29 +155,35 @@ def write_subset(run: RunDir, cfg: RunConfig, public, label_map: dict[int, int],
     return len(subset)
 
 
-def _unet(cfg: RunConfig, run: RunDir, channels: int | None = None):
+def _model_config(cfg: RunConfig, run: RunDir, channels: int):
+    """The run's model for its data: a UNetConfig, or a GANConfig with ``kind = "gan"``."""
     num_classes = len(run.load_selection()["sensitive_class_names"])
-    if channels is None:
-        images, _ = run.load_subset()
-        channels = images.shape[1]
-    return cfg.unet_config(channels=channels, num_classes=num_classes)
+    make = cfg.gan_config if cfg.kind == "gan" else cfg.unet_config
+    return make(channels=channels, num_classes=num_classes)
 
 
 def stage_pretrain(run_dir: RunDir | Path, cfg: RunConfig, *, resume: bool = False, log=_log) -> Path:
-    from privimage.train import pretrain, resolve_device
+    """Non-private pre-training on query/subset.npz: the UNet, or the GAN (``kind = "gan"``)."""
+    from privimage.train import pretrain, pretrain_gan, resolve_device
 
     run = RunDir.of(run_dir)
     images, labels = run.load_subset()
-    return pretrain(run, cfg.pretrain, images=images, labels=labels, unet=_unet(cfg, run, images.shape[1]),
-                    seed=cfg.seed, device=resolve_device(cfg.device), resume=resume, run_config=cfg.to_dict(),
-                    log=log)
+    model = _model_config(cfg, run, images.shape[1])
+    common = dict(images=images, labels=labels, seed=cfg.seed, device=resolve_device(cfg.device), resume=resume,
+                  run_config=cfg.to_dict(), log=log)
+    if cfg.kind == "gan":
+        return pretrain_gan(run, cfg.pretrain, gan=model, **common)
+    return pretrain(run, cfg.pretrain, unet=model, **common)
 
 
 def stage_finetune(run_dir: RunDir | Path, cfg: RunConfig, *, resume: bool = False, sensitive=None,
                    sensitive_root=None, stop_at_step: int | None = None, log=_log) -> Path:
-    """DP fine-tune on the sensitive split (``sensitive``: already loaded; default: load it)."""
+    """DP fine-tune on the sensitive split (``sensitive``: already loaded; default: load it): the UNet, or with
+    ``kind = "gan"`` the discriminator by DP-SGD and the generator from it (one budget step per discriminator
+    step)."""
+    from privimage import distributed
     from privimage.privacy import FINETUNE
-    from privimage.train import finetune, resolve_device
+    from privimage.train import finetune, finetune_gan, pretrained_init, resolve_device
 
     run = RunDir.of(run_dir)
     budget = run.load_budget()
@@ -182,12 +191,20 @@ def stage_finetune(run_dir: RunDir | Path, cfg: RunConfig, *, resume: bool = Fal
         raise RunDirError(f"{run.budget_path} plans no fine-tune (a standalone `privimage query --epsilon-query` "
                           f"plans the query alone). Plan the whole run: `privimage query --config NAME` without "
                           f"--epsilon-query, or `privimage run`.")
+    if cfg.kind == "gan" and distributed.current() is not None:
+        raise ConfigError("kind='gan': the GAN fine-tune runs in one process; launch it without torchrun.")
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
-    init = run.load_checkpoint("pretrain")["model"] if cfg.pretrain.steps > 0 else None
-    return finetune(run, cfg.finetune, images=sensitive.images, labels=sensitive.labels,
-                    unet=_unet(cfg, run, sensitive.images.shape[1]), budget=budget, init_state=init, seed=cfg.seed,
-                    device=resolve_device(cfg.device), resume=resume, stop_at_step=stop_at_step,
-                    run_config=cfg.to_dict(), log=log)
+    gan = cfg.kind == "gan"
+    init = None
+    if cfg.pretrain.steps > 0:  # the pre-trained start (before anything else: its absence is the first error)
+        init = pretrained_init(run) if gan else run.load_checkpoint("pretrain")["model"]
+    model = _model_config(cfg, run, sensitive.images.shape[1])
+    common = dict(images=sensitive.images, labels=sensitive.labels, budget=budget, init_state=init, seed=cfg.seed,
+                  device=resolve_device(cfg.device), resume=resume, stop_at_step=stop_at_step,
+                  run_config=cfg.to_dict(), log=log)
+    if gan:
+        return finetune_gan(run, cfg.finetune, gan=model, **common)
+    return finetune(run, cfg.finetune, unet=model, **common)
 
 
 def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
@@ -195,11 +212,14 @@ def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
 
     Sampling reads ``release/model.safetensors``, never the private checkpoint; a run directory without a
     release is exported first (:func:`privimage.release.export_release`, which refuses an unfinished fine-tune).
+    Image i comes from seed (cfg.seed, i): the diffusion sampler's ``sample.num_steps`` steps, or one generator
+    forward (``kind = "gan"``).
     """
     from privimage.diffusion import sample_in_batches
+    from privimage.gan import sample_gan_in_batches
     from privimage.io import save_png_grid
     from privimage.progress import progress_bar
-    from privimage.release import export_release, load_release_denoiser
+    from privimage.release import export_release, load_release_denoiser, load_release_generator
     from privimage.train import resolve_device
 
     from privimage import distributed
@@ -210,15 +230,22 @@ def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
     if distributed.is_writer() and not run.release_model_path.is_file():  # none yet: export the fine-tune first
         export_release(run, log=log)
     distributed.barrier()
-    den = load_release_denoiser(run, device=device)
-    c = den.net.config
     s = cfg.sample
     parts = distributed.my_batches(s.num_samples, s.batch_size)  # under torchrun, this rank's batches
     bar = progress_bar(s.num_samples, desc="sampling (released EMA model)", unit="img",
                        enabled=distributed.is_writer())
-    images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
-                                       num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
-                                       config=s, device=device, progress=bar, batches=parts)
+    if cfg.kind == "gan":
+        generator = load_release_generator(run, device=device)
+        num_classes = generator.config.num_classes
+        images, labels = sample_gan_in_batches(generator, num=s.num_samples, seed=cfg.seed, batch_size=s.batch_size,
+                                               device=device, progress=bar, batches=parts)
+    else:
+        den = load_release_denoiser(run, device=device)
+        c = den.net.config
+        num_classes = c.num_classes
+        images, labels = sample_in_batches(den, num=s.num_samples, shape=(c.in_channels, c.resolution, c.resolution),
+                                           num_classes=c.num_classes, seed=cfg.seed, batch_size=s.batch_size,
+                                           config=s, device=device, progress=bar, batches=parts)
     bar.close()
     images = distributed.gather_batches(images, parts, s.num_samples)
     labels = distributed.gather_batches(labels, parts, s.num_samples)
@@ -226,9 +253,9 @@ def stage_sample(run_dir: RunDir | Path, cfg: RunConfig, *, log=_log) -> Path:
         return run.samples_path
     run.save_samples(images.numpy(), labels.numpy())
     # grid: one row per class, the first grid_per_class samples of each
-    k = max(c.num_classes, 1)
-    rows = [images[labels == cls][:s.grid_per_class] for cls in range(k)] if c.num_classes else [images[:64]]
-    save_png_grid(torch.cat(rows), run.grid_path, nrow=s.grid_per_class if c.num_classes else 8)
+    k = max(num_classes, 1)
+    rows = [images[labels == cls][:s.grid_per_class] for cls in range(k)] if num_classes else [images[:64]]
+    save_png_grid(torch.cat(rows), run.grid_path, nrow=s.grid_per_class if num_classes else 8)
     log(f"samples: {len(images)} images -> {run.samples_path}, grid {run.grid_path}")
     return run.samples_path
 
@@ -335,7 +362,7 @@ def pretrain_finished(run: RunDir) -> bool:
     ``samples/pretrain.png``) exists: nothing of the pre-training is left to do."""
     if not (run.checkpoint_path("pretrain").is_file() and run.training_grid_path("pretrain").is_file()):
         return False
-    state = run.load_checkpoint("pretrain")
+    state = run.load_checkpoint("pretrain", model_kind=None)  # diffusion or GAN: the step counts alike
     return state["step"] >= state["steps"]
 
 

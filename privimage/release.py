@@ -3,7 +3,9 @@
 ``privimage export RUN_DIR`` (and ``privimage run`` at its end) writes ``RUN_DIR/release/``::
 
     model.safetensors        the fine-tuned EMA weights of the UNet, nothing else; metadata: the format name,
-                             the UNet config (JSON) and EDM's sigma_data
+                             the UNet config (JSON) and EDM's sigma_data. A GAN run (kind "gan"): the EMA
+                             generator's weights only (the discriminator, the DP-trained network, stays private
+                             in the checkpoint); metadata: the format name and the GAN config (JSON)
     config.json              the public run config
     privacy.json, PRIVACY.md the privacy statement: ε, δ, accountant, each mechanism with its σ/q/steps/C/K,
                              the composition with evaluation releases, and what the guarantee does NOT cover
@@ -35,10 +37,12 @@ from privimage.errors import RunDirError
 from privimage.io import atomic_write, save_json
 from privimage.rundir import RunDir
 
-__all__ = ["MODEL_FORMAT", "RELEASE_DIR", "export_release", "load_release_denoiser", "refresh_privacy_statement"]
+__all__ = ["GAN_MODEL_FORMAT", "MODEL_FORMAT", "RELEASE_DIR", "export_release", "load_release_denoiser",
+           "load_release_generator", "refresh_privacy_statement"]
 
 RELEASE_DIR = RunDir.RELEASE
 MODEL_FORMAT = "privimage.edm-unet.v1"
+GAN_MODEL_FORMAT = "privimage.gan-generator.v1"
 
 
 def export_release(run_dir: RunDir | str | Path, *, log=print) -> Path:
@@ -46,7 +50,7 @@ def export_release(run_dir: RunDir | str | Path, *, log=print) -> Path:
     from privimage.privacy import FINETUNE
 
     run = RunDir.of(run_dir)
-    state = run.load_checkpoint("finetune")
+    state = run.load_checkpoint("finetune", model_kind=None)
     ckpt_path = run.checkpoint_path("finetune")
     if state["step"] < state["steps"]:
         raise RunDirError(f"{ckpt_path} is at step {state['step']} of {state['steps']}: the fine-tune is not "
@@ -55,14 +59,17 @@ def export_release(run_dir: RunDir | str | Path, *, log=print) -> Path:
     if counted < state["step"]:
         raise RunDirError(f"{run.budget_path} counts {counted} fine-tune steps but {ckpt_path} is at step "
                           f"{state['step']}: the ledger does not cover the model, so it is not exported.")
-    _save_weights(state["ema"]["module"], state["unet"], run.release_model_path)
+    if state["kind"] == "gan-finetune":
+        _save_generator(state["ema"]["module"], state["gan"], run.release_model_path)
+    else:
+        _save_weights(state["ema"]["module"], state["unet"], run.release_model_path)
     if run.config_path.is_file():  # checked, then copied as it is (config.json is public)
         run.load_config()
         _copy(run.config_path, run.release_config_path)
     else:
         save_json(state.get("config") or {}, run.release_config_path)
     _copy_public_outputs(run)
-    mechanism = {k: state["mechanism"][k] for k in _FINETUNE_KEYS}
+    mechanism = _public_mechanism(state["mechanism"])
     _write_statement(run, mechanism)
     log(f"release: {run.release_dir} (model.safetensors, config.json, privacy.json, PRIVACY.md"
         + (", samples.png" if run.release_samples_path.is_file() else "") + ")")
@@ -97,33 +104,61 @@ def _save_weights(ema_state: dict, unet: dict, path: Path) -> None:
         f.write(save(tensors, metadata=metadata))
 
 
-def load_release_denoiser(run_dir: RunDir | str | Path, *, device="cpu"):
-    """The EDM denoiser of ``run_dir/release/model.safetensors`` (eval mode)."""
+def _save_generator(ema_state: dict, gan: dict, path: Path) -> None:
+    """The EMA generator's tensors (spectral norm's parametrisations and power-iteration vectors included, so
+    the loaded generator computes exactly what the EMA did) as safetensors, atomically."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sorted(ema_state.items())}
+    metadata = {"format": GAN_MODEL_FORMAT, "gan_config": json.dumps(gan, sort_keys=True), "weights": "ema"}
+    with atomic_write(path) as f:
+        f.write(save(tensors, metadata=metadata))
+
+
+def _read_release(run: RunDir, fmt: str, build):
+    """``build(metadata, tensors)`` of ``release/model.safetensors`` in format ``fmt``; errors name the file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from privimage.diffusion import EDMDenoiser
-    from privimage.models import UNet, UNetConfig
     from privimage.rundir import read_file
-
-    run = RunDir.of(run_dir)
-    fix = f"delete {run.release_dir} and run `privimage export {run.path}`"
 
     def read(path: Path):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            tensors = load_file(str(path), device=str(device))
+            tensors = load_file(str(path))
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a foreign file
             raise ValueError(f"not a readable safetensors file: {err}") from None
-        if meta.get("format") != MODEL_FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {MODEL_FORMAT!r}")
+        if meta.get("format") != fmt:
+            raise ValueError(f"format {meta.get('format')!r}, expected {fmt!r} (config.json's kind and the "
+                             f"release disagree?)")
+        return build(meta, tensors)
+
+    return read_file(run.release_model_path, read, missing=f"export the release first (`privimage export {run.path}`)",
+                     fix=f"delete {run.release_dir} and run `privimage export {run.path}`")
+
+
+def load_release_generator(run_dir: RunDir | str | Path, *, device="cpu"):
+    """The GAN generator of ``run_dir/release/model.safetensors`` (a GAN run's release), in eval mode."""
+    from privimage.models.gan import Generator
+
+    def build(meta: dict, tensors: dict):
+        return Generator.from_state(json.loads(meta["gan_config"]), tensors).to(device)
+
+    return _read_release(RunDir.of(run_dir), GAN_MODEL_FORMAT, build)
+
+
+def load_release_denoiser(run_dir: RunDir | str | Path, *, device="cpu"):
+    """The EDM denoiser of ``run_dir/release/model.safetensors`` (eval mode)."""
+    from privimage.diffusion import EDMDenoiser
+    from privimage.models import UNet, UNetConfig
+
+    def build(meta: dict, tensors: dict):
         net = UNet(UNetConfig.from_dict(json.loads(meta["unet_config"])))
         net.load_state_dict(tensors)
         return EDMDenoiser(net, sigma_data=float(meta["sigma_data"])).to(device).eval()
 
-    return read_file(run.release_model_path, read, missing=f"export the release first (`privimage export {run.path}`)",
-                     fix=fix)
+    return _read_release(RunDir.of(run_dir), MODEL_FORMAT, build)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,6 +166,20 @@ def load_release_denoiser(run_dir: RunDir | str | Path, *, device="cpu"):
 
 _FINETUNE_KEYS = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "num_noise", "expected_batch_size",
                   "num_examples", "secure")
+#: A GAN fine-tune's mechanism: no noise draws (num_noise); the model kind and the generator's schedule instead.
+_GAN_FINETUNE_KEYS = tuple(k for k in _FINETUNE_KEYS if k != "num_noise") + ("model", "d_steps_per_g_step")
+_MECHANISM_TEXT = {
+    "diffusion": "DP-SGD: Poisson-subsampled Gaussian on per-image clipped gradients (the K noise draws of an image "
+                 "clipped together)",
+    "gan": "DP-SGD on the discriminator: Poisson-subsampled Gaussian on per-image clipped gradients (each sensitive "
+           "image paired with one fake from secret per-record draws, clipped together); the generator is updated "
+           "from the noisy discriminator only (post-processing, no privacy cost)"}
+
+
+def _public_mechanism(m: dict) -> dict:
+    """The public keys of a fine-tune's recorded mechanism (a checkpoint's, or an earlier statement's)."""
+    return {k: m[k] for k in (_GAN_FINETUNE_KEYS if m.get("model") == "gan" else _FINETUNE_KEYS)}
+
 
 NOT_COVERED = [
     "delta: with probability up to delta the epsilon bound may fail; delta should be below 1/N.",
@@ -146,8 +195,8 @@ NOT_COVERED = [
     "Floating-point attacks on the Gaussian sampler (Mironov 2012) are not defended against.",
 ]
 TEST_MODE = ("NOT PRIVATE: the run used the non-secure test mode (finetune.secure_noise = false). The Poisson "
-             "sampling, the DP noise and the diffusion randomness came from the PUBLIC seed, so anyone with "
-             "config.json can replay them. Do not publish this model as private.")
+             "sampling, the DP noise and the per-record randomness (diffusion noise, or the GAN's fakes) came from "
+             "the PUBLIC seed, so anyone with config.json can replay them. Do not publish this model as private.")
 
 
 def _statement(run: RunDir, finetune: dict) -> dict:
@@ -158,8 +207,7 @@ def _statement(run: RunDir, finetune: dict) -> dict:
     summary = privacy_summary(generator_privacy(run.path), load_evaluation_ledger(run.path), secure=finetune["secure"])
     gen, total = summary["generator"], summary["total"]
     large_delta = large_delta_note(total["delta"] if total else None, finetune.get("num_examples")) if total else None
-    mechanisms = {"finetune": {"mechanism": "DP-SGD: Poisson-subsampled Gaussian on per-image clipped gradients "
-                                            "(the K noise draws of an image clipped together)", **finetune}}
+    mechanisms = {"finetune": {"mechanism": _MECHANISM_TEXT[finetune.get("model", "diffusion")], **finetune}}
     query = gen["plan"].get(QUERY) if gen else None
     if query:
         info = run.load_selection() if run.selection_path.is_file() else {}
@@ -219,4 +267,4 @@ def refresh_privacy_statement(run_dir: RunDir | str | Path) -> None:
     if run.release_privacy_path.is_file():
         statement = read_file(run.release_privacy_path, lambda p: json.loads(p.read_bytes())["mechanisms"]["finetune"],
                               missing="", fix=f"delete {run.release_dir} and run `privimage export {run.path}`")
-        _write_statement(run, {k: statement[k] for k in _FINETUNE_KEYS})
+        _write_statement(run, _public_mechanism(statement))

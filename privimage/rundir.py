@@ -267,8 +267,9 @@ class RunDir:
     def save_checkpoint(self, stage: str, state: dict) -> None:
         save_torch(state, self.checkpoint_path(stage))
 
-    def load_checkpoint(self, stage: str, *, map_location="cpu") -> dict:
-        """checkpoints/<stage>.pt (weights only: tensors and plain containers)."""
+    def load_checkpoint(self, stage: str, *, map_location="cpu", model_kind: str | None = "diffusion") -> dict:
+        """checkpoints/<stage>.pt (weights only: tensors and plain containers) of the run's ``model_kind``:
+        "diffusion" (``kind`` = the stage), "gan" (``gan-<stage>``) or None (either)."""
         path = self.checkpoint_path(stage)
         fix = (f"delete it and run `privimage pretrain {self.path}` again (pre-training is public: nothing is spent)"
                if stage == "pretrain" else
@@ -277,8 +278,10 @@ class RunDir:
         state = read_checkpoint(path, map_location=map_location, missing=f"the {stage} stage has not checkpointed "
                                 f"yet: run `privimage {stage} {self.path}` (without --resume if it never started)",
                                 fix=fix)
-        if state.get("kind", stage) != stage:
-            raise RunDirError(f"{path} is a {state.get('kind')!r} checkpoint, not {stage!r}; {fix}.")
+        kinds = {"diffusion": (stage,), "gan": (f"gan-{stage}",), None: (stage, f"gan-{stage}")}[model_kind]
+        if state.get("kind", stage) not in kinds:
+            raise RunDirError(f"{path} is a {state.get('kind')!r} checkpoint, not {' or '.join(map(repr, kinds))} "
+                              f"(config.json's kind and the checkpoint disagree); {fix}.")
         return state
 
     def save_log(self, stage: str, rows: list[dict]) -> None:

@@ -14,8 +14,9 @@ query.epsilon_fraction of epsilon; the fine-tune's noise multiplier is then cali
 both (PRV accountant) meets epsilon. Every checkpoint and budget.json carry the ledger of what was spent.
 Everything in the config is public; only the data are private.
 
-Configs: a preset name (demo, test, fmnist, cifar10-eps{1,5,10}, celeba32-eps{1,5,10}, celeba64-eps{1,5,10})
-or a JSON file with the same nested keys (partial is fine; "base": PRESET picks what the rest defaults to).
+Configs: a preset name (demo, test, fmnist, cifar10-eps{1,5,10}, celeba32-eps{1,5,10}, celeba64-eps{1,5,10};
+with the GAN generator, "kind": "gan": demo-gan, test-gan, cifar10-gan-eps{1,10}) or a JSON file with the same
+nested keys (partial is fine; "base": PRESET picks what the rest defaults to).
 The official presets need the real files: --sensitive-root DIR and --public-root DIR. The roots are written
 into the run's config.json, so later stages and `privimage evaluate` find the same files.
 

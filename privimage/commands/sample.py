@@ -2,7 +2,9 @@
 
 Reads RUN_DIR/release/model.safetensors, never the private checkpoint; when release/ is missing, the finished
 fine-tune is exported first (`privimage export`). Sampling is post-processing of the DP model and costs no
-privacy. Image i comes from seed (seed, i), so the same command gives the same images at any --batch-size.
+privacy. Image i comes from seed (seed, i), so the same command gives the same images at any --batch-size. A GAN
+run (config kind "gan") draws each image in one generator forward: --steps, --guidance and --stochastic are
+diffusion settings and are refused there.
 
 Example:
   privimage sample runs/00000-demo --num-samples 5000 --guidance 1.0
@@ -41,6 +43,11 @@ def run(args: argparse.Namespace) -> int:
     SampleConfig(**over)  # the overrides' ranges, checked before anything runs
 
     def sample(run, cfg):
+        sampler = [flag for flag, key in (("--steps", "num_steps"), ("--guidance", "guidance"),
+                                          ("--stochastic", "stochastic")) if key in over]
+        if cfg.kind == "gan" and sampler:
+            raise ConfigError(f"{', '.join(sampler)}: diffusion sampler settings, but {run} is a GAN run (kind='gan'): "
+                              f"each image is one generator forward. Drop them.")
         stage_sample(run, replace(cfg, sample=replace(cfg.sample, **over)))
 
     return run_stage(args, "sample", sample)

@@ -32,19 +32,28 @@ def sample_gan(generator: nn.Module, *, indices: torch.Tensor, labels: torch.Ten
 
 
 def sample_gan_in_batches(generator: nn.Module, *, num: int, seed: int = 0, batch_size: int = 256,
-                          device: torch.device | str = "cpu", progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``num`` uint8 images with balanced labels (``i % num_classes``; zeros if unconditional)."""
+                          device: torch.device | str = "cpu", progress=None,
+                          batches: list[slice] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` uint8 images with balanced labels (``i % num_classes``; zeros if unconditional).
+
+    ``batches``: only these slices of the ``num`` images, in this order (a rank's share under torchrun,
+    :func:`privimage.distributed.my_batches`); image i depends only on (seed, i), so the shares put together
+    are the one-process images bit for bit.
+    """
     k = generator.config.num_classes
-    labels = torch.arange(num) % max(k, 1)
-    out = []
-    for start in range(0, num, batch_size):
-        stop = min(num, start + batch_size)
-        y = labels[start:stop] if k else None
-        out.append(to_uint8(sample_gan(generator, indices=torch.arange(start, stop), labels=y, seed=seed,
+    labels = torch.arange(num) % max(k, 1) if k else torch.zeros(num, dtype=torch.long)
+    parts = batches if batches is not None else [slice(s, min(num, s + batch_size)) for s in range(0, num, batch_size)]
+    out, out_labels = [], []
+    for part in parts:
+        y = labels[part] if k else None
+        out.append(to_uint8(sample_gan(generator, indices=torch.arange(part.start, part.stop), labels=y, seed=seed,
                                        device=device)).cpu())
+        out_labels.append(labels[part])
         if progress is not None:
-            progress.update(stop - start)
-    return torch.cat(out), labels if k else torch.zeros(num, dtype=torch.long)
+            progress.update(part.stop - part.start)
+    if not out:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.cat(out), torch.cat(out_labels)
 
 
 def save_gan_grid(generator: nn.Module, path: str | os.PathLike, *, per_class: int = 8, seed: int = 0,

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from privimage.diffusion.ema import EMA
+from privimage.errors import DataError
 from privimage.gan.losses import g_hinge
 from privimage.models.gan import Discriminator, GANConfig, Generator
 from privimage.randomness import RecordRandomness
@@ -128,14 +129,14 @@ def check_training_data(images: torch.Tensor, labels: torch.Tensor, gan: GANConf
     """uint8 (N, C, H, W) images matching the GAN's channels and side, labels (N,) in [0, num_classes)."""
     shape = (gan.in_channels, gan.resolution, gan.resolution)
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != shape:
-        raise ValueError(f"The {what} must be uint8 images of shape (N, {', '.join(map(str, shape))}) for this "
+        raise DataError(f"The {what} must be uint8 images of shape (N, {', '.join(map(str, shape))}) for this "
                          f"GAN (resolution {gan.resolution}, {gan.in_channels} channels); got {images.dtype} "
                          f"{tuple(images.shape)}.")
     if len(images) == 0:
-        raise ValueError(f"The {what} is empty.")
+        raise DataError(f"The {what} is empty.")
     if labels.shape != (len(images),):
-        raise ValueError(f"The {what} has {len(images)} images but labels of shape {tuple(labels.shape)}.")
+        raise DataError(f"The {what} has {len(images)} images but labels of shape {tuple(labels.shape)}.")
     if gan.num_classes and not bool(((labels >= 0) & (labels < gan.num_classes)).all()):
-        raise ValueError(f"The {what}'s labels must lie in [0, {gan.num_classes}) (gan.num_classes); got "
+        raise DataError(f"The {what}'s labels must lie in [0, {gan.num_classes}) (gan.num_classes); got "
                          f"min {int(labels.min())}, max {int(labels.max())}.")
 

@@ -65,7 +65,7 @@ from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
 from privimage.train.common import save_sample_grid, silent
 
-__all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs"]
+__all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs", "refuse_fresh_start"]
 
 #: Files a fine-tune derives from the sensitive data (:attr:`RunDir.FINETUNE_OUTPUTS`).
 FINETUNE_OUTPUTS = RunDir.FINETUNE_OUTPUTS
@@ -191,7 +191,7 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         log(f"finetune: resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
         run.save_log("finetune", rows)  # the checkpoint's log (a write that failed after it is redone)
     else:
-        _refuse_fresh_start(run, budget)
+        refuse_fresh_start(run, budget)
         sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
                                  seed=None if f.secure_noise else seed, secure=f.secure_noise)
         noise_gen = secure_generator(device) if f.secure_noise else torch.Generator(device).manual_seed(seed + 7)
@@ -280,7 +280,7 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
     return ckpt_path
 
 
-def _refuse_fresh_start(run: RunDir, budget: PrivacyBudget) -> None:
+def refuse_fresh_start(run: RunDir, budget: PrivacyBudget) -> None:
     """A fresh fine-tune must not overwrite releases that were made (they stay counted, so resume instead)."""
     counted = budget.spent.get(FINETUNE, 0)
     if counted:

@@ -22,6 +22,7 @@ import tempfile
 
 import torch
 
+from privimage.config import GANFinetuneConfig, GANPretrainConfig
 from privimage.engine import PrivacyBudget
 from privimage.evaluate import CAConfig, FeatureNet, FeatureStats, classification_accuracy, extract_features
 from privimage.evaluate.fid import frechet_distance
@@ -74,28 +75,28 @@ def compare_gan_starting_points(*, public, sensitive, heldout, selected: list[in
     ``pretrained_proxy_fid``, the proxy FID of the pre-trained generator the fine-tune started from).
 
     ``budget_state`` is a planned :class:`~privimage.engine.PrivacyBudget` state (its FINETUNE plan sets σ, q
-    and the discriminator steps), the same for all three. ``pretrain`` and ``finetune`` are keyword arguments
-    of :func:`~privimage.train.gan_pretrain.pretrain_gan` and :func:`~privimage.train.gan_finetune.finetune_gan`
-    (batch sizes, learning rates, n_D, C, EMA decay). The fine-tune runs in test mode (``secure=False``,
+    and the discriminator steps), the same for all three. ``pretrain`` and ``finetune`` are fields of
+    :class:`~privimage.config.GANPretrainConfig` and :class:`~privimage.config.GANFinetuneConfig` (batch sizes,
+    learning rates, betas, n_D, C, EMA decay). The fine-tune runs in test mode (``secure_noise=False``,
     randomness from ``seed``), so the three runs differ only in their starting point.
     """
     quiet = log or (lambda *_: None)
     reference = feature_stats(features, heldout.images)
+    pre_config = GANPretrainConfig(steps=pretrain_steps, checkpoint_every=10**9, log_every=10**9, loader="device",
+                                   **(pretrain or {}))
+    ft_config = GANFinetuneConfig(secure_noise=False, checkpoint_every=10**9, log_every=10**9, **(finetune or {}))
     results = {}
     for name, data in pretraining_sets(public, selected, seed=seed).items():
         with tempfile.TemporaryDirectory() as d:
             init, before = None, {}
             if data is not None:
-                path = pretrain_gan(d, images=data[0], labels=data[1], gan=gan, steps=pretrain_steps, seed=seed,
-                                    checkpoint_every=10**9, log_every=10**9, loader="device", log=quiet,
-                                    **(pretrain or {}))
-                init = pretrained_init(path)
+                pretrain_gan(d, pre_config, images=data[0], labels=data[1], gan=gan, seed=seed, log=quiet)
+                init = pretrained_init(d)
                 before = generator_quality(Generator.from_state(gan, init["generator"]), heldout, features,
                                            num_samples=num_samples, seed=seed, ca=None, reference=reference)
-            path = finetune_gan(d, images=sensitive.images, labels=sensitive.labels, gan=gan,
+            path = finetune_gan(d, ft_config, images=sensitive.images, labels=sensitive.labels, gan=gan,
                                 budget=PrivacyBudget.from_state_dict(budget_state), init_state=init, seed=seed,
-                                secure=False, checkpoint_every=10**9, log_every=10**9, log=quiet,
-                                **(finetune or {}))
+                                log=quiet)
             tuned = Generator.from_state(gan, load_checkpoint(path)["ema"]["module"])
             results[name] = generator_quality(tuned, heldout, features, num_samples=num_samples, seed=seed, ca=ca,
                                               reference=reference)

@@ -23,8 +23,11 @@ What is secret (checkpoint only, never in the release): the Poisson sampler's se
 generator's state and the per-record draws' key. ``secure=False`` derives all three from the public
 ``seed``: reproducible for tests, and NOT private.
 
-Order on disk: ``budget.json`` (the ledger) is written before the checkpoint, the logs and any sample grid
-of the same step, so no file derived from a release exists that the ledger on disk does not count.
+Order on disk (as the diffusion fine-tune, :mod:`privimage.train.finetune`): at a checkpoint step s,
+``budget.json`` (the ledger, counting s steps), then ``checkpoints/finetune.pt``, ``logs/finetune.csv`` and
+any sample grid due, so no file derived from a release exists that the ledger on disk does not count. A
+fresh start refuses a run directory that already holds fine-tune outputs or a ledger counting fine-tune
+steps.
 
 Exact resume: the checkpoint holds both networks, the EMA, both optimizers, the sampler (its seed: step t's
 batch is a function of (seed, t)), the noise generator's state, the draws' key, the ledger and the log; the
@@ -40,120 +43,129 @@ from pathlib import Path
 
 import torch
 
+from privimage.config import GANFinetuneConfig
 from privimage.diffusion import to_model_range
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
-from privimage.privacy import FINETUNE
+from privimage.errors import RunDirError
 from privimage.gan.losses import pair_groups, paired_rows
 from privimage.gan.sampling import save_gan_grid
 from privimage.gan.steps import GANTrainState, check_training_data, generator_update, record_fakes
-from privimage.io import save_json
 from privimage.models.gan import GANConfig
+from privimage.privacy import FINETUNE
 from privimage.progress import progress_bar
 from privimage.randomness import RecordRandomness
-from privimage.train.common import load_checkpoint, save_checkpoint, step_generator, write_csv
-from privimage.train.gan_pretrain import expect_kind
+from privimage.rundir import RunDir
+from privimage.train.common import step_generator
+from privimage.train.finetune import refuse_fresh_start
 
 __all__ = ["GAN_FINETUNE_STREAMS", "finetune_gan"]
 
-# step_generator streams (second seed part) of the public generator steps and, with secure=False only,
+# step_generator streams (second seed part) of the public generator steps and, with secure_noise=False only,
 # of the test-mode noise; distinct from every other loop's.
 GAN_FINETUNE_STREAMS = {"generator": 21, "insecure_noise": 22}
 
+INSECURE_WARNING = ("finetune (GAN): secure_noise=False: the Poisson sampling, the DP noise and the fakes paired "
+                    "with each record are derived from the PUBLIC seed. This run is reproducible and NOT private; "
+                    "use it for tests only.")
 
-def finetune_gan(run_dir: str | Path, *,
+
+def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
                  images: torch.Tensor,              # uint8 (N, C, H, W): the sensitive training set
                  labels: torch.Tensor,              # (N,) class ids
                  gan: GANConfig,
                  budget: PrivacyBudget,             # its FINETUNE plan: σ, q, number of discriminator steps
                  init_state: dict | None,           # pretrained_init(...) or None (no pre-training)
-                 physical_batch_size: int = 64,     # rows per micro-batch (memory), NOT the logical batch
-                 max_grad_norm: float = 1e-3,       # C (DPImageBench's DP-GAN: 1e-3)
-                 d_lr: float = 5e-4,
-                 g_lr: float = 2e-4,
-                 betas: tuple[float, float] = (0.0, 0.999),
-                 d_steps_per_g_step: int = 5,       # n_D
-                 g_batch_size: int | None = None,   # fakes per generator step; None: round(q·N) (public)
-                 ema_decay: float = 0.999,
-                 method: str = "bk-mixed",          # DPEngine method
-                 seed: int = 0,                     # public; with secure=False also every secret (tests)
+                 seed: int = 0,                     # public; with secure_noise=False also every secret (tests)
                  device: torch.device | str = "cpu",
-                 compile: bool = False,             # DPEngine(compile=...) for the discriminator step
-                 secure: bool = True,               # secret sampler seed, noise and per-record draws
-                 checkpoint_every: int = 10,
-                 log_every: int = 1,
-                 sample_every: int = 0,
                  resume: bool = False,              # continue from checkpoints/finetune.pt
                  stop_at_step: int | None = None,   # stop (after checkpointing) here, as if interrupted
-                 config: dict | None = None,
+                 run_config: dict | None = None,    # the public run config, stored for provenance
                  log=print) -> Path:
     """DP fine-tune on the sensitive ``images``/``labels``; returns ``checkpoints/finetune.pt``.
 
+    ``config`` is the run config's ``finetune`` section (:class:`~privimage.config.GANFinetuneConfig`):
+    physical_batch_size (records per micro-batch: memory, NOT the logical batch), max_grad_norm (C), d_lr,
+    g_lr, betas, d_steps_per_g_step (n_D), g_batch_size (fakes per generator step; None: round(q·N), public),
+    ema_decay, method and compile (the DPEngine's), secure_noise, checkpoint/log/sample intervals. Its
+    epochs and batch_size are read by the budget plan, whose FINETUNE entry gives σ, q and the steps here.
+
     The checkpoint (private) holds {"kind": "gan-finetune", "step", "steps", "generator", "discriminator",
     "ema", "optimizer_g", "optimizer_d", "sampler", "noise_generator", "record_randomness", "budget", "gan",
-    "log", "config"}; ``budget.json`` the ledger; ``logs/finetune.csv`` the log (its ``d_loss`` is computed
-    from sensitive data without noise: a diagnostic, not for publication).
+    "mechanism", "log", "config"}; ``budget.json`` the ledger; ``logs/finetune.csv`` the log (its ``d_loss`` is
+    computed from sensitive data without noise: a diagnostic, not for publication).
 
     Raises:
-        ValueError: images/labels that do not fit ``gan``, an ``init_state`` of another architecture, or a
-            ledger that disagrees with the checkpoint's step (privacy would be miscounted).
+        DataError: images/labels that do not fit ``gan``.
+        RunDirError: an ``init_state`` of another architecture, a ledger that disagrees with the checkpoint's
+            step (privacy would be miscounted), or a fresh start over fine-tune outputs that exist.
     """
-    run_dir = Path(run_dir)
+    run = RunDir.of(run_dir)
+    f = config
     device = torch.device(device)
-    ckpt_path = run_dir / "checkpoints" / "finetune.pt"
+    ckpt_path = run.checkpoint_path("finetune")
     check_training_data(images, labels, gan, "sensitive training set")
-    if not (isinstance(d_steps_per_g_step, int) and d_steps_per_g_step >= 1):
-        raise ValueError(f"Expected d_steps_per_g_step={d_steps_per_g_step} to be an integer >= 1.")
     plan = budget.plan[FINETUNE]
     n = len(images)
     sample_rate, steps, sigma = plan.sample_rate, plan.count, plan.noise_multiplier
     expected = sample_rate * n
-    g_batch = g_batch_size if g_batch_size is not None else max(1, round(expected))
+    g_batch = f.g_batch_size if f.g_batch_size is not None else max(1, round(expected))
     torch.manual_seed(seed)
     if init_state is not None and init_state.get("gan", gan.to_dict()) != gan.to_dict():
-        raise ValueError(f"The pre-trained GAN's architecture {init_state['gan']} differs from the fine-tune's "
-                         f"{gan.to_dict()}.")
-    nets = GANTrainState(gan, init=init_state, d_lr=d_lr, g_lr=g_lr, betas=betas, ema_decay=ema_decay, device=device)
+        raise RunDirError(f"The pre-trained GAN's architecture {init_state['gan']} differs from the fine-tune's "
+                          f"{gan.to_dict()}: pre-train again with this config, or fine-tune without pre-training.")
+    nets = GANTrainState(gan, init=init_state, d_lr=f.d_lr, g_lr=f.g_lr, betas=tuple(f.betas), ema_decay=f.ema_decay,
+                         device=device)
     G, D, ema, opt_g, opt_d = nets.G, nets.D, nets.ema, nets.opt_g, nets.opt_d
-    sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=physical_batch_size,
-                             seed=None if secure else seed, secure=secure)
-    noise_gen = (secure_generator(device) if secure else
-                 step_generator(seed, GAN_FINETUNE_STREAMS["insecure_noise"], device=device))
-    draws = RecordRandomness.secret() if secure else RecordRandomness.from_public_seed(seed)
+    if not f.secure_noise:
+        log(INSECURE_WARNING)
     start, rows, g_loss = 0, [], None  # g_loss: the latest generator step's (None before the first)
     if resume:
-        state = load_checkpoint(ckpt_path, map_location=device)
-        expect_kind(state, "gan-finetune", ckpt_path)
+        state = run.load_checkpoint("finetune", map_location=device, model_kind="gan")
         nets.load_state_dict(state)
         sampler = PoissonSampler.from_state_dict(state["sampler"])
+        noise_gen = torch.Generator(device)
         noise_gen.set_state(state["noise_generator"].cpu())
         draws = RecordRandomness.from_state_dict(state["record_randomness"])
         budget.spent.clear()
         budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
         start, rows, g_loss = state["step"], state["log"], state["g_loss"]
         log(f"finetune (GAN): resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
+        run.save_log("finetune", rows)  # the checkpoint's log (a write that failed after it is redone)
+    else:
+        refuse_fresh_start(run, budget)
+        sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
+                                 seed=None if f.secure_noise else seed, secure=f.secure_noise)
+        noise_gen = (secure_generator(device) if f.secure_noise else
+                     step_generator(seed, GAN_FINETUNE_STREAMS["insecure_noise"], device=device))
+        draws = RecordRandomness.secret() if f.secure_noise else RecordRandomness.from_public_seed(seed)
     if budget.spent.get(FINETUNE, 0) != start:
-        raise ValueError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
-                         f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
-    engine = DPEngine(D, max_grad_norm=max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=method, generator=noise_gen, compile=compile)
+        raise RunDirError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
+                          f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
+    engine = DPEngine(D, max_grad_norm=f.max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
+                      method=f.method, generator=noise_gen, compile=f.compile)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     images_dev, labels_dev = images.to(device), labels.to(device).long()
-    groups = pair_groups(physical_batch_size, device)
+    groups = pair_groups(f.physical_batch_size, device)
+    # Public description of the mechanism, for the release's privacy statement (privimage.release).
+    mechanism = {"model": "gan", "max_grad_norm": f.max_grad_norm, "noise_multiplier": sigma,
+                 "sample_rate": sample_rate, "steps": steps, "expected_batch_size": expected, "num_examples": n,
+                 "method": f.method, "secure": f.secure_noise, "d_steps_per_g_step": f.d_steps_per_g_step}
 
-    def persist_ledger() -> None:
-        save_json(budget.state_dict(), run_dir / "budget.json")
-
-    def checkpoint(step: int) -> None:
-        persist_ledger()
-        save_checkpoint({"kind": "gan-finetune", "step": step, "steps": steps, **nets.state_dict(),
-                         "sampler": sampler.state_dict(), "noise_generator": noise_gen.get_state(),
-                         "record_randomness": draws.state_dict(), "budget": budget.state_dict(),
-                         "gan": gan.to_dict(), "log": rows, "g_loss": g_loss, "config": config}, ckpt_path)
-        write_csv(rows, run_dir / "logs" / "finetune.csv")
+    def save(step: int, last_saved: int) -> None:
+        # The ledger first: once the checkpoint (or anything after it) exists, budget.json already counts it.
+        run.save_budget(budget)
+        run.save_checkpoint("finetune", {
+            "kind": "gan-finetune", "step": step, "steps": steps, **nets.state_dict(),
+            "sampler": sampler.state_dict(), "noise_generator": noise_gen.get_state(),
+            "record_randomness": draws.state_dict(), "budget": budget.state_dict(), "gan": gan.to_dict(),
+            "mechanism": mechanism, "log": rows, "g_loss": g_loss, "config": run_config})
+        run.save_log("finetune", rows)
+        if f.sample_every and step // f.sample_every > last_saved // f.sample_every:
+            save_gan_grid(ema.module, run.training_grid_path("finetune", step), seed=seed, device=device)
 
     bar = progress_bar(steps, desc=f"DP fine-tune GAN (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
                        initial=start)
-    t_last, n_last, done = time.perf_counter(), 0, start
+    t_last, steps_since_log, done, last_saved = time.perf_counter(), 0, start, start
     for batch in sampler.logical_batches(n, start_step=start):
         if stop_at_step is not None and batch.step >= stop_at_step:
             break
@@ -174,29 +186,28 @@ def finetune_gan(run_dir: str | Path, *,
         engine.finalize()
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
-        done = batch.step + 1
-        if done % d_steps_per_g_step == 0:
+        done, steps_since_log = batch.step + 1, steps_since_log + 1
+        if done % f.d_steps_per_g_step == 0:
             g_rng = step_generator(seed, GAN_FINETUNE_STREAMS["generator"], batch.step, device=device)
-            g_loss = round(generator_update(G, D, opt_g, batch_size=g_batch, chunk=physical_batch_size, rng=g_rng,
+            g_loss = round(generator_update(G, D, opt_g, batch_size=g_batch, chunk=f.physical_batch_size, rng=g_rng,
                                             amp=amp), 6)
             ema.update(G)
-        n_last += batch.size
-        if done % log_every == 0 or done == steps:
+        if done % f.log_every == 0 or done == steps:
             now = time.perf_counter()
-            ips = n_last / max(now - t_last, 1e-9)
+            ips = steps_since_log * expected / max(now - t_last, 1e-9)   # public: expected, not drawn, size
             eps = budget.epsilon_spent().upper
+            # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
             d_loss = round(float(d_loss_sum) / max(batch.size, 1), 6)
             rows.append({"step": done, "d_loss": d_loss, "g_loss": g_loss, "epsilon": round(eps, 4),
-                         "images_per_s": round(ips, 2), "sigma": sigma, "d_lr": d_lr, "g_lr": g_lr})
-            bar.set_postfix(d_loss=d_loss, g_loss=g_loss, eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
-            t_last, n_last = now, 0
+                         "images_per_s": round(ips, 2), "sigma": sigma, "d_lr": f.d_lr, "g_lr": f.g_lr})
+            bar.set_postfix(eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
+            t_last, steps_since_log = now, 0
         bar.update()
-        if sample_every and done % sample_every == 0:
-            persist_ledger()
-            save_gan_grid(ema.module, run_dir / "samples" / f"finetune-{done:06d}.png", seed=seed, device=device)
-        if done % checkpoint_every == 0 or done == steps:
-            checkpoint(done)
+        if done % f.checkpoint_every == 0 or done == steps:
+            save(done, last_saved)
+            last_saved = done
     bar.close()
     engine.close()
-    checkpoint(done)
+    if done > last_saved:  # stopped between checkpoints (stop_at_step)
+        save(done, last_saved)
     return ckpt_path

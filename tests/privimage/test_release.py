@@ -22,13 +22,9 @@ from privimage.models.unet import PRESETS, UNetConfig
 from privimage.release import export_release, load_release_denoiser
 from privimage.config import FinetuneConfig
 from privimage.train import finetune, load_checkpoint
+from release_checks import assert_release_holds_no_secret, key_encodings
 
 UNET = replace(PRESETS["tiny"], nf=8, ch_mult=(1,), attn_resolutions=(8,), resolution=8, num_classes=5)
-#: JSON keys allowed to hold a seed: the public config's seeds of public work (DESIGN.md "Privacy boundaries").
-PUBLIC_SEEDS = {("seed",), ("data", "seed")}
-FORBIDDEN_KEY_PARTS = ("sampler", "generator", "optimizer", "secret", "randomness", "rng", "state", "loss",
-                       "images_per_s", "img_s", "nonfinite", "exp_avg", "log")
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,24 +52,6 @@ def exported(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return run
-
-
-def key_encodings(key: int) -> dict[str, bytes]:
-    """Every plausible way a 64-bit key could be written into a file."""
-    return {"decimal": str(key).encode(), "hex": f"{key:x}".encode(), "HEX": f"{key:X}".encode(),
-            "hex, 16 digits": f"{key:016x}".encode(), "HEX, 16 digits": f"{key:016X}".encode(),
-            "little-endian bytes": key.to_bytes(8, "little"), "big-endian bytes": key.to_bytes(8, "big")}
-
-
-def _json_paths(obj, prefix=()):
-    """Every (key path, value) in a JSON document."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield prefix + (k,), v
-            yield from _json_paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _json_paths(v, prefix)
 
 
 def test_the_release_holds_the_ema_weights_config_and_privacy_statement_only(exported):
@@ -115,19 +93,7 @@ def test_no_secret_or_sensitive_statistic_is_in_any_released_file(exported):
                **{f"diffusion key ({how})": value for how, value in key_encodings(key).items()},
                "noise generator state": bytes(state["noise_generator"][1000:1032].tolist())}
     secrets.update({f"logged loss {row['loss']}": repr(row["loss"]).encode() for row in state["log"]})
-    for path in release.rglob("*"):
-        if path.is_file():
-            blob = path.read_bytes()
-            for what, value in secrets.items():
-                assert value not in blob, (path, what)
-    for path in release.rglob("*.json"):
-        for keys, value in _json_paths(json.loads(path.read_text())):
-            name = keys[-1].lower()
-            assert not any(part in name for part in FORBIDDEN_KEY_PARTS), (path, keys)
-            assert "seed" not in name or (path.name == "config.json" and keys in PUBLIC_SEEDS), (path, keys)
-    with safe_open(str(release / "model.safetensors"), framework="pt") as f:
-        for name in [*f.keys(), *f.metadata()]:
-            assert not any(part in name.lower() for part in (*FORBIDDEN_KEY_PARTS, "seed", "ema.")), name
+    assert_release_holds_no_secret(release, secrets)
 
 
 def test_export_refuses_an_unfinished_fine_tune_and_an_uncounted_checkpoint(exported, tmp_path):

@@ -161,6 +161,6 @@ def test_finetune_stage_passes_the_compile_setting(tmp_path, monkeypatch):
     (tmp_path / "budget.json").write_text(json.dumps(budget.state_dict()))
     seen = {}
     monkeypatch.setattr(train, "finetune", lambda run_dir, config, **kwargs: seen.update(config=config) or run_dir)
-    monkeypatch.setattr(pipeline, "_unet", lambda *args: None)  # the model needs the query's outputs
+    monkeypatch.setattr(pipeline, "_model_config", lambda *args: None)  # the model needs the query's outputs
     pipeline.stage_finetune(tmp_path, cfg, log=lambda _: None)
     assert seen["config"].compile is True

@@ -8,9 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from privimage.config import PretrainConfig
+from privimage.config import GANFinetuneConfig, GANPretrainConfig, PretrainConfig
 from privimage.data import load_dataset
 from privimage.engine import DPEngine, Mechanism, PrivacyBudget
+from privimage.errors import DataError, RunDirError
 from privimage.gan import sample_gan, sample_gan_in_batches
 from privimage.models import GAN_PRESETS, Generator
 from privimage.privacy import FINETUNE
@@ -38,21 +39,22 @@ def budget_state():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, data):
-    path = pretrain_gan(tmp_path_factory.mktemp("pre"), images=data.images, labels=data.labels, gan=GAN, steps=4,
-                        batch_size=8, d_steps_per_g_step=2, log_every=1, log=lambda *_: None)
-    return path
+    run_dir = tmp_path_factory.mktemp("pre")
+    pretrain_gan(run_dir, GANPretrainConfig(steps=4, batch_size=8, d_steps_per_g_step=2, log_every=1),
+                 images=data.images, labels=data.labels, gan=GAN, log=lambda *_: None)
+    return run_dir
 
 
 def _timeless(rows):
     return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
 
 
-def _finetune(run_dir, data, budget_state, init=None, **kw):
+def _finetune(run_dir, data, budget_state, init=None, secure=False, **kw):
     budget = PrivacyBudget.from_state_dict(budget_state)
-    kw = {"secure": False, "seed": 5, **kw}
-    path = finetune_gan(run_dir, images=data.images, labels=data.labels, gan=GAN, budget=budget, init_state=init,
-                        physical_batch_size=6, d_steps_per_g_step=2, g_batch_size=7, checkpoint_every=1,
-                        log_every=5, log=lambda *_: None, **kw)
+    config = GANFinetuneConfig(physical_batch_size=6, d_steps_per_g_step=2, g_batch_size=7, checkpoint_every=1,
+                               log_every=5, secure_noise=secure)
+    path = finetune_gan(run_dir, config, images=data.images, labels=data.labels, gan=GAN, budget=budget,
+                        init_state=init, seed=5, log=lambda *_: None, **kw)
     return budget, load_checkpoint(path)
 
 
@@ -93,23 +95,24 @@ def test_the_ledger_is_spent_before_the_noise_and_on_disk_before_the_checkpoint(
         return finalize(engine)
 
     monkeypatch.setattr(DPEngine, "finalize", spy)
-    import privimage.train.gan_finetune as module
+    from privimage.rundir import RunDir
 
-    def failing_save(state, path):
+    def failing_save(run, stage, state):
         raise OSError("disk full")
 
-    monkeypatch.setattr(module, "save_checkpoint", failing_save)
+    monkeypatch.setattr(RunDir, "save_checkpoint", failing_save)
     budget = PrivacyBudget.from_state_dict(budget_state)
     with pytest.raises(OSError, match="disk full"):
-        finetune_gan(tmp_path, images=data.images, labels=data.labels, gan=GAN, budget=budget, init_state=None,
-                     physical_batch_size=6, secure=False, checkpoint_every=1, log=lambda *_: None)
+        finetune_gan(tmp_path, GANFinetuneConfig(physical_batch_size=6, secure_noise=False, checkpoint_every=1),
+                     images=data.images, labels=data.labels, gan=GAN, budget=budget, init_state=None,
+                     log=lambda *_: None)
     # the first step's release was counted in memory before its noise, and on disk before its checkpoint
     assert budget.spent[FINETUNE] == 1 and seen == [None]
     assert json.loads((tmp_path / "budget.json").read_text())["spent"] == {"query": 1, FINETUNE: 1}
 
 
 def test_finetune_refuses_a_ledger_that_disagrees_with_the_checkpoint(tmp_path, data, budget_state):
-    with pytest.raises(ValueError, match="ledger records 2"):
+    with pytest.raises(RunDirError, match="ledger records 2"):
         _finetune(tmp_path, data, dict(budget_state, spent={"query": 1, FINETUNE: 2}))
 
 
@@ -128,15 +131,16 @@ def test_secure_mode_keeps_its_secrets_in_the_checkpoint_and_resumes_exactly(tmp
 
 def test_pretrain_resumes_exactly_mid_epoch_and_writes_samples(tmp_path, data):
     # 40 images, batch 8: 5 batches per epoch; steps 0-6 then 7-8 cross an epoch and a generator step
-    kw = dict(images=data.images, labels=data.labels, gan=GAN, steps=9, batch_size=8, d_steps_per_g_step=2,
-              seed=2, checkpoint_every=100, log_every=1, loader="device", log=lambda *_: None)
-    full = load_checkpoint(pretrain_gan(tmp_path / "a", **kw))
-    pretrain_gan(tmp_path / "b", stop_at_step=7, **kw)
-    resumed = load_checkpoint(pretrain_gan(tmp_path / "b", resume=True, **kw))
+    config = GANPretrainConfig(steps=9, batch_size=8, d_steps_per_g_step=2, checkpoint_every=100, log_every=1,
+                               loader="device")
+    kw = dict(images=data.images, labels=data.labels, gan=GAN, seed=2, log=lambda *_: None)
+    full = load_checkpoint(pretrain_gan(tmp_path / "a", config, **kw))
+    pretrain_gan(tmp_path / "b", config, stop_at_step=7, **kw)
+    resumed = load_checkpoint(pretrain_gan(tmp_path / "b", config, resume=True, **kw))
     _assert_same_state(full, resumed)
     assert full["kind"] == "gan-pretrain" and full["step"] == 9 and len(full["log"]) == 9
     assert (tmp_path / "a" / "samples" / "pretrain.png").is_file()
-    init = pretrained_init(tmp_path / "a" / "checkpoints" / "pretrain.pt")
+    init = pretrained_init(tmp_path / "a")
     assert set(init) == {"generator", "discriminator", "gan"}
     for key, value in full["ema"]["module"].items():
         assert torch.equal(init["generator"][key], value)
@@ -146,13 +150,13 @@ def test_checkpoints_of_another_kind_and_architecture_are_refused(tmp_path, data
     from privimage.models.unet import PRESETS
 
     unet = replace(PRESETS["tiny"], nf=8, ch_mult=(1,), attn_resolutions=(8,), resolution=8, num_classes=5)
-    path = pretrain(tmp_path / "diffusion", PretrainConfig(steps=1, batch_size=8), images=data.images,
-                    labels=data.labels, unet=unet, log=lambda *_: None)
-    with pytest.raises(ValueError, match="not 'gan-pretrain'"):
-        pretrained_init(path)
+    pretrain(tmp_path / "diffusion", PretrainConfig(steps=1, batch_size=8), images=data.images,
+             labels=data.labels, unet=unet, log=lambda *_: None)
+    with pytest.raises(RunDirError, match="not 'gan-pretrain'"):
+        pretrained_init(tmp_path / "diffusion")
     other = replace(GAN, g_width=8)
     wrong = {"generator": Generator(other).state_dict(), "discriminator": {}, "gan": other.to_dict()}
-    with pytest.raises(ValueError, match="architecture"):
+    with pytest.raises(RunDirError, match="architecture"):
         _finetune(tmp_path / "ft", data, budget_state, wrong)
 
 
@@ -165,10 +169,10 @@ def test_checkpoints_of_another_kind_and_architecture_are_refused(tmp_path, data
     (torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), "empty"),
 ])
 def test_images_and_labels_that_do_not_fit_the_gan_are_named(tmp_path, budget_state, images, labels, match):
-    with pytest.raises(ValueError, match=match):
-        pretrain_gan(tmp_path, images=images, labels=labels, gan=GAN, steps=1, log=lambda *_: None)
-    with pytest.raises(ValueError, match=match):
-        finetune_gan(tmp_path, images=images, labels=labels, gan=GAN, init_state=None,
+    with pytest.raises(DataError, match=match):
+        pretrain_gan(tmp_path, GANPretrainConfig(steps=1), images=images, labels=labels, gan=GAN, log=lambda *_: None)
+    with pytest.raises(DataError, match=match):
+        finetune_gan(tmp_path, GANFinetuneConfig(), images=images, labels=labels, gan=GAN, init_state=None,
                      budget=PrivacyBudget.from_state_dict(budget_state), log=lambda *_: None)
 
 
