@@ -7,15 +7,22 @@ a file store in a temporary folder, calls ``fn(rank, world_size, *args)`` and re
 
 The processes fork from multiprocessing's fork server, which imports torch and privimage.engine once per test
 session: the ranks of each later call start in well under a second instead of importing torch again.
+
+Trap: a rank unpickles ``fn`` by its module's name, which pytest's importlib mode derives from the repository
+root (``tests.engine.test_distributed``). A plain ``pytest`` (as CI runs it) does not put that root on sys.path,
+and the ranks inherit the parent's sys.path, so :func:`run_ranks` appends the root (after everything else: the
+installed privimage is still the one imported).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 import tempfile
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 import torch.multiprocessing as mp
 
@@ -43,6 +50,9 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, expect_errors: 
     """``[fn(r, world_size, *args) for r in ranks]``, each in its own process (module docstring).
 
     With ``expect_errors``, a rank's exception is returned as its message (a str) instead of failing."""
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:  # the ranks import fn's test module by its rootdir-based name (module docstring)
+        sys.path.append(root)
     mp.set_forkserver_preload(_PRELOAD)
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
