@@ -73,3 +73,14 @@ def within_precision():
     """The precision check (``kernel_cases.assert_within``) for results in any dtype:
     ``within_precision(ours, ref_same_dtype, ref_float64, atol, what)``."""
     return functools.partial(kernel_cases.assert_within, accumulated=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (restored afterwards): tiny batches gain nothing from a second thread,
+    two threads per process oversubscribe a shared 2-core CPU, and a reference computed on one thread sums in
+    the same order as the one-thread ranks of the distributed tests. Use with ``pytest.mark.usefixtures``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

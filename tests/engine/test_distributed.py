@@ -16,6 +16,9 @@ from privimage.engine.sampling import LogicalBatch, split_physical
 
 from ranks import run_ranks
 
+# the references on one thread, as the ranks run: same summation order, so world 1 is bit for bit
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 N, PHYS = 20, 3  # data set size; physical batch (odd, so the ranks' micro-batches split unevenly)
 
 

@@ -84,13 +84,3 @@ def celeba_writer():
 @pytest.fixture(scope="session")
 def imagenet_npz_writer():
     return write_imagenet_npz
-
-
-@pytest.fixture
-def one_torch_thread():
-    """torch on one thread for the test (restored afterwards): the pipeline tests' batches are tiny, and two
-    threads per process oversubscribe the shared 2-core CPU. Use with ``pytest.mark.usefixtures``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

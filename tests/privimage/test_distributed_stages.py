@@ -19,6 +19,9 @@ from privimage.rundir import read_checkpoint
 
 from ranks import run_ranks
 
+# the references on one thread, as the ranks run: same summation order, so world 1 is bit for bit
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 UNET = replace(PRESETS["tiny"], nf=8, ch_mult=(1,), attn_resolutions=(8,), resolution=8, num_classes=5)
 # 11 images, batch 5 (2 + 3 rows at world 2): 2 batches an epoch, so 5 steps cross epochs and resume mid-epoch
 PRETRAIN = PretrainConfig(steps=5, batch_size=5, lr=2e-3, checkpoint_every=100, log_every=1, loader="device")
