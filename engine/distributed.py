@@ -47,10 +47,15 @@ Example (run with ``torchrun --nproc_per_node=2 script.py``; ``gloo`` on CPUs, `
 Traps: the data set must be the same on every rank (indices mean the same records); only rank 0's noise
 generator matters, so its state is the one a checkpoint keeps (a checkpoint is then independent of W); every
 rank must call :meth:`DPEngine.finalize` once per step, even with an empty slice, or the all-reduce hangs.
+
+Test hook (fault injection for the elastic-restart test): ``PRIVIMAGE_TEST_EXIT_AT=RANK:N`` makes global rank
+RANK exit at once (``os._exit(1)``, as a killed process) just before its N-th all-reduce of clipped sums (N from
+1), on the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT`` unset or 0).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -189,6 +194,7 @@ class GradientReducer:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bytes_last_step = 0  # bytes all-reduced by the latest call (for benchmarks)
+        self.calls = 0  # all-reduces made (the test hook counts them)
 
     @property
     def is_noise_rank(self) -> bool:
@@ -197,6 +203,8 @@ class GradientReducer:
 
     def all_reduce(self, tensors: Sequence[torch.Tensor], counts: Sequence[torch.Tensor | float]):
         """(Σ_ranks tensors, Σ_ranks counts): new tensors, counts as floats."""
+        self.calls += 1
+        _exit_if_asked(self.calls)
         buckets = _buckets(list(tensors))
         flats = []
         for k, bucket in enumerate(buckets):
@@ -215,6 +223,16 @@ class GradientReducer:
             reduced.update({id(t): o for t, o in zip(bucket, outs)})
         summed_counts = flats[0][-len(counts):].tolist() if counts else []
         return tuple(reduced[id(t)] for t in tensors), summed_counts
+
+
+def _exit_if_asked(call: int) -> None:
+    """The test hook of the module docstring (``PRIVIMAGE_TEST_EXIT_AT=RANK:N``)."""
+    spec = os.environ.get("PRIVIMAGE_TEST_EXIT_AT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return
+    rank, at = (int(v) for v in spec.split(":"))
+    if dist.get_rank() == rank and call == at:
+        os._exit(1)
 
 
 def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
