@@ -198,6 +198,12 @@ def markdown(env, sizes, over, proj, buckets=()) -> str:
         from privimage.engine.distributed import DEFAULT_BUCKET_BYTES
 
         default = "one flat buffer" if DEFAULT_BUCKET_BYTES is None else f"{DEFAULT_BUCKET_BYTES // 1024} KiB buckets"
+        best = [(bk["preset"], min(bk["rows"], key=lambda r: r["median_ms"])) for bk in buckets]
+        verdict = "; ".join(f"{name}: " + ("one flat buffer" if r["bucket_kib"] is None else
+                                           f"{r['bucket_kib']} KiB buckets ({r['ratio_to_flat']:.3f}× flat)")
+                            for name, r in best)
+        flat_wins = all(r["bucket_kib"] is None for _, r in best)
+        lines += [f"Fastest median here: {verdict}" + (": bucketing does not pay on this machine." if flat_wins else ".")]
         lines += [f"The engine's default (`DEFAULT_BUCKET_BYTES`) at this commit: **{default}**. Buckets overlap "
                   "packing and unpacking with the transfer, not the backward pass (a clipped sum exists only after "
                   "the whole backward: `GradientReducer`'s docstring). For scale: the 1-rank logical step above "
