@@ -47,10 +47,15 @@ Example (run with ``torchrun --nproc_per_node=2 script.py``; ``gloo`` on CPUs, `
 Traps: the data set must be the same on every rank (indices mean the same records); only rank 0's noise
 generator matters, so its state is the one a checkpoint keeps (a checkpoint is then independent of W); every
 rank must call :meth:`DPEngine.finalize` once per step, even with an empty slice, or the all-reduce hangs.
+
+Test hook (fault injection for the elastic-restart test): ``PRIVIMAGE_TEST_EXIT_AT=RANK:N`` makes global rank
+RANK exit at once (``os._exit(1)``, as a killed process) just before its N-th all-reduce of clipped sums (N from
+1), on the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT`` unset or 0).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -59,7 +64,7 @@ import torch.nn as nn
 
 from privimage.engine.sampling import LogicalBatch, PoissonSampler, split_physical
 
-__all__ = ["GradientReducer", "broadcast_from_rank0", "broadcast_parameters", "check_replicas",
+__all__ = ["DEFAULT_BUCKET_BYTES", "GradientReducer", "broadcast_from_rank0", "broadcast_parameters", "check_replicas",
            "collective_device", "fingerprint", "refuse_mismatch", "rank_rows", "shard", "share_sampler"]
 
 
@@ -174,21 +179,34 @@ def broadcast_parameters(module: nn.Module, group) -> None:
         _unflatten_into(flat, bucket)
 
 
+#: :class:`GradientReducer`'s default bucket size: None, one flat buffer per dtype (see the class docstring).
+DEFAULT_BUCKET_BYTES: int | None = None
+
+
 class GradientReducer:
     """One all-reduce (SUM) per logical step of every parameter's clipped sum and a few private counts.
 
-    The tensors are packed into one flat buffer per dtype (a single buffer when they share one); the counts
-    ride in the first buffer (exact in float32 below 2^24). ``tensors`` and the result are in the order given.
+    The tensors are packed into one flat buffer per dtype (a single buffer when they share one), or, with
+    ``bucket_bytes``, into consecutive buckets of about that size, each all-reduced asynchronously as soon as
+    it is packed and unpacked as it arrives (packing overlaps the transfer). The counts ride in the first
+    buffer (exact in float32 below 2^24). ``tensors`` and the result are in the order given; each element is
+    summed over the same ranks whatever the bucketing, so the result does not depend on it.
+
+    Why no overlap with the backward pass: a clipped sum Σ_i c_i g_i exists only once every layer's
+    per-sample norms are known (c_i needs ‖g_i‖ over ALL parameters), i.e. after the last micro-batch's
+    whole backward; the engine then forms the sums in one pass, which is what the buckets can overlap.
     """
 
-    def __init__(self, group):
+    def __init__(self, group, *, bucket_bytes: int | None = DEFAULT_BUCKET_BYTES):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("process_group was given but torch.distributed is not initialised: call "
                              "torch.distributed.init_process_group first (torchrun sets what it needs).")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.bucket_bytes = bucket_bytes
         self.bytes_last_step = 0  # bytes all-reduced by the latest call (for benchmarks)
+        self.calls = 0  # all-reduces made (the test hook counts them)
 
     @property
     def is_noise_rank(self) -> bool:
@@ -197,19 +215,21 @@ class GradientReducer:
 
     def all_reduce(self, tensors: Sequence[torch.Tensor], counts: Sequence[torch.Tensor | float]):
         """(Σ_ranks tensors, Σ_ranks counts): new tensors, counts as floats."""
-        buckets = _buckets(list(tensors))
-        flats = []
+        self.calls += 1
+        _exit_if_asked(self.calls)
+        buckets = _buckets(list(tensors), self.bucket_bytes)
+        flats, works = [], []
         for k, bucket in enumerate(buckets):
             parts = [t.reshape(-1) for t in bucket]
             if k == 0:
                 parts.append(torch.stack([torch.as_tensor(c, dtype=bucket[0].dtype, device=bucket[0].device)
                                           .reshape(()) for c in counts]))
             flats.append(torch.cat(parts))
+            works.append(dist.all_reduce(flats[-1], op=dist.ReduceOp.SUM, group=self.group, async_op=True))
         self.bytes_last_step = sum(f.numel() * f.element_size() for f in flats)
-        for flat in flats:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
         reduced = {}
-        for flat, bucket in zip(flats, buckets):
+        for flat, work, bucket in zip(flats, works, buckets):
+            work.wait()
             outs = [torch.empty_like(t) for t in bucket]
             _unflatten_into(flat, outs)
             reduced.update({id(t): o for t, o in zip(bucket, outs)})
@@ -217,12 +237,35 @@ class GradientReducer:
         return tuple(reduced[id(t)] for t in tensors), summed_counts
 
 
-def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Tensors grouped by (dtype, device), in first-seen order."""
+def _exit_if_asked(call: int) -> None:
+    """The test hook of the module docstring (``PRIVIMAGE_TEST_EXIT_AT=RANK:N``)."""
+    spec = os.environ.get("PRIVIMAGE_TEST_EXIT_AT")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0"):
+        return
+    rank, at = (int(v) for v in spec.split(":"))
+    if dist.get_rank() == rank and call == at:
+        os._exit(1)
+
+
+def _buckets(tensors: list[torch.Tensor], limit_bytes: int | None = None) -> list[list[torch.Tensor]]:
+    """Tensors grouped by (dtype, device), in first-seen order; with ``limit_bytes``, each group cut into runs
+    of consecutive tensors of at most that many bytes (a larger tensor is a bucket of its own)."""
     groups: dict = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
-    return list(groups.values())
+    if limit_bytes is None:
+        return list(groups.values())
+    out = []
+    for group in groups.values():
+        size = 0
+        for t in group:
+            nbytes = t.numel() * t.element_size()
+            if not out or out[-1][0].dtype != t.dtype or out[-1][0].device != t.device or size + nbytes > limit_bytes:
+                out.append([])
+                size = 0
+            out[-1].append(t)
+            size += nbytes
+    return out
 
 
 def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:

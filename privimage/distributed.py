@@ -32,6 +32,15 @@ replicas' weights are bit-identical (:func:`privimage.engine.distributed.check_r
 
 The secret seeds (the Poisson sampler's, the diffusion randomness key) travel from rank 0 to the others in
 memory, through the process group, never through a file.
+
+Elastic restarts (``torchrun --max-restarts N``): when a rank dies, torchrun stops the others and starts the
+whole group again with the same command line. The job is named by torchrun's run id (``TORCHELASTIC_RUN_ID``:
+``--rdzv-id``, or a fresh one per ``--standalone`` launch), which :func:`launch_info` records in the run
+directory's ``config.json``; ``privimage run`` started again by the same job finds the run directory its
+earlier attempt made (:func:`torchrun_job`) and resumes it from its last checkpoint, with its ledger, instead
+of starting a new one (:mod:`privimage.commands.run`). A lock left by an earlier attempt of the same job is
+taken over (:mod:`privimage.lockfile`): torchrun starts a new attempt only after every worker of the previous
+one has stopped. Several nodes need one shared file system for the run directory (every rank reads its files).
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import torch
 from privimage.errors import DeviceError
 
 __all__ = ["Launch", "alone", "barrier", "current", "gather_batches", "init_from_env", "is_writer", "launch_info", "my_batches", "share",
-           "shutdown", "use_group"]
+           "shutdown", "torchrun_job", "use_group"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -103,10 +112,40 @@ def init_from_env(backend: str | None = None) -> Launch | None:
         torch.cuda.set_device(local_rank)
     timeout = timedelta(seconds=float(os.environ.get("PRIVIMAGE_DIST_TIMEOUT_S", 24 * 3600)))
     if not dist.is_initialized():
-        dist.init_process_group(chosen, timeout=timeout)
+        dist.init_process_group(chosen, timeout=timeout, **_restart_store(timeout))
     _LAUNCH = Launch(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                      backend=dist.get_backend(), group=dist.group.WORLD)
     return _LAUNCH
+
+
+def _restart_store(timeout: timedelta) -> dict:
+    """The store for a RESTARTED single-node torchrun attempt, else nothing (torchrun's own).
+
+    torchrun shares one TCP store between its rendezvous and the workers (``TORCHELASTIC_USE_AGENT_STORE``)
+    and does not separate the attempts' keys in it, so a restarted group's gloo/NCCL setup can read the previous
+    attempt's addresses and fail ("connectFullMesh failed ... Connection refused"; pytorch/pytorch#135712). On
+    one node every rank's restart count is the attempt's number, so the keys are put under
+    ``privimage/attemptN``. Several nodes do not share one count (a node whose workers did not fail restarts
+    with its count unchanged): there, export ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` before torchrun (a fresh
+    store per attempt); :func:`init_from_env` says so on rank 0 when restarts are allowed.
+    """
+    job = torchrun_job()
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if shared and nodes > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and os.environ.get(
+            "RANK") == "0" and job is not None and job[1] == 0:
+        import sys
+
+        print("privimage: torchrun --max-restarts over several nodes: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+              "before torchrun on every node, or a restarted group may fail to connect (pytorch/pytorch#135712).",
+              file=sys.stderr, flush=True)
+    if job is None or job[1] == 0 or not shared or nodes != 1:
+        return {}
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"privimage/attempt{job[1]}", store), "rank": int(os.environ["RANK"]),
+            "world_size": int(os.environ["WORLD_SIZE"])}
 
 
 def use_group(group=None, *, local_rank: int = 0) -> Launch:
@@ -196,10 +235,24 @@ def gather_batches(rows: torch.Tensor, parts: list[slice], n: int) -> torch.Tens
 
 
 def launch_info() -> dict:
-    """``{"world_size": N, "backend": ...}`` for config.json and the reports (backend None in one process)."""
+    """``{"world_size": N, "backend": ...}`` for config.json and the reports (backend None in one process),
+    with ``"torchrun_id"`` (:func:`torchrun_job`) under torchrun."""
     if _LAUNCH is None:
         return {"world_size": 1, "backend": None}
-    return {"world_size": _LAUNCH.world_size, "backend": _LAUNCH.backend}
+    job = torchrun_job()
+    return {"world_size": _LAUNCH.world_size, "backend": _LAUNCH.backend,
+            **({"torchrun_id": job[0]} if job is not None else {})}
+
+
+def torchrun_job() -> tuple[str, int] | None:
+    """(torchrun's run id, this node's restart count) when torchrun's elastic agent started this process, else
+    None. The run id is the same for every attempt of the job; the restart count is 0 on the first attempt
+    (a node whose own workers did not fail may restart with its count unchanged, so the id, not the count,
+    tells a job's attempts apart from other jobs)."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if not run_id:
+        return None
+    return run_id, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def shutdown() -> None:

@@ -8,6 +8,9 @@ The lock is removed when the command ends, however it ends (an exception, Ctrl-C
 this host by a process that is gone (no such pid, or a pid reused by a process that started later, read from
 ``/proc``) and takes it over, saying so. A lock taken on another host (a shared file system) cannot be checked
 from here: the message says how to remove it once that host's command is known to be gone.
+A lock taken by another process of the same ``torchrun`` job (the same ``TORCHELASTIC_RUN_ID``, on any host)
+is stale too: under torchrun only rank 0 writes, so that process was an earlier attempt of the job, which
+torchrun stops before it restarts the group (``--max-restarts``).
 
 Why a lock file rather than ``flock``: it names its holder in the refusal, and it works the same on every
 file system a run directory may live on; the stale check covers what ``flock`` would release by itself.
@@ -57,7 +60,11 @@ def read_lock(path: Path) -> dict | None:
 
 
 def _stale(info: dict) -> bool:
-    """True when the holder was on this host and is gone (or its pid now belongs to a younger process)."""
+    """True when the holder was an earlier attempt of this torchrun job, or was on this host and is gone (or its
+    pid now belongs to a younger process)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job and info.get("torchrun_id") == job:  # an earlier attempt of this torchrun job (module docstring)
+        return True
     if info.get("host") != socket.gethostname():
         return False
     if not _alive(info["pid"]):
@@ -76,6 +83,8 @@ def hold_lock(path: Path, *, command: str, log: Callable[[str], None] = print) -
     """Hold the lock file ``path`` for the ``with`` block (module docstring); refuse if another holds it."""
     info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pid_start": _start_time(os.getpid())}
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        info["torchrun_id"] = os.environ["TORCHELASTIC_RUN_ID"]
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

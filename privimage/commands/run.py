@@ -33,6 +33,9 @@ stopped (a crash, a full disk, Ctrl-C) continues with --resume RUN_DIR: finished
 others resume from their checkpoints with the same ledger as an uninterrupted run. One command at a time
 writes a run directory (RUN_DIR/.lock).
 
+Under `torchrun --max-restarts N`, a restarted job resumes the run directory its earlier attempt made (found by
+torchrun's job id, recorded in config.json) instead of starting a new one: no step is counted twice.
+
 Examples:
   privimage run                                # the embedded demo: offline, a few minutes on a laptop CPU
   privimage run --config demo --dry-run        # check everything, print the config, sigma and steps; do nothing
@@ -114,9 +117,50 @@ def run(args: argparse.Namespace) -> int:
                    "num_sensitive_from": found.num_sensitive_from}
         print(json.dumps({"config": config_json(cfg), "privacy": privacy, "checked": found.checked()}, indent=2))
         return 0
-    from privimage.pipeline import run_pipeline
+    from privimage import distributed
+    from privimage.pipeline import resume_pipeline, run_pipeline
 
+    if distributed.current() is not None and distributed.torchrun_job() is not None:
+        earlier = distributed.share(_made_by_this_job(cfg, out) if distributed.is_writer() else None)
+        if earlier is not None:  # (path, finished), as rank 0 sees it
+            return _continue_this_job(Path(earlier[0]), earlier[1], resume_pipeline)
     run_pipeline(cfg, out=out)
+    return 0
+
+
+def _made_by_this_job(cfg, out: Path) -> tuple[str, bool] | None:
+    """(path, finished) of the newest run directory under ``out`` that an earlier attempt of this torchrun job
+    made with this config (its config.json names the job's run id, :func:`privimage.distributed.torchrun_job`),
+    else None."""
+    from privimage.distributed import torchrun_job
+    from privimage.rundir import RunDir, config_json
+
+    job_id = torchrun_job()[0]
+    wanted = json.loads(json.dumps({k: v for k, v in config_json(cfg).items() if k != "launch"}))  # as read back
+    for path in sorted(out.glob("[0-9][0-9][0-9][0-9][0-9]-*"), reverse=True) if out.is_dir() else ():
+        try:
+            made = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(made, dict) and isinstance(made.get("launch"), dict) and made["launch"].get(
+                "torchrun_id") == job_id and {k: v for k, v in made.items() if k != "launch"} == wanted:
+            return str(path), RunDir(path).timings_path.is_file()
+    return None
+
+
+def _continue_this_job(path: Path, finished: bool, resume_pipeline) -> int:
+    """A restarted torchrun job: finish the run directory its earlier attempt made (nothing if it finished)."""
+    import sys
+
+    from privimage import distributed
+
+    job_id, attempt = distributed.torchrun_job()
+    if distributed.is_writer():
+        what = "already finished; nothing to do" if finished else "resuming it from its last checkpoints"
+        print(f"torchrun job {job_id} (restart {attempt} on this node): run directory {path} was made by an earlier "
+              f"attempt of this job; {what}", file=sys.stderr, flush=True)
+    if not finished:
+        resume_pipeline(path)
     return 0
 
 

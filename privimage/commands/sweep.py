@@ -18,11 +18,19 @@ so everywhere and never part of a privacy statement. No point is picked as "best
 A sweep that stopped continues with --resume SWEEP_DIR: only what is missing runs; a point's query or
 fine-tune steps are never spent twice.
 
+Across machines: --shard i/n runs only the points j with j % n == i (j counts the points from 0, epsilon-major
+then seed: for --epsilons 1,10 --seeds 0,1 the points are eps1-seed0, eps1-seed1, eps10-seed0, eps10-seed1),
+in a sweep directory of its own (NNNNN-sweep-NAME-shardIofN), so n independent jobs cover the sweep, each
+point exactly once and each complete on its own. --resume keeps the shard. A SLURM job array of 4 jobs:
+  #SBATCH --array=0-3
+  privimage sweep --config demo --epsilons 1,2,5,10 --seeds 0,1 --shard $SLURM_ARRAY_TASK_ID/4
+
 Examples:
   privimage sweep --config demo --epsilons 2,5,10
   privimage sweep --config test --epsilons 1,10,inf --seeds 0,1 --dry-run
   privimage sweep --config cifar10-eps10 --epsilons 1,5,10 --seeds 0,1,2 --devices auto \\
       --sensitive-root ~/data/cifar10 --public-root ~/data/imagenet32
+  privimage sweep --config demo --epsilons 1,5,10 --seeds 0,1 --shard 0/3
   privimage sweep --resume runs/00004-sweep-demo
 """
 
@@ -47,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sensitive-root", default=None, metavar="DIR",
                         help="folder of the sensitive data files (CIFAR-10 / CelebA)")
     parser.add_argument("--public-root", default=None, metavar="DIR", help="folder of the public data (ImageNet)")
+    parser.add_argument("--shard", default=None, metavar="i/n",
+                        help="run only the points j with j %% n == i (0-based; points in epsilon-major, then seed "
+                             "order), e.g. --shard $SLURM_ARRAY_TASK_ID/4 in a job array of 4 (default: all points)")
     parser.add_argument("--resume", type=Path, default=None, metavar="SWEEP_DIR",
                         help="finish a sweep directory that stopped (with its own config, epsilons and seeds)")
     parser.add_argument("--dry-run", action="store_true",
@@ -56,8 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from privimage.errors import ConfigError
-    from privimage.sweep import dry_run, parse_epsilons, parse_seeds, resolve_devices, resume_sweep, run_sweep
+    from privimage.sweep import dry_run, parse_epsilons, parse_seeds, parse_shard, resolve_devices, resume_sweep, run_sweep
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
     epsilons = parse_epsilons(args.epsilons) if args.epsilons is not None else None
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     resolve_devices(args.devices)  # a bad --devices is refused before anything else
@@ -68,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--resume continues {args.resume} with the settings in its sweep.json; drop "
                               f"{', '.join(given)}.")
         cfg = _config(args) if args.config is not None else None
-        resume_sweep(args.resume, config=cfg, epsilons=epsilons, seeds=seeds, devices=args.devices)
+        resume_sweep(args.resume, config=cfg, epsilons=epsilons, seeds=seeds, shard=shard, devices=args.devices)
         return 0
     if epsilons is None:
         raise ConfigError("--epsilons is required (e.g. --epsilons 1,5,10), or --resume SWEEP_DIR.")
@@ -76,10 +88,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs")
     seeds = seeds or (0,)
     if args.dry_run:
-        print(json.dumps(dry_run(cfg, epsilons=epsilons, seeds=seeds, devices=args.devices, out=out), indent=2,
+        print(json.dumps(dry_run(cfg, epsilons=epsilons, seeds=seeds, shard=shard, devices=args.devices, out=out), indent=2,
                          default=str))
         return 0
-    run_sweep(cfg, epsilons=epsilons, seeds=seeds, devices=args.devices, out=out)
+    run_sweep(cfg, epsilons=epsilons, seeds=seeds, shard=shard, devices=args.devices, out=out)
     return 0
 
 

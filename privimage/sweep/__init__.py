@@ -27,6 +27,14 @@ labelled NOT PRIVATE in its directory, its release and the summary, and left out
 subset is rebuilt from its selection if needed), a finished pre-training is reused, a started fine-tune
 resumes from its checkpoint with its ledger (:func:`privimage.pipeline.continue_run`), a finished point is
 left alone.
+
+``--shard i/n`` runs only the points ``j`` with ``j % n == i`` of the sweep's list (ε-major, then seed:
+:class:`~privimage.sweep.plan.Shard`), in a sweep directory of their own: ``n`` independent jobs (a cluster job
+array) cover the sweep, each point exactly once and each complete on its own, the same point directory the
+unsharded sweep makes. Sharing happens within a shard only (the votes, a pre-training), so a shard recomputes
+what another shard's points could have shared. The shard is saved in ``sweep.json`` and ``--resume`` keeps it.
+The privacy composition a shard's summary prints covers its own points; publishing points of several shards
+spends the composition of all of them.
 """
 
 from __future__ import annotations
@@ -43,19 +51,22 @@ from pathlib import Path
 from privimage.config import RunConfig
 from privimage.errors import ConfigError, RunDirError
 from privimage.rundir import RunDir
-from privimage.sweep.plan import FORMAT, Point, SweepDir, parse_epsilons, parse_seeds, point_config, resolve_devices
+from privimage.sweep.plan import (FORMAT, Point, Shard, SweepDir, parse_epsilons, parse_seeds, parse_shard, point_config,
+                                  resolve_devices)
 from privimage.sweep.queue import Job, SweepProgress, run_queue
 
-__all__ = ["Point", "SweepDir", "dry_run", "parse_epsilons", "parse_seeds", "pretrain_key", "resolve_devices",
-           "resume_sweep", "run_job", "run_sweep"]
+__all__ = ["Point", "Shard", "SweepDir", "dry_run", "parse_epsilons", "parse_seeds", "parse_shard", "pretrain_key",
+           "resolve_devices", "resume_sweep", "run_job", "run_sweep"]
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _points(epsilons, seeds) -> list[Point]:
-    return [Point(float(e), int(s)) for e in epsilons for s in seeds]
+def _points(epsilons, seeds, shard: Shard | None = None) -> list[Point]:
+    """The sweep's points, ε-major then seed (the order ``--shard`` counts in); only ``shard``'s if given."""
+    points = [Point(float(e), int(s)) for e in epsilons for s in seeds]
+    return points if shard is None else shard.select(points)
 
 
 def _plan(cfg: RunConfig, points: list[Point], num_sensitive: int) -> dict:
@@ -65,45 +76,52 @@ def _plan(cfg: RunConfig, points: list[Point], num_sensitive: int) -> dict:
     return {p.name: plan_budget(point_config(cfg, p), num_sensitive) for p in points}
 
 
-def dry_run(cfg: RunConfig, *, epsilons, seeds, devices: str = "auto", out="runs") -> dict:
+def dry_run(cfg: RunConfig, *, epsilons, seeds, shard: Shard | None = None, devices: str = "auto", out="runs") -> dict:
     """What a sweep would do: the points with their σ and steps, the devices, the planned composition."""
     from privimage.preflight import describe_plan, preflight
     from privimage.sweep.summary import compose_points
 
+    points = _points(epsilons, seeds, shard)
     devs = resolve_devices(devices)
     found = preflight(cfg, out=out)
-    points = _points(epsilons, seeds)
     budgets = _plan(cfg, points, found.num_sensitive)
     return {"config": cfg.name, "devices": devs, "num_sensitive": found.num_sensitive,
+            "shard": None if shard is None else {**shard.to_json(), "points": [p.name for p in points]},
             "points": [{**p.to_json(), "name": p.name, **describe_plan(point_config(cfg, p), budgets[p.name],
                                                                          found.num_sensitive)} for p in points],
             "privacy_if_all_published": compose_points(SweepDir(out), points, delta=cfg.delta, planned=budgets),
             "checked": found.checked()}
 
 
-def run_sweep(cfg: RunConfig, *, epsilons, seeds, devices: str = "auto", out="runs", log=_log) -> Path:
-    """A new sweep directory under ``out`` with every point finished (module docstring); returns its path."""
+def run_sweep(cfg: RunConfig, *, epsilons, seeds, shard: Shard | None = None, devices: str = "auto", out="runs",
+              log=_log) -> Path:
+    """A new sweep directory under ``out`` with every point (of ``shard``, if given) finished (module
+    docstring); returns its path."""
     from privimage.pipeline import load_split
     from privimage.preflight import preflight
 
+    everything = _points(epsilons, seeds)
+    points = _points(epsilons, seeds, shard)  # a shard with no point is refused first
     devs = resolve_devices(devices)
     preflight(cfg, plan=False, out=out)
     sensitive = load_split(cfg, "sensitive")
-    points = _points(epsilons, seeds)
     _plan(cfg, points, len(sensitive))  # an impossible epsilon stops here, before anything is written
-    sweep = SweepDir.make(out, cfg.name)
+    sweep = SweepDir.make(out, cfg.name, shard)
     log(f"sweep directory: {sweep.path}")
+    if shard is not None:
+        log(f"sweep: shard {shard} holds {len(points)} of the {len(everything)} points: {', '.join(p.name for p in points)}")
     with sweep.lock("sweep", log=log):
         state = {"format": FORMAT, "config_name": cfg.name, "config": cfg.to_dict(),
-                 "epsilons": [p.to_json()["epsilon"] for p in points[::len(seeds)]], "seeds": list(seeds),
+                 "epsilons": [p.to_json()["epsilon"] for p in everything[::len(seeds)]], "seeds": list(seeds),
+                 "shard": None if shard is None else shard.to_json(),
                  "devices": devs, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         sweep.save(state)
         _execute(sweep, cfg, state, points, devs, sensitive, log)
     return sweep.path
 
 
-def resume_sweep(path, *, config: RunConfig | None = None, epsilons=None, seeds=None, devices: str = "auto",
-                 log=_log) -> Path:
+def resume_sweep(path, *, config: RunConfig | None = None, epsilons=None, seeds=None, shard: Shard | None = None,
+                 devices: str = "auto", log=_log) -> Path:
     """Finish the sweep directory ``path``: only what is missing, never a point's spend twice."""
     from privimage.pipeline import load_split
     from privimage.preflight import preflight
@@ -123,11 +141,16 @@ def resume_sweep(path, *, config: RunConfig | None = None, epsilons=None, seeds=
             if given is not None and tuple(given) != saved:
                 raise ConfigError(f"--resume {sweep.path}: {flag} {','.join(map(str, given))} differs from the sweep's "
                                   f"{','.join(map(str, saved))}; drop {flag} (a sweep continues as it was planned).")
+        saved_shard = Shard.from_json(state.get("shard"))
+        if shard is not None and shard != saved_shard:
+            raise ConfigError(f"--resume {sweep.path}: --shard {shard} differs from the sweep's "
+                              + (f"shard {saved_shard}" if saved_shard else "(it is not sharded: all its points)")
+                              + "; drop --shard (a sweep continues with its own shard).")
         preflight(cfg, plan=False)
         sensitive = load_split(cfg, "sensitive")
-        log(f"resuming sweep {sweep.path}")
+        log(f"resuming sweep {sweep.path}" + (f" (shard {saved_shard})" if saved_shard else ""))
         state["devices"] = devs
-        _execute(sweep, cfg, state, _points(saved_eps, state["seeds"]), devs, sensitive, log)
+        _execute(sweep, cfg, state, _points(saved_eps, state["seeds"], saved_shard), devs, sensitive, log)
     return sweep.path
 
 

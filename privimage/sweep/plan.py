@@ -2,13 +2,16 @@
 
 A sweep directory ``runs/NNNNN-sweep-NAME/`` holds::
 
-    sweep.json        the sweep's plan (config, ε values, seeds, devices), each point's state, the pre-training
+    sweep.json        the sweep's plan (config, ε values, seeds, shard, devices), each point's state, the pre-training
                       each point used, the privacy composition                            SweepDir.save/load
     sweep.md, sweep.png   the summary (privimage.sweep.summary)
     .lock             the sweep's writer lock
     eps5-seed0/ ...   one complete run directory per point (privimage.rundir.RunDir): what `privimage run
                       --config NAME --epsilon 5 --seed 0` makes alone
     epsinf-seed0/     the non-private reference (``inf``): NOT private (privimage.privacy.NON_PRIVATE_NOTE)
+
+A shard (``--shard i/n``, :class:`Shard`) is a sweep directory ``NNNNN-sweep-NAME-shardIofN`` holding only its
+points; its ``sweep.json`` keeps the whole sweep's ε values and seeds and its ``shard``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from privimage.config import RunConfig
 from privimage.errors import ConfigError, DeviceError, RunDirError
 from privimage.rundir import RunDir, read_file
 
-__all__ = ["FORMAT", "Point", "SweepDir", "parse_epsilons", "parse_seeds", "point_config", "resolve_devices"]
+__all__ = ["FORMAT", "Point", "Shard", "SweepDir", "parse_epsilons", "parse_seeds", "parse_shard", "point_config",
+           "resolve_devices"]
 
 FORMAT = "privimage.sweep.v1"
 MAX_EPSILON = 100.0  # RunConfig's own bound
@@ -94,6 +98,52 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (``--shard index/count``): the points ``j`` of the sweep's list (ε-major, then
+    seed) with ``j % count == index``, so ``count`` independent jobs (a cluster job array) cover the sweep, each
+    point exactly once and each complete on its own."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def select(self, points: list[Point]) -> list[Point]:
+        """This shard's points of ``points`` (the whole sweep's, in order); a shard with none is refused."""
+        mine = points[self.index::self.count]
+        if not mine:
+            raise ConfigError(f"--shard {self}: the sweep has {len(points)} point(s), so shard {self.index} holds "
+                              f"none; use at most {len(points)} shards (--shard i/{len(points)}).")
+        return mine
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "count": self.count}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "Shard | None":
+        return None if data is None else cls(int(data["index"]), int(data["count"]))
+
+
+def parse_shard(text: str) -> Shard:
+    """``"1/4"`` -> Shard(1, 4): integers ``i/n`` with ``n >= 1`` and ``0 <= i < n``."""
+    index, sep, count = str(text).strip().partition("/")
+    try:
+        if not sep:
+            raise ValueError
+        i, n = int(index), int(count)
+    except ValueError:
+        raise ConfigError(f"--shard {text!r} is not i/n: give this job's shard index i (from 0) and the number of "
+                          f"shards n, e.g. --shard 0/4 (or --shard $SLURM_ARRAY_TASK_ID/4 in a job array).") from None
+    if n < 1:
+        raise ConfigError(f"--shard {text}: the number of shards must be at least 1 (e.g. --shard 0/4).")
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: the shard index must be in 0..{n - 1} for {n} shards (indices count "
+                          f"from 0).")
+    return Shard(i, n)
+
+
 def resolve_devices(text: str) -> list[str]:
     """``auto`` (every CUDA device, else one CPU), ``cpu``, or a list ``cuda:0,cuda:1``: one worker each."""
     import torch
@@ -156,8 +206,10 @@ class SweepDir:
         return hold_lock(self.path / self.LOCK, command=command, log=log)
 
     @classmethod
-    def make(cls, out: str | os.PathLike, name: str) -> "SweepDir":
-        return cls(RunDir.make(out, f"sweep-{name}").path)
+    def make(cls, out: str | os.PathLike, name: str, shard: Shard | None = None) -> "SweepDir":
+        """A new ``out/NNNNN-sweep-NAME`` (``...-sweep-NAME-shard1of4`` for a shard)."""
+        suffix = "" if shard is None else f"-shard{shard.index}of{shard.count}"
+        return cls(RunDir.make(out, f"sweep-{name}{suffix}").path)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "SweepDir":

@@ -123,6 +123,13 @@ def write_summary(sweep: SweepDir, state: dict, points: list[Point], *, secure: 
              f"Points: ε ∈ {{{', '.join(format(e, 'g') for e in eps_values)}}} × seeds {{{', '.join(map(str, state['seeds']))}}}; "
              f"devices {', '.join(state['devices'])}. Each point is a complete run directory "
              f"(`privimage run --epsilon E --seed S` alone would make the same).", ""]
+    shard = state.get("shard")
+    if shard:
+        total = len(state["epsilons"]) * len(state["seeds"])
+        lines += [f"**Shard {shard['index']}/{shard['count']}** of a sweep of {total} points (ε-major, then seed): this "
+                  f"directory holds the points j with j % {shard['count']} == {shard['index']}: "
+                  f"{', '.join(p.name for p in points)}. Its privacy composition covers these points only; publishing "
+                  f"points of several shards spends the composition of all of them.", ""]
     if not secure:
         lines += [f"**{TEST_MODE}**", ""]
     if any(not p.private for p in points):

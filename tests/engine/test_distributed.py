@@ -61,17 +61,20 @@ def _settings(**kw):
     return dict(max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=8.0, **kw)
 
 
-def _same_batch_worker(rank, world_size):
+def _same_batch_worker(rank, world_size, bucket_bytes=D.DEFAULT_BUCKET_BYTES):
     # rank 1 starts with another seed: share_sampler must hand it rank 0's
     sampler = D.share_sampler(PoissonSampler(sample_rate=0.4, steps=3, physical_batch_size=PHYS,
                                              seed=123 if rank == 0 else 999), dist.group.WORLD)
     engine = DPEngine(_model(), **_settings(), process_group=dist.group.WORLD, check_every=1)
+    engine._reducer.bucket_bytes = bucket_bytes
     return _train(engine, _batches(sampler), rank, world_size)
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_ranks_compute_what_one_process_computes_at_sigma_0(world_size):
-    results = run_ranks(_same_batch_worker, world_size)
+# 600 bytes: the model's 6 float64 tensors (576, 32, 32, 32, 1536, 24 bytes) in 4 buckets
+@pytest.mark.parametrize("world_size, bucket_bytes", [(1, D.DEFAULT_BUCKET_BYTES), (2, D.DEFAULT_BUCKET_BYTES),
+                                                      (2, 600 if D.DEFAULT_BUCKET_BYTES is None else None)])
+def test_ranks_compute_what_one_process_computes_at_sigma_0(world_size, bucket_bytes):
+    results = run_ranks(_same_batch_worker, world_size, bucket_bytes)
     sampler = PoissonSampler(sample_rate=0.4, steps=3, physical_batch_size=PHYS, seed=123)
     ref_steps, ref_params = _train(DPEngine(_model(), **_settings()), _batches(sampler))
     assert all(s[1] > 0 for s in ref_steps), "every step should draw examples"

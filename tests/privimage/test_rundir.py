@@ -194,6 +194,22 @@ def test_a_lock_from_another_host_is_not_guessed_stale(run):
             pass
 
 
+def test_a_lock_of_an_earlier_attempt_of_this_torchrun_job_is_stale_on_any_host(run, monkeypatch):
+    """torchrun restarts a group only once every worker of the attempt before has stopped, so the lock that
+    attempt's rank 0 left (on whichever node it ran) is taken over; another job's is not."""
+    run.lock_path.write_text(json.dumps({"pid": 1, "host": socket.gethostname() + "-other", "command": "run",
+                                         "started": "then", "torchrun_id": "job-7"}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-8")
+    with pytest.raises(RunDirLocked, match="-other"):
+        with run.lock("run"):
+            pass
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+    notes = []
+    with run.lock("run", log=notes.append):
+        assert json.loads(run.lock_path.read_text())["torchrun_id"] == "job-7"
+    assert "stale lock" in notes[0] and not run.lock_path.exists()
+
+
 def test_a_reused_pid_does_not_keep_a_stale_lock_alive(run):
     from privimage.lockfile import _start_time
 

@@ -189,6 +189,55 @@ def test_inf_is_the_labelled_non_private_reference_and_distinct_subsets_pretrain
     assert "NON-PRIVATE" in (sweep / "sweep.md").read_text()
 
 
+def test_two_shards_cover_the_sweep_once_and_a_shard_equals_the_unsharded_points(setup, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """--shard i/n: the two shards' points partition the sweep (j % n == i); shard 1/2, stopped between its points
+    and resumed, keeps its shard (a conflicting --shard is refused) and makes the unsharded sweep's points."""
+    import privimage.sweep
+
+    config, cache, whole = setup
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(cache))
+    args = ["sweep", "--config", str(config), "--epsilons", "1,10", "--seeds", "0,1", "--devices", "cpu",
+            "--out", str(tmp_path)]
+    held = {}
+    for i in (0, 1):
+        assert main([*args, "--shard", f"{i}/2", "--dry-run"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        held[i] = plan["shard"]["points"]
+        assert [p["name"] for p in plan["points"]] == held[i] and set(plan["privacy_if_all_published"]["points"]) == set(
+            held[i])
+    everything = [p["name"] for p in json.loads((whole / "sweep.json").read_text())["points"]]
+    assert held == {0: everything[0::2], 1: everything[1::2]} and sorted(held[0] + held[1]) == sorted(everything)
+    assert not os.listdir(tmp_path)  # dry runs write nothing
+
+    real_job = privimage.sweep.run_job
+
+    def killed_before_its_second_point(job, device):
+        if job.point == held[1][1] and job.kind == "finish":
+            raise KeyboardInterrupt
+        real_job(job, device)
+
+    monkeypatch.setattr(privimage.sweep, "run_job", killed_before_its_second_point)
+    assert main([*args, "--shard", "1/2"]) == 130
+    monkeypatch.setattr(privimage.sweep, "run_job", real_job)
+    (sweep,) = tmp_path.iterdir()
+    assert sweep.name == "00000-sweep-test-shard1of2"
+    capsys.readouterr()
+    assert main(["sweep", "--resume", str(sweep), "--shard", "0/2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--shard 0/2 differs from the sweep's shard 1/2" in err and len(err.splitlines()) == 1
+    assert main(["sweep", "--resume", str(sweep)]) == 0
+    state = json.loads((sweep / "sweep.json").read_text())
+    assert state["shard"] == {"index": 1, "count": 2} and state["epsilons"] == [1.0, 10.0] and state["seeds"] == [0, 1]
+    assert [p["name"] for p in state["points"]] == held[1] and all(p["status"] == "done" for p in state["points"])
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(held[1])  # no other point was made
+    assert set(state["privacy"]["points"]) == set(held[1])
+    for name in held[1]:
+        _same_point(sweep / name, whole / name)
+    assert f"Shard 1/2** of a sweep of 4 points" in (text := (sweep / "sweep.md").read_text())
+    assert ", ".join(held[1]) in text
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--epsilons", ""], "--epsilons is empty"),
     (["--epsilons", "1,-5"], "-5 is not an epsilon"),
@@ -197,6 +246,11 @@ def test_inf_is_the_labelled_non_private_reference_and_distinct_subsets_pretrain
     (["--epsilons", "1", "--seeds", "0,0"], "0 is given twice"),
     (["--epsilons", "1", "--devices", "tpu"], "'tpu' is not a device"),
     (["--epsilons", "1", "--devices", "cuda:7"], "cuda:7"),
+    (["--epsilons", "1", "--shard=3/2"], "the shard index must be in 0..1"),
+    (["--epsilons", "1", "--shard=-1/2"], "the shard index must be in 0..1"),
+    (["--epsilons", "1", "--shard", "a/b"], "'a/b' is not i/n"),
+    (["--epsilons", "1", "--shard", "0/0"], "must be at least 1"),
+    (["--epsilons", "1,10", "--shard", "2/3"], "shard 2 holds none"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(flags, message, tmp_path, capsys):
     if "cuda:7" in flags and torch.cuda.device_count() > 7:
@@ -212,6 +266,7 @@ def test_resume_refuses_a_foreign_or_wrong_directory(setup, tmp_path, capsys):
     before = {p: p.read_bytes() for p in (sweep / "sweep.json", sweep / "eps1-seed0" / "budget.json")}
     listing = sorted(os.listdir(sweep))
     for args, message in ((["--resume", str(sweep), "--config", "demo"], "made with config 'test'"),
+                          (["--resume", str(sweep), "--shard", "0/2"], "(it is not sharded: all its points)"),
                           (["--resume", str(sweep), "--epsilons", "1,5"], "differs from the sweep's"),
                           (["--resume", str(sweep / "eps1-seed0")], "a run directory of `privimage run`"),
                           (["--resume", str(tmp_path)], "not a sweep directory")):

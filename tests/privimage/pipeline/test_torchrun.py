@@ -1,7 +1,10 @@
-"""`torchrun --nproc_per_node=2 -m privimage ...` (gloo, CPU) makes what one process makes: the same ledger and ε,
-the same fine-tuned weights (float tolerance: the all-reduce adds in another order) in the tests' non-secure
-mode; a world-1 checkpoint resumes under world 2. Rank 0 alone writes."""
+"""`torchrun ... -m privimage ...` with 2 ranks (gloo, CPU) makes what one process makes: the same ledger and ε, the
+same fine-tuned weights (float tolerance: the all-reduce adds in another order) in the tests' non-secure mode,
+on two simulated nodes (two agents at a c10d rendezvous) and on one node (`--standalone`) through a rank killed
+mid-fine-tune and the restart torchrun makes of the group (`--max-restarts`); a world-1 checkpoint resumes under
+world 2 and the reverse. Rank 0 alone writes."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -20,23 +23,55 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 CONFIG = {"base": "test", "finetune": {"epochs": 1}, "sample": {"batch_size": 4}}  # 4 fine-tune steps, 3 batches
 
 
-def _torchrun(*args, cache, timeout=240):
-    """``torchrun --standalone --nproc_per_node=2 -m privimage ARGS``; the whole process group is killed on a
-    timeout."""
+def _torchrun(*args, cache, timeout=240, launcher=("--standalone", "--nproc_per_node=2"), env=None):
+    """``torchrun LAUNCHER -m privimage ARGS`` (its output); on a timeout the agent and its workers are killed."""
+    return _finish(_start_torchrun(*args, cache=cache, launcher=launcher, env=env), timeout, args)
+
+
+def _start_torchrun(*args, cache, launcher, env=None):
+    """The torchrun agent, started (output to a file: a worker the agent leaves behind cannot block the read)."""
+    import tempfile
+    import uuid
+
+    marker = uuid.uuid4().hex  # names this launch's processes (torchrun puts its workers in sessions of their own)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120",
-           "PRIVIMAGE_DIST_CHECK_EVERY": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "privimage",
-           *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+           "PRIVIMAGE_DIST_CHECK_EVERY": "1", "PRIVIMAGE_TEST_LAUNCH": marker, **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "privimage", *map(str, args)]
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log, proc.marker = log, marker
+    return proc
+
+
+def _finish(proc, timeout, args):
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran past {timeout} s")
+        _kill_launch(proc)
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran past {timeout} s:\n{_output(proc)[-4000:]}")
+    finally:
+        _kill_launch(proc)  # workers an agent left behind
+    out = _output(proc)
     assert proc.returncode == 0, out[-4000:]
     return out
+
+
+def _output(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def _kill_launch(proc) -> None:
+    """SIGKILL the agent's process group and every process carrying this launch's marker (its workers)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    needle = f"PRIVIMAGE_TEST_LAUNCH={proc.marker}".encode()
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            if needle in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +109,55 @@ def _assert_same_finetune(run, ref):
     assert torch.equal(a["noise_generator"], b["noise_generator"])
 
 
-def test_torchrun_two_ranks_run_equals_one_process(one_process, tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_nodes_run_equals_one_process(one_process, tmp_path):
+    """Two "nodes" on this machine: two torchrun agents (one rank each) meeting at a c10d rendezvous, as on a
+    cluster (a shared file system holds the run directory)."""
     ref, config, cache = one_process
-    _torchrun("run", "--config", config, "--out", tmp_path / "two", cache=cache)
+    port, args = _free_port(), ("run", "--config", config, "--out", tmp_path / "two")
+    agents = [_start_torchrun(*args, cache=cache, launcher=(
+        "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}",
+        "--rdzv-id=privimage-test-two-nodes", f"--rdzv-conf=is_host={int(node == 0)}")) for node in (0, 1)]
+    try:
+        outs = [_finish(agent, 240, args) for agent in agents]
+    finally:
+        for agent in agents:
+            _kill_launch(agent)
+    assert sum("run directory:" in out for out in outs) == 1  # rank 0 (on either node) alone made and wrote it
     (run,) = (tmp_path / "two").iterdir()  # one run directory: rank 1 made none
     _assert_same_finetune(run, ref)
     # the samples of each rank's batches, gathered: the same images as one process's, bit for bit
     with np.load(run / "samples" / "samples.npz") as a, np.load(ref / "samples" / "samples.npz") as b:
         assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in b.files)
-    assert json.loads((run / "config.json").read_text())["launch"] == {"world_size": 2, "backend": "gloo"}
+    launch = json.loads((run / "config.json").read_text())["launch"]
+    assert launch == {"world_size": 2, "backend": "gloo", "torchrun_id": "privimage-test-two-nodes"}
     assert json.loads((ref / "config.json").read_text())["launch"] == {"world_size": 1, "backend": None}
     assert (run / "release" / "model.safetensors").is_file()
+    assert not (run / ".lock").exists()
+
+
+def test_a_rank_killed_mid_finetune_restarts_the_job_which_resumes_with_the_same_ledger(one_process, tmp_path):
+    """`torchrun --max-restarts 1`: rank 1 dies (the engine's test hook) before the all-reduce of the last of the
+    4 fine-tune steps, after the checkpoint at step 2; torchrun restarts both ranks with the same command, and
+    `privimage run` resumes the run directory its first attempt made: the uninterrupted run's ledger, ε log and
+    weights (steps 3 and 4 recomputed from the checkpoint with the same randomness, counted once)."""
+    ref, config, cache = one_process
+    out = _torchrun("run", "--config", config, "--out", tmp_path / "runs", cache=cache,
+                    launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"),
+                    env={"PRIVIMAGE_TEST_EXIT_AT": "1:4"})
+    (run,) = (tmp_path / "runs").iterdir()  # the restart made no second run directory
+    assert "was made by an earlier attempt of this job; resuming it" in out, out[-4000:]
+    assert "finetune: resuming at step 2/4" in out
+    _assert_same_finetune(run, ref)
+    with np.load(run / "samples" / "samples.npz") as a, np.load(ref / "samples" / "samples.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in b.files)
     assert not (run / ".lock").exists()
 
 
