@@ -4,6 +4,8 @@
 a file store in a temporary folder, calls ``fn(rank, world_size, *args)`` and returns the W return values
 (in rank order). An exception in any rank fails the call with that rank's traceback; a run longer than
 ``timeout`` seconds kills every process and fails. ``fn`` must be importable (a module-level function).
+``torchrun(*args, cache=...)`` runs ``torchrun --standalone --nproc_per_node=2 -m privimage ARGS`` instead (the
+real launcher, in a subprocess).
 
 The processes fork from multiprocessing's fork server, which imports torch and privimage.engine once per test
 session: the ranks of each later call start in well under a second instead of importing torch again.
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
 import sys
 import tempfile
 import traceback
@@ -78,3 +82,22 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, expect_errors: 
                 raise AssertionError(value)
             results.append(value)
         return results
+
+
+def torchrun(*args, cache, timeout=240):
+    """``torchrun --standalone --nproc_per_node=2 -m privimage ARGS``; the whole process group is killed on a
+    timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120",
+           "PRIVIMAGE_DIST_CHECK_EVERY": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "privimage",
+           *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran past {timeout} s")
+    assert proc.returncode == 0, out[-4000:]
+    return out

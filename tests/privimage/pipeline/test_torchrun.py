@@ -5,38 +5,17 @@ mode; a world-1 checkpoint resumes under world 2. Rank 0 alone writes."""
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from privimage.cli import main
+from ranks import torchrun as _torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CONFIG = {"base": "test", "finetune": {"epochs": 1}, "sample": {"batch_size": 4}}  # 4 fine-tune steps, 3 batches
-
-
-def _torchrun(*args, cache, timeout=240):
-    """``torchrun --standalone --nproc_per_node=2 -m privimage ARGS``; the whole process group is killed on a
-    timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120",
-           "PRIVIMAGE_DIST_CHECK_EVERY": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "privimage",
-           *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran past {timeout} s")
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 @pytest.fixture(scope="module")
