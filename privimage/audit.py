@@ -113,6 +113,24 @@ _THRESHOLD = 0.9
 _GAIN = 10.0
 
 
+def check_settings(settings, counts: Sequence[str] = ()) -> None:
+    """The checks every audit's settings share (raise ValueError naming the value): steps, runs,
+    physical_batch_size, background and ``counts`` integers >= 1; the claim's ε finite and > 0, δ and the
+    confidence in (0, 1); C > 0."""
+    for name in ("steps", "runs", "physical_batch_size", "background", *counts):
+        value = getattr(settings, name)
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"Expected {name}={value!r} to be an integer >= 1.")
+    if not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
+        raise ValueError(f"Expected epsilon={settings.epsilon} finite and > 0.")
+    if not 0 < settings.delta < 1:
+        raise ValueError(f"Expected delta={settings.delta} in (0, 1).")
+    if not 0 < settings.confidence < 1:
+        raise ValueError(f"Expected confidence={settings.confidence} in (0, 1).")
+    if not settings.max_grad_norm > 0:
+        raise ValueError(f"Expected max_grad_norm={settings.max_grad_norm} > 0.")
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     """Public settings of an audit (what the auditor chooses; the canary bits and the noise stay secret).
@@ -150,21 +168,9 @@ class AuditSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "runs", "resolution", "num_noise", "physical_batch_size", "background",
-                     "direction_draws"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"Expected {name}={value!r} to be an integer >= 1.")
+        check_settings(self, ("resolution", "num_noise", "direction_draws"))
         if not (isinstance(self.width, int) and self.width >= 4 and self.width % 4 == 0):
             raise ValueError(f"Expected width={self.width!r} to be a multiple of 4, at least 4 (the UNet's nf).")
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"Expected epsilon={self.epsilon} finite and > 0.")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"Expected delta={self.delta} in (0, 1).")
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"Expected confidence={self.confidence} in (0, 1).")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"Expected max_grad_norm={self.max_grad_norm} > 0.")
 
     @property
     def classes(self) -> int:

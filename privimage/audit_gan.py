@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from privimage.audit import CaseResult, _Case, _planted, _seed
+from privimage.audit import CaseResult, _Case, _planted, _seed, check_settings
 from privimage.engine import PrivacyBudget, calibrate_noise_multiplier, compute_epsilon
 from privimage.engine.accounting import Mechanism
 from privimage.engine.auditing import GUESS_FRACTIONS, PlantedBug, draw_inclusions, epsilon_lower_bound, replay_noise
@@ -117,21 +116,10 @@ class GANAuditSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "runs", "width", "physical_batch_size", "background"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"Expected {name}={value!r} to be an integer >= 1.")
+        check_settings(self, ("width",))
         if not (isinstance(self.classes, int) and self.classes >= 2):
             raise ValueError(f"Expected classes={self.classes!r} to be an integer >= 2 (one canary class at least "
                              f"and the background's).")
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"Expected epsilon={self.epsilon} finite and > 0.")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"Expected delta={self.delta} in (0, 1).")
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"Expected confidence={self.confidence} in (0, 1).")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"Expected max_grad_norm={self.max_grad_norm} > 0.")
 
     @property
     def canaries_per_run(self) -> int:

@@ -71,7 +71,7 @@ from privimage.privacy import FINETUNE
 from privimage.progress import progress_bar
 from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
-from privimage.train.common import silent, step_generator
+from privimage.train.common import place, step_generator
 from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors
 from privimage.train.finetune import refuse_fresh_start
 
@@ -124,12 +124,8 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
     """
     run = RunDir.of(run_dir)
     f = config
-    launch = distributed.current()
-    group = launch.group if launch is not None else None
-    writer = distributed.is_writer()
-    if not writer:
-        log = silent
-    device = launch.device if launch is not None and launch.device is not None else torch.device(device)
+    here = place(device, log)
+    group, writer, device, log = here.group, here.writer, here.device, here.log
     ckpt_path = run.checkpoint_path("finetune")
     check_training_data(images, labels, gan, "sensitive training set")
     plan = budget.plan[FINETUNE]
@@ -206,8 +202,8 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
     for batch in sampler.logical_batches(n, start_step=start):
         if stop_at_step is not None and batch.step >= stop_at_step:
             break
-        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=launch.rank,
-                                                                world_size=launch.world_size)
+        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=here.rank,
+                                                                world_size=here.world_size)
         for phys in mine.physical:
             real = to_model_range(images_dev[phys.indices.to(device)])
             y = labels_dev[phys.indices.to(device)] if gan.num_classes else None

@@ -40,7 +40,7 @@ from privimage.models.gan import GANConfig
 from privimage.progress import progress_bar
 from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.rundir import RunDir
-from privimage.train.common import silent, step_generator
+from privimage.train.common import place, step_generator
 from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors, sum_gradients
 from privimage.train.pretrain import _stream
 
@@ -79,13 +79,8 @@ def pretrain_gan(run_dir: RunDir | str | Path, config: GANPretrainConfig, *,
     run = RunDir.of(run_dir)
     p = config
     steps = p.steps
-    launch = distributed.current()
-    group = launch.group if launch is not None else None
-    rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
-    writer = distributed.is_writer()
-    if not writer:
-        log = silent
-    device = launch.device if launch is not None and launch.device is not None else torch.device(device)
+    here = place(device, log)
+    group, rank, world, writer, device, log = here.group, here.rank, here.world_size, here.writer, here.device, here.log
     ckpt_path = run.checkpoint_path("pretrain")
     check_training_data(images, labels, gan, "pre-training subset")
     torch.manual_seed(seed)
