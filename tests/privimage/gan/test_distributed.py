@@ -162,3 +162,19 @@ def test_gan_finetune_resumes_under_another_world_size(finetuned, tmp_path, firs
     assert _finetune(tmp_path, first, stop_at_step=2)["step"] == 2
     state = _finetune(tmp_path, then, resume=True)
     _assert_same_finetune(state, tmp_path, ref, ref_dir)
+
+
+def _mismatched_worker(rank, world_size, run_dir):
+    from privimage.train import finetune_gan
+
+    distributed.use_group()
+    images, labels = _data(23)
+    budget = PrivacyBudget(10.0, 1e-5, plan={FINETUNE: PLAN})
+    finetune_gan(f"{run_dir}/{rank}", FINETUNE_CFG, images=images, labels=labels, gan=GAN, budget=budget,
+                 init_state=None, seed=5 + rank, log=lambda *_: None)  # rank 1: another seed
+
+
+def test_ranks_with_another_config_are_refused_before_the_first_step(tmp_path):
+    errors = run_ranks(_mismatched_worker, 2, str(tmp_path), timeout=60, expect_errors=True)
+    assert all(isinstance(e, str) and "disagree on the GAN fine-tune" in e and "seed=6" in e for e in errors), errors
+    assert not any(tmp_path.rglob("finetune.pt"))  # nothing was trained or written
