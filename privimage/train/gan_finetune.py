@@ -72,8 +72,8 @@ from privimage.progress import progress_bar
 from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
 from privimage.train.common import place, step_generator
-from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors
 from privimage.train.finetune import refuse_fresh_start
+from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors
 
 __all__ = ["GAN_FINETUNE_STREAMS", "finetune_gan"]
 
