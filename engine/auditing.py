@@ -255,12 +255,20 @@ class PlantedBug(str, enum.Enum):
       up to K·C to the sum.
     * ``PUBLIC_SEED_NOISE``: the noise comes from a generator seeded by a public seed, which an auditor who
       knows the configuration replays (:func:`replay_noise`) and subtracts.
+    * ``NO_CLIPPING``: the gradients are not clipped (every clip factor is 1) while the noise keeps its std σC,
+      as if the clipping stage were skipped.
     """
 
     NONE = "none"
     NOISE_QUARTER = "noise-quarter"
     PER_ROW_CLIPPING = "per-row-clipping"
     PUBLIC_SEED_NOISE = "public-seed-noise"
+    NO_CLIPPING = "no-clipping"
+
+
+#: NO_CLIPPING's clip norm: C times this, with σ divided by it (the noise std σC is unchanged), so that no
+#: gradient of an audit (norms far below C · 1e9) is ever scaled down.
+_NO_CLIPPING_SCALE = 1e9
 
 
 Release = dict[str, torch.Tensor]
@@ -293,6 +301,9 @@ class AuditingEngine(DPEngine):
             kwargs["noise_multiplier"] = kwargs["noise_multiplier"] / 4
         elif self.bug is PlantedBug.PUBLIC_SEED_NOISE:
             kwargs["generator"] = torch.Generator(_device_of(model)).manual_seed(public_seed)
+        elif self.bug is PlantedBug.NO_CLIPPING:
+            kwargs["max_grad_norm"] = kwargs["max_grad_norm"] * _NO_CLIPPING_SCALE
+            kwargs["noise_multiplier"] = kwargs["noise_multiplier"] / _NO_CLIPPING_SCALE
         super().__init__(model, **kwargs)
         self._divisor = float(kwargs["expected_batch_size"])
         self._on_release = on_release

@@ -103,14 +103,32 @@ from privimage.privacy import FINETUNE
 
 __all__ = ["AuditSettings", "CaseResult", "PlantedBug", "audit_engine", "crafted_init", "format_report", "run_audit"]
 
-#: Every case an audit can run: the pipeline as it is, then each planted bug.
-CASES = tuple(PlantedBug)
+#: The cases of the diffusion audit: the pipeline as it is, then each planted bug it is shown to catch.
+CASES = (PlantedBug.NONE, PlantedBug.NOISE_QUARTER, PlantedBug.PER_ROW_CLIPPING, PlantedBug.PUBLIC_SEED_NOISE)
 
 # The crafted initialisation (see crafted_init): embedding rows of norm _LABEL_SCALE, a threshold _THRESHOLD that
 # only a class's own row passes, and the gain _GAIN of the second time-embedding layer.
 _LABEL_SCALE = 1000.0
 _THRESHOLD = 0.9
 _GAIN = 10.0
+
+
+def check_settings(settings, counts: Sequence[str] = ()) -> None:
+    """The checks every audit's settings share (raise ValueError naming the value): steps, runs,
+    physical_batch_size, background and ``counts`` integers >= 1; the claim's ε finite and > 0, δ and the
+    confidence in (0, 1); C > 0."""
+    for name in ("steps", "runs", "physical_batch_size", "background", *counts):
+        value = getattr(settings, name)
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"Expected {name}={value!r} to be an integer >= 1.")
+    if not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
+        raise ValueError(f"Expected epsilon={settings.epsilon} finite and > 0.")
+    if not 0 < settings.delta < 1:
+        raise ValueError(f"Expected delta={settings.delta} in (0, 1).")
+    if not 0 < settings.confidence < 1:
+        raise ValueError(f"Expected confidence={settings.confidence} in (0, 1).")
+    if not settings.max_grad_norm > 0:
+        raise ValueError(f"Expected max_grad_norm={settings.max_grad_norm} > 0.")
 
 
 @dataclass(frozen=True)
@@ -150,21 +168,9 @@ class AuditSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "runs", "resolution", "num_noise", "physical_batch_size", "background",
-                     "direction_draws"):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"Expected {name}={value!r} to be an integer >= 1.")
+        check_settings(self, ("resolution", "num_noise", "direction_draws"))
         if not (isinstance(self.width, int) and self.width >= 4 and self.width % 4 == 0):
             raise ValueError(f"Expected width={self.width!r} to be a multiple of 4, at least 4 (the UNet's nf).")
-        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"Expected epsilon={self.epsilon} finite and > 0.")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"Expected delta={self.delta} in (0, 1).")
-        if not 0 < self.confidence < 1:
-            raise ValueError(f"Expected confidence={self.confidence} in (0, 1).")
-        if not self.max_grad_norm > 0:
-            raise ValueError(f"Expected max_grad_norm={self.max_grad_norm} > 0.")
 
     @property
     def classes(self) -> int:
@@ -177,6 +183,11 @@ class AuditSettings:
     @property
     def canaries(self) -> int:
         return self.runs * self.canaries_per_run
+
+    def describe(self) -> str:
+        """The audited sizes, for the report's note."""
+        return (f"Pipeline: {self.runs} fine-tunes × {self.canaries_per_run} canary images, C = {self.max_grad_norm:g}, "
+                f"K = {self.num_noise} rows per image. Engine: as many Dirac canaries of K rows each.")
 
     def unet(self) -> UNetConfig:
         """The audited UNet: one level, one ResBlock per stage, no attention, 4·width classes."""
@@ -360,13 +371,14 @@ def _fine_tune(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, *, set
 
 
 @contextlib.contextmanager
-def _engine_seam(make_engine: Callable):
+def _engine_seam(make_engine: Callable, loop: str = "privimage.train.finetune"):
     """Let the fine-tune build its engine with ``make_engine`` (same keywords as DPEngine) for one ``with``.
 
-    The seam: :func:`privimage.train.finetune` constructs its engine through its module's ``DPEngine`` name.
+    The seam: the fine-tune ``loop`` (:func:`privimage.train.finetune`; the GAN's
+    :func:`privimage.train.finetune_gan`) constructs its engine through its module's ``DPEngine`` name.
     Restored on exit, whatever happens.
     """
-    module = importlib.import_module("privimage.train.finetune")
+    module = importlib.import_module(loop)
     original = module.DPEngine
     module.DPEngine = make_engine
     try:
@@ -375,13 +387,15 @@ def _engine_seam(make_engine: Callable):
         module.DPEngine = original
 
 
-def _planted(bug: PlantedBug, public_seed: int, noise_seed: int | None):
-    """The engine seam for one fine-tune: an :class:`AuditingEngine` with ``bug`` (and, for reproducible tests,
-    a seeded stand-in for the secure noise generator); no seam at all for the pipeline as it is."""
+def _planted(bug: PlantedBug, public_seed: int, noise_seed: int | None, loop: str = "privimage.train.finetune"):
+    """The engine seam for one fine-tune of ``loop``: an :class:`AuditingEngine` with ``bug`` (and, for
+    reproducible tests, a seeded stand-in for the secure noise generator); no seam at all for the pipeline as
+    it is."""
     if bug is PlantedBug.NONE and noise_seed is None:
         return contextlib.nullcontext()
     noise = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
-    return _engine_seam(functools.partial(AuditingEngine, bug=bug, public_seed=public_seed, noise_generator=noise))
+    return _engine_seam(functools.partial(AuditingEngine, bug=bug, public_seed=public_seed, noise_generator=noise),
+                        loop)
 
 
 @dataclass
@@ -496,8 +510,9 @@ def audit_engine(settings: AuditSettings = AuditSettings(), cases: Sequence[Plan
     return results
 
 
-def format_report(results: Sequence[CaseResult], settings: AuditSettings) -> str:
-    """A markdown table (claimed ε, ε_lb and the verdict per case) and a note on how the bound was taken."""
+def format_report(results: Sequence[CaseResult], settings) -> str:
+    """A markdown table (claimed ε, ε_lb and the verdict per case) and a note on how the bound was taken
+    (``settings``: an :class:`AuditSettings` or a :class:`privimage.audit_gan.GANAuditSettings`)."""
     lines = ["| level | case | claimed ε | ε_lb | canaries m | guesses r | correct v | best score "
              "| noise ~ public seed | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -507,7 +522,5 @@ def format_report(results: Sequence[CaseResult], settings: AuditSettings) -> str
     lines += ["", f"ε_lb: the one-run audit of Steinke, Nasr & Jagielski 2023 at {settings.confidence:.0%} confidence "
               f"for a family of {2 * len(settings.fractions)} tests (2 scores × guess fractions "
               f"{', '.join(map(str, settings.fractions))}; Bonferroni), δ = {settings.delta:g}. Claimed ε: the "
-              f"accountant's, for {settings.steps} Gaussian step(s) at sample rate 1. Pipeline: {settings.runs} "
-              f"fine-tunes × {settings.canaries_per_run} canary images, C = {settings.max_grad_norm:g}, "
-              f"K = {settings.num_noise} rows per image. Engine: as many Dirac canaries of K rows each."]
+              f"accountant's, for {settings.steps} Gaussian step(s) at sample rate 1. {settings.describe()}"]
     return "\n".join(lines)

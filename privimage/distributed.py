@@ -14,6 +14,9 @@ What runs where (the contract of this version):
   draw, each rank its slice, one all-reduce, the noise once on rank 0; :mod:`privimage.engine.distributed`);
 * pre-training runs on every rank under DistributedDataParallel, each rank streaming its rows of every batch
   (:mod:`privimage.train.pretrain`);
+* the GAN (``kind = "gan"``) trains on every rank too: each discriminator step split across the ranks (the
+  DP one through the engine's process group, as above), each generator step on rank 0 and broadcast
+  (:mod:`privimage.train.gan_ranks`);
 * the query: rank 0 trains the classifier (public data) and hands it to every rank, each rank classifies its
   batches of the sensitive images (:func:`my_batches`), the vote counts are all-reduced (SUM) and rank 0 alone
   draws the noise and releases the selection, which it hands to the others

@@ -181,7 +181,6 @@ def stage_finetune(run_dir: RunDir | Path, cfg: RunConfig, *, resume: bool = Fal
     """DP fine-tune on the sensitive split (``sensitive``: already loaded; default: load it): the UNet, or with
     ``kind = "gan"`` the discriminator by DP-SGD and the generator from it (one budget step per discriminator
     step)."""
-    from privimage import distributed
     from privimage.privacy import FINETUNE
     from privimage.train import finetune, finetune_gan, pretrained_init, resolve_device
 
@@ -191,8 +190,6 @@ def stage_finetune(run_dir: RunDir | Path, cfg: RunConfig, *, resume: bool = Fal
         raise RunDirError(f"{run.budget_path} plans no fine-tune (a standalone `privimage query --epsilon-query` "
                           f"plans the query alone). Plan the whole run: `privimage query --config NAME` without "
                           f"--epsilon-query, or `privimage run`.")
-    if cfg.kind == "gan" and distributed.current() is not None:
-        raise ConfigError("kind='gan': the GAN fine-tune runs in one process; launch it without torchrun.")
     sensitive = sensitive if sensitive is not None else load_split(cfg, "sensitive", root=sensitive_root)
     gan = cfg.kind == "gan"
     init = None

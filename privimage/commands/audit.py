@@ -14,14 +14,20 @@ public initial model so that each canary has gradient coordinates of its own, an
 rate 0 (the guarantee covers the released gradients for any learning rate). It cannot certify a large
 epsilon: it catches leaks of several times the claim, not an epsilon off by tens of percent.
 
+--kind gan audits the GAN's DP discriminator step instead (privimage.audit_gan: canary records through
+privimage.train.finetune_gan, each the only record of its class, a crafted public discriminator; cases none,
+noise-quarter, no-clipping (the discriminator's clipping skipped, the noise still sigma x C) and
+public-seed-noise). It has no engine-level rows (the engine is the same DPEngine).
+
 Settings: --epsilon and --delta are the claim audited (keep epsilon small: 1 to 2); --runs sets the number
-of canaries (runs x (4 x width - 1)): more runs, more power, more time.
+of canaries (diffusion: runs x (4 x width - 1); gan: runs x (classes - 1)): more runs, more power, more time.
 
 Exit status: 0 if the pipeline is consistent with its claim; 1 if the audit refutes the claim (a privacy bug).
 A planted bug that the audit misses is reported as "missed" (too little power: raise --runs).
 
 Example:
   privimage audit --runs 32 --markdown audit.md
+  privimage audit --kind gan --runs 8
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,13 +43,13 @@ from privimage.commands.validators import epsilon as _epsilon
 from privimage.commands.validators import positive_int as _positive_int, seed as _seed
 from privimage.commands.validators import unit_interval as _unit_interval
 
-_CASES = ("none", "noise-quarter", "per-row-clipping", "public-seed-noise")
+_CASES = ("none", "noise-quarter", "per-row-clipping", "public-seed-noise", "no-clipping")
 
 
-def _cases(text: str) -> list[str]:
+def _cases(text: str) -> list[str] | None:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if text.strip() == "all":
-        return list(_CASES)
+        return None  # the kind's own cases
     unknown = [name for name in names if name not in _CASES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 'all' or a comma-separated list of {', '.join(_CASES)}")
@@ -52,13 +59,22 @@ def _cases(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=_epsilon, default=2.0, help="claimed epsilon audited (default: 2)")
     parser.add_argument("--delta", type=_unit_interval, default=1e-5, help="delta of the claim (default: 1e-5)")
-    parser.add_argument("--runs", type=_positive_int, default=16,
-                        help="fine-tunes per case; canaries = runs x (4 x width - 1) (default: %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=2, help="DP steps per fine-tune (default: %(default)s)")
-    parser.add_argument("--width", type=_positive_int, default=32,
-                        help="the audited UNet's nf, a multiple of 4 (default: %(default)s)")
-    parser.add_argument("--cases", type=_cases, default=list(_CASES),
-                        help="'all' (default) or a comma-separated subset of: " + ", ".join(_CASES))
+    parser.add_argument("--kind", choices=("diffusion", "gan"), default="diffusion",
+                        help="the fine-tune audited: the UNet's (default) or the GAN's DP discriminator step")
+    parser.add_argument("--runs", type=_positive_int, default=None,
+                        help="fine-tunes per case; canaries = runs x (4 x width - 1), gan: runs x (classes - 1) "
+                             "(default: 16, gan: 2)")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="DP steps per fine-tune (default: 2, gan: 1)")
+    parser.add_argument("--width", type=_positive_int, default=None,
+                        help="the audited UNet's nf, a multiple of 4 (default: 32); gan: the discriminator's "
+                             "d_width (default: 8)")
+    parser.add_argument("--classes", type=_positive_int, default=None,
+                        help="gan only: the GAN's classes, one canary each but one (default: 4096)")
+    parser.add_argument("--cases", type=_cases, default=None,
+                        help="'all' (default: the kind's cases: diffusion none, noise-quarter, per-row-clipping, "
+                             "public-seed-noise; gan none, noise-quarter, no-clipping, public-seed-noise) or a "
+                             "comma-separated subset of: " + ", ".join(_CASES))
     parser.add_argument("--seed", type=_seed, default=0, help="public configuration seed (default: 0)")
     parser.add_argument("--reproducible", type=int, default=None, metavar="SEED",
                         help="FOR TESTS: derive the canary bits, the DP noise and the auditor's draws from SEED "
@@ -68,13 +84,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from privimage.audit import AuditSettings, audit_engine, format_report, run_audit
+    from privimage.audit import CASES, AuditSettings, audit_engine, format_report, run_audit
     from privimage.io import save_json
 
-    settings = AuditSettings(epsilon=args.epsilon, delta=args.delta, runs=args.runs, steps=args.steps,
-                             width=args.width, seed=args.seed)
-    results = audit_engine(settings, args.cases, reproducible=args.reproducible)
-    results += run_audit(settings, args.cases, reproducible=args.reproducible)
+    given = {name: getattr(args, name) for name in ("runs", "steps", "width") if getattr(args, name) is not None}
+    if args.kind == "gan":
+        from privimage.audit_gan import GAN_CASES, GANAuditSettings, run_gan_audit
+
+        if args.classes is not None:
+            given["classes"] = args.classes
+        settings = GANAuditSettings(epsilon=args.epsilon, delta=args.delta, seed=args.seed, **given)
+        results = run_gan_audit(settings, args.cases or GAN_CASES, reproducible=args.reproducible)
+    else:
+        if args.classes is not None:
+            print("privimage audit: --classes is a GAN setting (--kind gan); the diffusion audit's classes are "
+                  "4 x --width.", file=sys.stderr)
+            return 2
+        settings = AuditSettings(epsilon=args.epsilon, delta=args.delta, seed=args.seed, **given)
+        cases = args.cases or CASES
+        results = audit_engine(settings, cases, reproducible=args.reproducible)
+        results += run_audit(settings, cases, reproducible=args.reproducible)
     report = format_report(results, settings)
     print(report)
     if args.markdown:

@@ -7,6 +7,7 @@ containers only, errors naming the file); the paths of a run directory come from
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -74,3 +75,30 @@ def save_sample_grid(denoiser: torch.nn.Module, path: str | os.PathLike, *, shap
                config=SamplerConfig(num_steps=num_steps), device=device)
     denoiser.train(was_training)
     save_png_grid(to_uint8(x).cpu(), path, nrow=per_class)
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a training loop runs (:func:`place`): its process group (None in one process), rank, world size,
+    whether it writes (rank 0, or the only process), its device and its log (silent on the other ranks)."""
+
+    group: object | None
+    rank: int
+    world_size: int
+    writer: bool
+    device: torch.device
+    log: object
+
+
+def place(device: torch.device | str, log) -> Place:
+    """This process's :class:`Place` under torchrun (:mod:`privimage.distributed`: ``cuda:LOCAL_RANK`` under
+    NCCL, else ``device``), or the one process's."""
+    from privimage import distributed
+
+    launch = distributed.current()
+    writer = distributed.is_writer()
+    if launch is None:
+        return Place(None, 0, 1, writer, torch.device(device), log)
+    return Place(launch.group, launch.rank, launch.world_size, writer,
+                 launch.device if launch.device is not None else torch.device(device), log if writer else silent)
+

@@ -63,7 +63,7 @@ from privimage.privacy import FINETUNE
 from privimage.progress import progress_bar
 from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
-from privimage.train.common import save_sample_grid, silent
+from privimage.train.common import place, save_sample_grid
 
 __all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs", "refuse_fresh_start"]
 
@@ -144,12 +144,8 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
     """
     run = RunDir.of(run_dir)
     f = config
-    launch = distributed.current()
-    group = launch.group if launch is not None else None
-    writer = distributed.is_writer()
-    if not writer:
-        log = silent
-    device = launch.device if launch is not None and launch.device is not None else torch.device(device)
+    here = place(device, log)
+    group, writer, device, log = here.group, here.writer, here.device, here.log
     if unet.dropout:
         raise ValueError(f"The UNet has dropout={unet.dropout}: its masks would be drawn by torch's global generator "
                          f"(seeded by the public seed, by position in the batch), outside the secret per-record "
@@ -242,8 +238,8 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
     for batch in sampler.logical_batches(n, start_step=start):
         if stop_at_step is not None and batch.step >= stop_at_step:
             break
-        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=launch.rank,
-                                                                world_size=launch.world_size)
+        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=here.rank,
+                                                                world_size=here.world_size)
         for phys in mine.physical:
             accumulate_micro_batch(engine, loss, randomness, images=images_dev, labels=labels_dev, batch=phys,
                                    step=batch.step, num_classes=num_classes, autocast=amp)

@@ -34,18 +34,34 @@ batch is a function of (seed, t)), the noise generator's state, the draws' key, 
 per-record draws and the generator steps' latents are functions of the step. A resumed run repeats the
 uninterrupted run bit for bit; steps computed after the last checkpoint but never saved are recomputed
 with the same randomness, so they are the same release, not a second one.
+
+Under torchrun (:mod:`privimage.distributed`) every rank runs this loop on the same data. Discriminator
+step t: every rank makes the same Poisson draw (rank 0's secret sampler seed, handed over in memory), takes
+its contiguous slice of the drawn records as physical micro-batches, pairs each record with the fake of its
+OWN secret stream (keyed by the record's global index and rank 0's draws key, handed over in memory, so a
+record's fake is the same for any world size), and the engine (``process_group``) all-reduces the clipped
+sums once and adds the noise once, on rank 0 (:mod:`privimage.engine.distributed`); every rank applies the
+same Adam step. Each generator step runs on rank 0 alone and its result is broadcast to every rank
+(:mod:`privimage.train.gan_ranks` says why: spectral norm's power iteration would make a split step depend
+on the world size; the broadcast keeps the replicas bit-identical). The ledger counts discriminator steps as
+in one process; rank 0 alone writes; the checkpoint is the one a single process writes (rank 0's noise
+generator and generator optimizer), so a run resumes under any world size. Ranks whose settings, data or
+starting weights differ are refused before the first step.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from privimage import distributed
 from privimage.config import GANFinetuneConfig
 from privimage.diffusion import to_model_range
 from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
+from privimage.engine import distributed as dp_distributed
 from privimage.errors import RunDirError
 from privimage.gan.losses import pair_groups, paired_rows
 from privimage.gan.sampling import save_gan_grid
@@ -55,8 +71,9 @@ from privimage.privacy import FINETUNE
 from privimage.progress import progress_bar
 from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
-from privimage.train.common import step_generator
+from privimage.train.common import place, step_generator
 from privimage.train.finetune import refuse_fresh_start
+from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors
 
 __all__ = ["GAN_FINETUNE_STREAMS", "finetune_gan"]
 
@@ -80,8 +97,14 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
                  resume: bool = False,              # continue from checkpoints/finetune.pt
                  stop_at_step: int | None = None,   # stop (after checkpointing) here, as if interrupted
                  run_config: dict | None = None,    # the public run config, stored for provenance
+                 on_release: Callable[[int, torch.nn.Module], None] | None = None,  # audits: each D release
                  log=print) -> Path:
     """DP fine-tune on the sensitive ``images``/``labels``; returns ``checkpoints/finetune.pt``.
+
+    ``on_release(step, discriminator)`` is called right after each discriminator step's noisy gradient is
+    made (``p.grad`` of the discriminator's parameters holds it) and before the optimizer uses it: a
+    white-box view of every release, for audits (:mod:`privimage.audit`). It must not change the parameters
+    or their gradients.
 
     ``config`` is the run config's ``finetune`` section (:class:`~privimage.config.GANFinetuneConfig`):
     physical_batch_size (records per micro-batch: memory, NOT the logical batch), max_grad_norm (C), d_lr,
@@ -101,7 +124,8 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
     """
     run = RunDir.of(run_dir)
     f = config
-    device = torch.device(device)
+    here = place(device, log)
+    group, writer, device, log = here.group, here.writer, here.device, here.log
     ckpt_path = run.checkpoint_path("finetune")
     check_training_data(images, labels, gan, "sensitive training set")
     plan = budget.plan[FINETUNE]
@@ -141,8 +165,15 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
     if budget.spent.get(FINETUNE, 0) != start:
         raise RunDirError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
                           f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
+    if group is not None:  # every rank: rank 0's settings, data, weights and secrets (module docstring)
+        check_same_start({"run_config": run_config, "finetune": repr(f), "gan": gan.to_dict(), "num_examples": n,
+                          "seed": seed, "start": start, "ledger": dict(budget.spent)},
+                         [images, labels, *module_tensors(G, D, ema.module)], group, "the GAN fine-tune")
+        sampler = dp_distributed.share_sampler(sampler, group)
+        draws = RecordRandomness.from_state_dict(dp_distributed.broadcast_from_rank0(draws.state_dict(), group))
     engine = DPEngine(D, max_grad_norm=f.max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=f.method, generator=noise_gen, compile=f.compile)
+                      method=f.method, generator=noise_gen, compile=f.compile, process_group=group,
+                      check_every=distributed.check_every())
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     images_dev, labels_dev = images.to(device), labels.to(device).long()
     groups = pair_groups(f.physical_batch_size, device)
@@ -152,6 +183,8 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
                  "method": f.method, "secure": f.secure_noise, "d_steps_per_g_step": f.d_steps_per_g_step}
 
     def save(step: int, last_saved: int) -> None:
+        if not writer:  # rank 0 alone writes; its checkpoint is the same as one process's
+            return
         # The ledger first: once the checkpoint (or anything after it) exists, budget.json already counts it.
         run.save_budget(budget)
         run.save_checkpoint("finetune", {
@@ -164,13 +197,14 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
             save_gan_grid(ema.module, run.training_grid_path("finetune", step), seed=seed, device=device)
 
     bar = progress_bar(steps, desc=f"DP fine-tune GAN (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
-                       initial=start)
+                       initial=start, enabled=writer)
     t_last, steps_since_log, done, last_saved = time.perf_counter(), 0, start, start
     for batch in sampler.logical_batches(n, start_step=start):
         if stop_at_step is not None and batch.step >= stop_at_step:
             break
-        d_loss_sum = torch.zeros((), device=device)
-        for phys in batch.physical:
+        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=here.rank,
+                                                                world_size=here.world_size)
+        for phys in mine.physical:
             real = to_model_range(images_dev[phys.indices.to(device)])
             y = labels_dev[phys.indices.to(device)] if gan.num_classes else None
             fake, y_fake = record_fakes(G, draws, step=batch.step, indices=phys.indices, device=device)
@@ -180,24 +214,25 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
                 with torch.autocast(**amp):
                     return paired_rows(model, real, y, fake, y_fake)
 
-            stats = engine.accumulate(loss_fn, is_padding=pad, groups=groups)
-            d_loss_sum = d_loss_sum + torch.where(pad, 0.0, stats.losses.detach().float()).sum()
+            engine.accumulate(loss_fn, is_padding=pad, groups=groups)
         budget.spend(FINETUNE)          # recorded (and checked) before the noisy gradient exists
-        engine.finalize()
+        final = engine.finalize()       # under torchrun: the one all-reduce; the loss sum is the whole batch's
+        if on_release is not None:
+            on_release(batch.step, D)
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
         done, steps_since_log = batch.step + 1, steps_since_log + 1
         if done % f.d_steps_per_g_step == 0:
             g_rng = step_generator(seed, GAN_FINETUNE_STREAMS["generator"], batch.step, device=device)
-            g_loss = round(generator_update(G, D, opt_g, batch_size=g_batch, chunk=f.physical_batch_size, rng=g_rng,
-                                            amp=amp), 6)
+            g_loss = round(generator_step_on_rank0(G, lambda: generator_update(
+                G, D, opt_g, batch_size=g_batch, chunk=f.physical_batch_size, rng=g_rng, amp=amp), group), 6)
             ema.update(G)
         if done % f.log_every == 0 or done == steps:
             now = time.perf_counter()
             ips = steps_since_log * expected / max(now - t_last, 1e-9)   # public: expected, not drawn, size
             eps = budget.epsilon_spent().upper
             # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
-            d_loss = round(float(d_loss_sum) / max(batch.size, 1), 6)
+            d_loss = round(final.loss_sum / max(batch.size, 1), 6)
             rows.append({"step": done, "d_loss": d_loss, "g_loss": g_loss, "epsilon": round(eps, 4),
                          "images_per_s": round(ips, 2), "sigma": sigma, "d_lr": f.d_lr, "g_lr": f.g_lr})
             bar.set_postfix(eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)

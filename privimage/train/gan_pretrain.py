@@ -10,6 +10,15 @@ Streaming and exact resume as for the diffusion pre-training: discriminator step
 epoch ``s // B`` of the loader (random flips, [-1, 1]), its fakes come from a generator seeded by (seed, s),
 a generator step after discriminator step s from one seeded by (seed, s) on another stream. A resumed run
 therefore repeats the uninterrupted run bit for bit. Everything here is public data: nothing is secret.
+
+Under torchrun (:mod:`privimage.distributed`) every rank runs this loop: each discriminator step's batch (the
+config's batch) is split across the ranks (``loader.epoch(e, start=b, rank=r, world_size=W)``, sizes
+differing by at most one, as the diffusion pre-training splits it), each rank draws the fakes of the WHOLE
+batch from the step's seeded generator and keeps its rows, its loss is its rows' sum over the whole batch's
+size, and one all-reduce sums the gradients (and the loss) before every rank's identical Adam step: the
+one-process step up to the order of additions, for any W. Each generator step runs on rank 0 alone and the
+result is broadcast (:mod:`privimage.train.gan_ranks`, which says why). Rank 0 alone writes; the checkpoint
+is the one a single process writes, so a run resumes under any world size.
 """
 
 from __future__ import annotations
@@ -19,8 +28,10 @@ from pathlib import Path
 
 import torch
 
+from privimage import distributed
 from privimage.config import GANPretrainConfig
 from privimage.data import ImageDataset
+from privimage.engine import distributed as dp_distributed
 from privimage.errors import RunDirError
 from privimage.gan.losses import paired_rows
 from privimage.gan.sampling import save_gan_grid
@@ -29,7 +40,8 @@ from privimage.models.gan import GANConfig
 from privimage.progress import progress_bar
 from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.rundir import RunDir
-from privimage.train.common import step_generator
+from privimage.train.common import place, step_generator
+from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors, sum_gradients
 from privimage.train.pretrain import _stream
 
 __all__ = ["GAN_PRETRAIN_STREAMS", "pretrain_gan", "pretrained_init"]
@@ -67,7 +79,8 @@ def pretrain_gan(run_dir: RunDir | str | Path, config: GANPretrainConfig, *,
     run = RunDir.of(run_dir)
     p = config
     steps = p.steps
-    device = torch.device(device)
+    here = place(device, log)
+    group, rank, world, writer, device, log = here.group, here.rank, here.world_size, here.writer, here.device, here.log
     ckpt_path = run.checkpoint_path("pretrain")
     check_training_data(images, labels, gan, "pre-training subset")
     torch.manual_seed(seed)
@@ -89,56 +102,70 @@ def pretrain_gan(run_dir: RunDir | str | Path, config: GANPretrainConfig, *,
     subset = ImageDataset(images, labels.long(), [str(c) for c in range(max(num_classes, 1))])
     ffcv_path, batch_size = run.subset_ffcv_path, p.batch_size
     kind = loader_kind(subset, device=device, kind=p.loader)
-    if kind == "ffcv" and not (resume and ffcv_path.is_file()):
+    if kind == "ffcv" and not (resume and ffcv_path.is_file()) and writer:
         write_ffcv(subset, ffcv_path)
+    reducer = None
+    if group is not None:  # every rank: rank 0's settings, data, start and weights; the file written before it is read
+        check_same_start({"pretrain": repr(p), "gan": gan.to_dict(), "num_examples": len(subset), "seed": seed,
+                          "start": start, "kind": kind},
+                         [images, labels, *module_tensors(G, D, ema.module)], group, "the GAN pre-training")
+        distributed.barrier()
+        reducer = dp_distributed.GradientReducer(group)
     batches = make_loader(subset, batch_size=batch_size, device=device, kind=kind, ffcv_path=ffcv_path, seed=seed,
                           shuffle=True, flip=True, normalize=True, drop_last=len(subset) >= batch_size)
     if batches.num_examples != len(subset):
         raise RunDirError(f"{ffcv_path} holds {batches.num_examples} images but the subset has {len(subset)}: "
                           "it is not this run's subset (delete it, or pre-train without --resume).")
 
+    full = min(batch_size, len(subset))  # every step's whole batch (drop_last, or the whole small subset)
+    mine = dp_distributed.rank_rows(full, rank=rank, world_size=world)  # this rank's rows of it
+
     def checkpoint(step: int) -> None:
+        if not writer:  # rank 0 alone writes; its checkpoint is the same as one process's
+            return
         run.save_checkpoint("pretrain", {"kind": "gan-pretrain", "step": step, "steps": steps, **nets.state_dict(),
                                          "gan": gan.to_dict(), "log": rows, "g_loss": g_loss, "config": run_config})
         run.save_log("pretrain", rows)
 
-    bar = progress_bar(steps, desc="pre-train GAN (public subset)", unit="step", initial=start)
+    bar = progress_bar(steps, desc="pre-train GAN (public subset)", unit="step", initial=start, enabled=writer)
     t_last, n_last, done = time.perf_counter(), 0, start
     end = steps if stop_at_step is None else max(start, min(steps, stop_at_step))
-    for step, (x, y) in zip(range(start, end), _stream(batches, start)):
+    for step, (x, y) in zip(range(start, end), _stream(batches, start, rank, world)):
         y = y if num_classes else None
-        n = x.shape[0]
+        # the whole batch's fakes, as one process draws them; this rank's rows kept
         rng = step_generator(seed, GAN_PRETRAIN_STREAMS["fakes"], step, device=device)
-        z = torch.randn(n, gan.z_dim, generator=rng, device=device)
-        y_fake = torch.randint(num_classes, (n,), generator=rng, device=device) if num_classes else None
+        z = torch.randn(full, gan.z_dim, generator=rng, device=device)[mine]
+        y_fake = torch.randint(num_classes, (full,), generator=rng, device=device)[mine] if num_classes else None
         fake = generate(g_forward, z, y_fake)
         with torch.autocast(**amp):
-            d_loss = paired_rows(d_forward, x, y, fake, y_fake).float().sum() / n
+            d_loss = paired_rows(d_forward, x, y, fake, y_fake).float().sum() / full
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
+        d_total = d_loss.detach() if reducer is None else sum_gradients(D, d_loss, reducer)  # the ranks' sum
         opt_d.step()
         done = step + 1
         if done % p.d_steps_per_g_step == 0:
             g_rng = step_generator(seed, GAN_PRETRAIN_STREAMS["generator"], step, device=device)
-            g_loss = round(generator_update(g_forward, d_forward, opt_g, batch_size=n, chunk=n, rng=g_rng, amp=amp), 6)
+            g_loss = round(generator_step_on_rank0(G, lambda: generator_update(
+                g_forward, d_forward, opt_g, batch_size=full, chunk=full, rng=g_rng, amp=amp), group), 6)
             ema.update(G)
-        n_last += n
+        n_last += full
         if done % p.log_every == 0 or done == steps:
             now = time.perf_counter()
             ips = n_last / max(now - t_last, 1e-9)
-            value = round(float(d_loss.detach()), 6)
+            value = round(float(d_total), 6)
             rows.append({"step": done, "d_loss": value, "g_loss": g_loss, "epsilon": 0.0, "images_per_s": round(ips, 2),
                          "d_lr": p.d_lr, "g_lr": p.g_lr})
             bar.set_postfix(d_loss=value, g_loss=g_loss, img_s=f"{ips:.0f}", refresh=False)
             t_last, n_last = now, 0
         bar.update()
-        if p.sample_every and done % p.sample_every == 0:
+        if p.sample_every and done % p.sample_every == 0 and writer:
             save_gan_grid(ema.module, run.training_grid_path("pretrain", done), seed=seed, device=device)
         if done % p.checkpoint_every == 0 or done == steps:
             checkpoint(done)
     bar.close()
     checkpoint(done)
-    if done == steps and steps > 0:
+    if done == steps and steps > 0 and writer:
         save_gan_grid(ema.module, run.training_grid_path("pretrain"), seed=seed, device=device)
     return ckpt_path
 

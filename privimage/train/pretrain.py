@@ -42,7 +42,7 @@ from privimage.progress import progress_bar
 from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.rundir import RunDir
 from privimage.engine import distributed as dp_distributed
-from privimage.train.common import save_sample_grid, silent, step_generator, unwrap
+from privimage.train.common import place, save_sample_grid, step_generator, unwrap
 
 __all__ = ["pretrain"]
 
@@ -69,13 +69,8 @@ def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: to
     run = RunDir.of(run_dir)
     p = config
     steps = p.steps
-    launch = distributed.current()
-    group = launch.group if launch is not None else None
-    rank, world = (launch.rank, launch.world_size) if launch is not None else (0, 1)
-    writer = distributed.is_writer()
-    if not writer:
-        log = silent
-    device = launch.device if launch is not None and launch.device is not None else torch.device(device)
+    here = place(device, log)
+    group, rank, world, writer, device, log = here.group, here.rank, here.world_size, here.writer, here.device, here.log
     ckpt_path = run.checkpoint_path("pretrain")
     if len(images) == 0:
         raise RunDirError("The pre-training subset is empty.")

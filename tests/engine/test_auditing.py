@@ -160,6 +160,12 @@ def test_the_tap_sees_the_exact_clipped_sum_and_the_bugs_change_what_it_should()
     noisy = run(PlantedBug.NONE, sigma=1.0, noise_generator=torch.Generator().manual_seed(5))
     quarter = run(PlantedBug.NOISE_QUARTER, sigma=1.0, noise_generator=torch.Generator().manual_seed(5))
     assert torch.allclose(quarter - reference, (noisy - reference) / 4, atol=1e-6)
+    unclipped = run(PlantedBug.NO_CLIPPING)  # the raw per-sample gradients summed: far above the clipped sum
+    raw = torch.autograd.grad(100 * model(x).sum(), [model.weight, model.bias])  # Σ_i g_i, nothing clipped
+    assert torch.allclose(unclipped, torch.cat([raw[0].flatten(), raw[1]]), rtol=1e-5)
+    assert unclipped.norm() > 100 * reference.norm()
+    no_clip_noisy = run(PlantedBug.NO_CLIPPING, sigma=1.0, noise_generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(no_clip_noisy - unclipped, noisy - reference, atol=1e-3)  # the same noise σC (float32 at 600)
 
 
 def test_replay_regenerates_public_seed_noise_exactly():
@@ -190,7 +196,8 @@ def test_dirac_audit_passes_the_engine(sigma_eps2):
     assert result.bound.epsilon_lb <= result.claimed_epsilon
 
 
-@pytest.mark.parametrize("bug", [PlantedBug.NOISE_QUARTER, PlantedBug.PER_ROW_CLIPPING, PlantedBug.PUBLIC_SEED_NOISE])
+@pytest.mark.parametrize("bug", [PlantedBug.NOISE_QUARTER, PlantedBug.PER_ROW_CLIPPING, PlantedBug.PUBLIC_SEED_NOISE,
+                                 PlantedBug.NO_CLIPPING])
 def test_dirac_audit_catches_each_planted_bug(sigma_eps2, bug):
     result = dirac_canary_audit(canaries=1000, steps=2, noise_multiplier=sigma_eps2, delta=1e-5, rows_per_sample=4,
                                 bug=bug, seed=0)

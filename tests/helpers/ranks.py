@@ -4,6 +4,8 @@
 a file store in a temporary folder, calls ``fn(rank, world_size, *args)`` and returns the W return values
 (in rank order). An exception in any rank fails the call with that rank's traceback; a run longer than
 ``timeout`` seconds kills every process and fails. ``fn`` must be importable (a module-level function).
+``torchrun(*args, cache=...)`` runs ``torchrun --standalone --nproc_per_node=2 -m privimage ARGS`` instead (the
+real launcher, in a subprocess).
 
 The processes fork from multiprocessing's fork server, which imports torch and privimage.engine once per test
 session: the ranks of each later call start in well under a second instead of importing torch again.
@@ -16,11 +18,15 @@ installed privimage is still the one imported).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import signal
+import subprocess
 import sys
 import tempfile
 import traceback
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -78,3 +84,51 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, expect_errors: 
                 raise AssertionError(value)
             results.append(value)
         return results
+
+
+def torchrun(*args, cache, timeout=240, launcher=("--standalone", "--nproc_per_node=2"), env=None):
+    """``torchrun LAUNCHER -m privimage ARGS`` (its output); on a timeout the agent and its workers are killed."""
+    return finish_torchrun(start_torchrun(*args, cache=cache, launcher=launcher, env=env), timeout, args)
+
+
+def start_torchrun(*args, cache, launcher, env=None):
+    """The torchrun agent, started (output to a file: a worker the agent leaves behind cannot block the read)."""
+    marker = uuid.uuid4().hex  # names this launch's processes (torchrun puts its workers in sessions of their own)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120",
+           "PRIVIMAGE_DIST_CHECK_EVERY": "1", "PRIVIMAGE_TEST_LAUNCH": marker, **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "privimage", *map(str, args)]
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log, proc.marker = log, marker
+    return proc
+
+
+def finish_torchrun(proc, timeout, args):
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_launch(proc)
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran past {timeout} s:\n{_output(proc)[-4000:]}")
+    finally:
+        kill_launch(proc)  # workers an agent left behind
+    out = _output(proc)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _output(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def kill_launch(proc) -> None:
+    """SIGKILL the agent's process group and every process carrying this launch's marker (its workers)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    needle = f"PRIVIMAGE_TEST_LAUNCH={proc.marker}".encode()
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        with contextlib.suppress(OSError):
+            if needle in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)

@@ -1,7 +1,8 @@
 """`privimage run` with the GAN generator (kind "gan", PRIVIMAGE+G) end to end on the smallest GAN config: the
 same run directory, release, samples, grid and report as the diffusion run; the release holds only public
 things; the ledger counts the query and every discriminator step; a run stopped mid fine-tune and resumed
-equals an uninterrupted one (test mode); configs that mix the two kinds are refused by name."""
+equals an uninterrupted one (test mode), and so does the run under `torchrun` on 2 ranks (float tolerance);
+configs that mix the two kinds are refused by name."""
 
 import errno
 import json
@@ -18,12 +19,17 @@ from privimage.models import Generator
 from privimage.models.gan import GANConfig
 from privimage.release import load_release_generator
 from privimage.rundir import RunDir
+from ranks import torchrun
 from release_checks import assert_release_holds_no_secret, key_encodings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: test-gan with the secure fine-tune (the release check needs real secrets) and the evaluation on.
 SECURE = {"base": "test-gan", "evaluate": True, "finetune": {"secure_noise": True}}
+#: test-gan (test mode) with 64-channel networks: GroupNorms of 2 channels a group, so that no parameter's gradient
+#: is exactly zero (a conv bias before a one-channel-a-group norm), which Adam would turn into lr-sized steps of
+#: rounding noise that no other summation order (2 ranks) reproduces.
+WIDE = {"base": "test-gan", "model_overrides": {"g_width": 32, "d_width": 32, "d_ch_mult": [2, 2]}}
 
 
 def _run(tmp, config: dict | str, out: str) -> "RunDir":
@@ -116,9 +122,23 @@ def test_gan_sample_command_redraws_the_same_images_and_refuses_sampler_flags(se
     assert "--guidance: diffusion sampler settings" in capsys.readouterr().err
 
 
-def test_resume_mid_fine_tune_equals_an_uninterrupted_gan_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(tmp_path / "cache"))
-    reference = _run(tmp_path, "test-gan", "reference")
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The WIDE test-mode run in one process: (run directory, its cache)."""
+    tmp = tmp_path_factory.mktemp("gan-reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+            return _run(tmp, WIDE, "reference"), tmp / "cache"
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_resume_mid_fine_tune_equals_an_uninterrupted_gan_run(reference_run, tmp_path, monkeypatch, capsys):
+    reference, cache = reference_run
+    monkeypatch.setenv("PRIVIMAGE_CACHE_DIR", str(cache))
     save = RunDir.save_checkpoint
     writes = []
 
@@ -129,7 +149,9 @@ def test_resume_mid_fine_tune_equals_an_uninterrupted_gan_run(tmp_path, monkeypa
         return save(run, stage, state)
 
     monkeypatch.setattr(RunDir, "save_checkpoint", failing)
-    assert main(["run", "--config", "test-gan", "--out", str(tmp_path / "stopped")]) == 2
+    config = tmp_path / "wide.json"
+    config.write_text(json.dumps(WIDE))
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "stopped")]) == 2
     (run_dir,) = (tmp_path / "stopped").iterdir()
     run = RunDir(run_dir)
     assert run.load_checkpoint("finetune", model_kind="gan")["step"] == 2
@@ -145,6 +167,39 @@ def test_resume_mid_fine_tune_equals_an_uninterrupted_gan_run(tmp_path, monkeypa
     assert np.array_equal(run.load_samples()[0], reference.load_samples()[0])
     released, ref_released = (load_release_generator(r).state_dict() for r in (run, reference))
     assert all(torch.equal(released[k], v) for k, v in ref_released.items())
+
+
+@pytest.mark.slow
+def test_a_gan_run_under_torchrun_on_two_ranks_equals_the_one_process_run(reference_run, tmp_path):
+    reference, cache = reference_run
+    config = tmp_path / "wide.json"
+    config.write_text(json.dumps(WIDE))
+    torchrun("run", "--config", config, "--out", tmp_path / "two", cache=cache)
+    (run_dir,) = (tmp_path / "two").iterdir()  # one run directory: rank 1 made none
+    run = RunDir(run_dir)
+    assert json.loads(run.config_path.read_text())["launch"] == {"world_size": 2, "backend": "gloo"}
+    assert json.loads(run.budget_path.read_text()) == json.loads(reference.budget_path.read_text())
+    for stage, parts, losses in (("pretrain", ("generator", "discriminator", "ema"), ("d_loss", "g_loss")),
+                                 ("finetune", ("generator", "discriminator", "ema"), ("d_loss", "g_loss"))):
+        ours, theirs = (r.load_checkpoint(stage, model_kind="gan") for r in (run, reference))
+        assert ours["step"] == theirs["step"] == ours["steps"]
+        assert [r["epsilon"] for r in ours["log"]] == [r["epsilon"] for r in theirs["log"]]
+        for key in losses:  # g_loss is None before the first generator step
+            assert [r[key] is None for r in ours["log"]] == [r[key] is None for r in theirs["log"]]
+            assert ([r[key] for r in ours["log"] if r[key] is not None]
+                    == pytest.approx([r[key] for r in theirs["log"] if r[key] is not None], rel=1e-4, abs=1e-6))
+        for part in parts:
+            for k, v in theirs[part].items():
+                torch.testing.assert_close(ours[part][k], v, rtol=1e-5, atol=1e-6, msg=f"{stage} {part}.{k}")
+    ours, theirs = (r.load_checkpoint("finetune", model_kind="gan") for r in (run, reference))
+    # the checkpoint does not depend on the world size: the same secrets as one process's
+    assert ours["sampler"] == theirs["sampler"] and ours["record_randomness"] == theirs["record_randomness"]
+    assert torch.equal(ours["noise_generator"], theirs["noise_generator"])
+    # samples from the released generator, each rank its batches: the same images up to the weights' rounding
+    (images, labels), (ref_images, ref_labels) = run.load_samples(), reference.load_samples()
+    assert np.array_equal(labels, ref_labels)
+    assert np.abs(images.astype(int) - ref_images.astype(int)).max() <= 1
+    assert (run.release_model_path.is_file() and not (run.path / ".lock").exists())
 
 
 @pytest.mark.parametrize("config, match", [

@@ -4,74 +4,23 @@ on two simulated nodes (two agents at a c10d rendezvous) and on one node (`--sta
 mid-fine-tune and the restart torchrun makes of the group (`--max-restarts`); a world-1 checkpoint resumes under
 world 2 and the reverse. Rank 0 alone writes."""
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from privimage.cli import main
+from ranks import finish_torchrun as _finish
+from ranks import kill_launch as _kill_launch
+from ranks import start_torchrun as _start_torchrun
+from ranks import torchrun as _torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CONFIG = {"base": "test", "finetune": {"epochs": 1}, "sample": {"batch_size": 4}}  # 4 fine-tune steps, 3 batches
-
-
-def _torchrun(*args, cache, timeout=240, launcher=("--standalone", "--nproc_per_node=2"), env=None):
-    """``torchrun LAUNCHER -m privimage ARGS`` (its output); on a timeout the agent and its workers are killed."""
-    return _finish(_start_torchrun(*args, cache=cache, launcher=launcher, env=env), timeout, args)
-
-
-def _start_torchrun(*args, cache, launcher, env=None):
-    """The torchrun agent, started (output to a file: a worker the agent leaves behind cannot block the read)."""
-    import tempfile
-    import uuid
-
-    marker = uuid.uuid4().hex  # names this launch's processes (torchrun puts its workers in sessions of their own)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PRIVIMAGE_CACHE_DIR": str(cache), "PRIVIMAGE_DIST_TIMEOUT_S": "120",
-           "PRIVIMAGE_DIST_CHECK_EVERY": "1", "PRIVIMAGE_TEST_LAUNCH": marker, **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "privimage", *map(str, args)]
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    proc.log, proc.marker = log, marker
-    return proc
-
-
-def _finish(proc, timeout, args):
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_launch(proc)
-        raise AssertionError(f"torchrun {' '.join(map(str, args))} ran past {timeout} s:\n{_output(proc)[-4000:]}")
-    finally:
-        _kill_launch(proc)  # workers an agent left behind
-    out = _output(proc)
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
-def _output(proc) -> str:
-    proc.log.seek(0)
-    return proc.log.read()
-
-
-def _kill_launch(proc) -> None:
-    """SIGKILL the agent's process group and every process carrying this launch's marker (its workers)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    needle = f"PRIVIMAGE_TEST_LAUNCH={proc.marker}".encode()
-    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-        with contextlib.suppress(OSError):
-            if needle in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
-                os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
