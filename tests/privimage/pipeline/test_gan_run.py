@@ -177,7 +177,9 @@ def test_a_gan_run_under_torchrun_on_two_ranks_equals_the_one_process_run(refere
     torchrun("run", "--config", config, "--out", tmp_path / "two", cache=cache)
     (run_dir,) = (tmp_path / "two").iterdir()  # one run directory: rank 1 made none
     run = RunDir(run_dir)
-    assert json.loads(run.config_path.read_text())["launch"] == {"world_size": 2, "backend": "gloo"}
+    launch = json.loads(run.config_path.read_text())["launch"]
+    assert {k: launch[k] for k in ("world_size", "backend")} == {"world_size": 2, "backend": "gloo"}
+    assert launch["torchrun_id"]  # the job id torchrun's --standalone drew (a restart resumes this run)
     assert json.loads(run.budget_path.read_text()) == json.loads(reference.budget_path.read_text())
     for stage, parts, losses in (("pretrain", ("generator", "discriminator", "ema"), ("d_loss", "g_loss")),
                                  ("finetune", ("generator", "discriminator", "ema"), ("d_loss", "g_loss"))):
