@@ -69,12 +69,15 @@ class Plan:
 
     ``norm``: "materialise", "fused" or "ghost" for a Linear/Conv2d weight; "affine" (normalisation layers),
     "embedding", "vmap" (the torch.func fallback) or "bias" (a layer whose only trainable parameter is its
-    bias) otherwise. ``keep``: the per-row gradients are kept for the clipped sum.
+    bias) otherwise. ``keep``: the materialised gradients are kept for the clipped sum. ``per_sample``: the
+    rule materialises each sample's gradient (its rows summed inside the GEMM) rather than each row's, so
+    what it keeps is per sample, (S, ...), and weighed by the per-sample clip factors.
     """
 
     norm: str
     keep: bool
     detail: str = ""
+    per_sample: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,17 +151,20 @@ class Planner:
         self._logged: set = set()
 
     def weight(self, *, rows: int, positions: int, K: int, P: int, groups: int, sum_sq_rows: int, uniform: bool,
-               held: int, keep_positions: int, fused_runs: bool, single_call: bool, detail: str) -> Plan:
+               held: int, keep_positions: int, fused_runs: bool, single_call: bool, detail: str,
+               per_sample_rows: int | None = None) -> Plan:
         """The plan for a weight of ``groups`` groups of (P, K) over ``rows`` rows of ``positions`` positions.
 
         ``sum_sq_rows``: Σ_s n_s² (rows per sample, squared); ``uniform``: every sample has the same number
         of rows; ``held``: numbers of inputs and output gradients the layer holds; ``keep_positions``: the
         positions the keep rule weighs; ``fused_runs``: the fused kernels run here (Triton);
-        ``single_call``: the module ran once (fused and ghost norms of a convolution need one call).
+        ``single_call``: the module ran once (fused and ghost norms of a convolution need one call);
+        ``per_sample_rows``: S when the rule materialises per-sample gradients (S of them to keep, same work),
+        None when it materialises per row.
         """
         c = self.costs
         work = groups * rows * positions * K * P
-        kept = groups * rows * K * P
+        kept = groups * (per_sample_rows or rows) * K * P
         ghost = groups * positions * positions * sum_sq_rows * (K + P)
         sums = 0.0 if self.clip_by_backward else c.clipped_sum * work
         forced = self.strategy != "auto"
@@ -173,7 +179,7 @@ class Planner:
         if forced and any(norm == self.strategy for norm, _, _ in candidates):
             candidates = [cand for cand in candidates if cand[0] == self.strategy]
         norm, keep, _ = min(candidates, key=lambda cand: cand[2])  # min keeps the first of equal costs
-        return Plan(norm, keep, detail)
+        return Plan(norm, keep, detail, per_sample=norm == "materialise" and per_sample_rows is not None)
 
     def log(self, name: str, module, plan: Plan) -> None:
         """Log ``plan`` once per (module name, plan)."""
@@ -181,4 +187,5 @@ class Planner:
         if key not in self._logged:
             self._logged.add(key)
             logger.info("DP layer %s (%s): %s norms%s [%s]", name, type(module).__name__, plan.norm,
-                        ", per-sample grads kept" if plan.keep else "", plan.detail)
+                        (", per-sample grads kept" if plan.per_sample else ", per-row grads kept") if plan.keep else "",
+                        plan.detail)
