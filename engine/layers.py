@@ -6,7 +6,8 @@ From these, never running a second backward pass (book-keeping, Bu et al. arXiv 
 
 * ``plan(module, calls, grouping, planner) -> Plan``: how (:mod:`privimage.engine.plan`);
 * ``sq_norms(module, calls, grouping, plan, kept) -> (S,)``: each sample's squared gradient norm over the
-  module's trainable parameters, storing any per-row gradients it keeps in ``kept`` {param: (R, *shape)};
+  module's trainable parameters, storing any gradients it keeps in ``kept`` {param: (R, *shape)}, or
+  (S, *shape) per sample when ``plan.per_sample``;
 * ``clipped(module, calls, factors, plan, kept) -> {param: Σ_s c_s g_s}``: the clipped sum.
 
 Rows and samples: ``A`` and ``G`` have one leading row per loss row (R); a sample may span several rows and
@@ -48,7 +49,7 @@ def _trainable(module: nn.Module, name: str):
 
 
 def _held(calls) -> int:
-    """Numbers of inputs and output gradients the layer holds (what keeping per-row gradients is weighed against)."""
+    """Numbers of inputs and output gradients the layer holds (what keeping gradients is weighed against)."""
     return sum(a.numel() + g.numel() for a, g in calls if isinstance(a, torch.Tensor))
 
 

@@ -4,8 +4,10 @@ A Linear or Conv2d weight gradient of row r is G_rᵀA_r (inputs A, output gradi
 its im2col matrix). Three ways to get each sample's ‖Σ_{r∈s} G_rᵀA_r‖ (``Plan.norm``):
 
 * ``"materialise"``: form the per-row gradients in torch (one batched GEMM, or one grouped convolution,
-  :func:`privimage.kernels.conv_per_row_grads`) and square their per-sample sums. When they are small
-  enough (:func:`keep_allowed`) they are KEPT, and the clipped sum is one weighted reduction of them;
+  :func:`privimage.kernels.conv_per_row_grads`) and square their per-sample sums; a convolution whose
+  samples all have k > 1 rows forms the per-SAMPLE gradients instead (the k rows summed inside the grouped
+  convolution: same work, k times less to hold; ``Plan.per_sample``). When they are small enough
+  (:func:`keep_allowed`) they are KEPT, and the clipped sum is one weighted reduction of them;
 * ``"fused"``: the fused kernel :func:`privimage.kernels.per_sample_sq_norms` (tile by tile in registers,
   never written; Triton, so it pays only where :mod:`privimage.kernels.dispatch` runs Triton);
 * ``"ghost"``: ghost norms ⟨A_sA_sᵀ, G_sG_sᵀ⟩ (Goodfellow arXiv 1510.01799; Li et al. arXiv 2110.05679),
@@ -36,7 +38,7 @@ for a device are loaded from a JSON file (:meth:`CostModel.load`; the GPU suite 
 ``DPEngine(..., norm_strategy=...)`` forces one way for every layer that can take it (``"auto"``: the cost
 model). Forcing ``"fused"`` where Triton does not run calls the same op, which then runs its torch path.
 
-Keeping per-row gradients (R·K·P numbers) saves the clipped sum's GEMM (R·T·K·P multiply-adds), so the saving
+Keeping per-row gradients (R·K·P numbers; S·K·P per sample) saves the clipped sum's GEMM (R·T·K·P multiply-adds), so the saving
 per byte kept grows with the positions T. :func:`keep_allowed`: keep when they are no larger than the inputs
 and output gradients the layer holds anyway (A + G; G is then freed during the backward pass), or, up to
 ``KEEP_FACTOR`` times that, when T >= ``KEEP_MIN_POSITIONS`` (``KEEP_FACTOR = 0`` keeps nothing). The
@@ -126,7 +128,7 @@ DEFAULT_COSTS = {"cpu": CostModel(), "cuda": CostModel()}
 
 
 def keep_allowed(per_row_numel: int, held: int, positions: int) -> bool:
-    """Whether per-row gradients of ``per_row_numel`` numbers in all may be kept, next to ``held`` numbers of
+    """Whether materialised gradients of ``per_row_numel`` numbers in all may be kept, next to ``held`` numbers of
     inputs and output gradients, for a layer of ``positions`` positions (module docstring)."""
     limit = KEEP_FACTOR if positions >= KEEP_MIN_POSITIONS else min(KEEP_FACTOR, 1.0)  # 0: never keep
     return per_row_numel <= limit * held

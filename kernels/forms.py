@@ -214,7 +214,7 @@ def linear_per_row_grads(A: torch.Tensor, G: torch.Tensor, dtype: torch.dtype | 
     return torch.bmm(G.to(dtype).transpose(1, 2), A.to(dtype))
 
 
-_CONV_CHUNK = 64
+_CONV_CHUNK, _SAMPLE_CHUNK = 64, 32
 
 
 def conv_per_row_grads(x: torch.Tensor, go: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
@@ -233,8 +233,9 @@ def conv_per_row_grads(x: torch.Tensor, go: torch.Tensor, kernel_size, stride, p
     batch (input (k, S·C_in, H, W)), whose weight gradient sums over the batch. Same multiply-adds, k times
     fewer (and larger) per-group GEMMs and a k times smaller result.
 
-    Trap: oneDNN's grouped weight gradient slows down several-fold past 64 input channels per group, so wide
-    CPU layers go in chunks of 64 input channels.
+    Traps (CPU): oneDNN's grouped weight gradient slows down several-fold past 64 input channels per group,
+    so wide layers go in chunks of 64 input channels; and with hundreds of groups it slows down again (a
+    third at 256 samples of 160 channels, 16×16), so samples go in chunks of 32.
     """
     dtype = dtype or gemm_dtype(go)
     x, go = x.to(dtype), go.to(dtype)
@@ -244,6 +245,12 @@ def conv_per_row_grads(x: torch.Tensor, go: torch.Tensor, kernel_size, stride, p
         raise ValueError(f"conv_per_row_grads: blocks={blocks} must divide the {R} rows.")
     S = R // blocks
     kernel_size = tuple(kernel_size)
+    if S > _SAMPLE_CHUNK and not x.is_cuda:
+        xs, gs = x.reshape(blocks, S, *x.shape[1:]), go.reshape(blocks, S, *go.shape[1:])
+        return torch.cat([conv_per_row_grads(xs[:, i:i + _SAMPLE_CHUNK].reshape(-1, *x.shape[1:]),
+                                             gs[:, i:i + _SAMPLE_CHUNK].reshape(-1, *go.shape[1:]), kernel_size,
+                                             stride, padding, dilation, groups, blocks=blocks)
+                          for i in range(0, S, _SAMPLE_CHUNK)])
     if groups == 1 and c_in > _CONV_CHUNK and not x.is_cuda:
         return torch.cat([conv_per_row_grads(x[:, i:i + _CONV_CHUNK], go, kernel_size, stride, padding, dilation, 1,
                                              blocks=blocks)

@@ -321,6 +321,39 @@ def test_nonfinite_sample_is_dropped_and_counted(method, bad, where, device, pre
                         norms=False)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_pair_is_dropped_from_per_sample_kept_gradients(bad, caplog):
+    """Samples of two tiled rows (the GAN's real/fake pairs) keep per-SAMPLE conv gradients; a NaN/inf image
+    drops its pair alone (its kept gradient zeroed per sample), the others exact against the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.SiLU(), nn.Flatten(),
+                          nn.Linear(3 * 16, 2)).double()
+    S = 4
+    x, target = torch.randn(2 * S, 2, 4, 4, dtype=DT), torch.randn(2 * S, 2, dtype=DT)
+    x[S + 1, 0, 2, 2] = bad  # the fake of pair 1
+    groups = torch.arange(S).repeat(2)
+    rest = groups != 1
+
+    def loss_fn(m):
+        return (m(x) - target).square().sum(1)
+
+    def loss_rest(m):
+        return (m(x[rest]) - target[rest]).square().sum(1)
+
+    engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=S,
+                      norm_strategy="materialise")
+    with caplog.at_level("INFO", logger="privimage.engine.plan"):
+        stats = engine.step(loss_fn, groups=groups)
+    assert stats.num_nonfinite == 1 and stats.num_samples == S
+    assert any(r.getMessage().startswith("DP layer 0 (Conv2d): materialise norms, per-sample grads kept")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    want = ref.dp_grads_loop(model, loss_rest, max_grad_norm=0.5, expected_batch_size=S,
+                             groups=torch.tensor([0, 1, 2, 0, 1, 2]))
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12)
+    engine.close()
+
+
 def _ks_pvalue(samples, std):
     """Two-sided one-sample Kolmogorov-Smirnov test of samples against N(0, std²) (asymptotic p-value)."""
     x, _ = torch.sort(samples.double().flatten() / std)
