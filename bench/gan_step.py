@@ -20,6 +20,7 @@ Usage:
     python bench/gan_step.py                      # 2-core CPU: a few minutes
     python bench/gan_step.py --config-batches     # also at the configs' physical batches (CPU: ~10 minutes)
     python bench/gan_step.py --device cuda --batch 256
+    python bench/train_step.py --gan --presets 32 --device cuda --json out.json   # the GPU suite's stage
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None, *, stem: str = "gan_step", prog: str | N
     parser.add_argument("--sample-repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the JSON here instead of bench/results (no markdown), e.g. for the GPU suite")
     parser.add_argument("--config-batches", action="store_true",
                         help="also time each preset's discriminator step at its run config's physical batch")
     parser.add_argument("--skip-cifar-sampling", action="store_true",
@@ -209,11 +212,14 @@ def main(argv: list[str] | None = None, *, stem: str = "gan_step", prog: str | N
               f"{s['diffusion_images_per_s']:.2f} img/s: x{s['gan_over_diffusion']:.0f} (FLOPs x{s['flop_ratio']:.0f})",
               flush=True)
     meta["load_average_end"] = list(os.getloadavg())
-    if args.no_save:
+    record = {"meta": meta, "discriminator_step": steps, "sampling": samplings}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    if args.no_save or args.json is not None:
         return 0
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "discriminator_step": steps,
-                                                       "sampling": samplings}, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     load = ", ".join(f"{x:.2f}" for x in meta["load_average"])
     load_end = ", ".join(f"{x:.2f}" for x in meta["load_average_end"])
     lines = [f"# PRIVIMAGE+G costs ({meta['device']}, torch {torch_v}, {meta['date']}, git {meta['git_sha']})", "",
