@@ -4,16 +4,23 @@
    the same in both and timed apart): non-private (the pre-training's batch-mean paired hinge, backward,
    Adam) against DP (the same pairs through ``DPEngine.accumulate`` with the pair grouping, bk-mixed, then
    ``finalize``: noise, divide by the expected batch size; Adam). The two are timed alternately, step by
-   step, so a shared CPU's drift hits both alike; medians and the ratio come from one run.
+   step, so a shared CPU's drift hits both alike; medians and the ratio come from one run. Each preset runs
+   at ``--batch`` pairs and, with ``--config-batches``, also at the physical batch its run config uses
+   (``demo-gan``: 100 pairs, ``cifar10-gan-eps*``: 256), where the fakes are not timed.
 2. Sampling images/s: the GAN generator (one forward per image, per-image latents) against the diffusion
-   model of the same setting: the CIFAR-10 sizes (GAN "32" vs UNet "s" with DPDM's 50-step sampler) and the
-   CPU demo (GAN "demo" vs the demo's UNet with its 30 steps and guidance 1.0, i.e. two forwards a step).
+   model of the same setting, both as the run configs build them: ``cifar10-gan-eps10`` against
+   ``cifar10-eps10`` (PrivImage's CIFAR-10 diffusion preset: UNet "s", its sampler's 50 steps, no guidance)
+   and ``demo-gan`` against ``demo`` (30 steps, guidance 1.0: two forwards a step). Each row also counts the
+   floating-point operations of one image (``torch.utils.flop_counter``: one generator forward; the
+   diffusion sampler's forwards), whose ratio bounds what a faster implementation could reach.
 
 Results: ``bench/results/gan_step.json`` and ``gan_step.md`` with device, versions, git sha and date.
 
 Usage:
     python bench/gan_step.py                      # 2-core CPU: a few minutes
+    python bench/gan_step.py --config-batches     # also at the configs' physical batches (CPU: ~10 minutes)
     python bench/gan_step.py --device cuda --batch 256
+    python bench/train_step.py --gan --presets 32 --device cuda --json out.json   # the GPU suite's stage
 """
 
 from __future__ import annotations
@@ -33,10 +40,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import RESULTS, _versions, device_name, git_sha, summarize, sync  # noqa: E402
 
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from privimage.config import CONFIGS  # noqa: E402
 from privimage.diffusion import EDMDenoiser, SamplerConfig, sample  # noqa: E402
 from privimage.engine import DPEngine  # noqa: E402
 from privimage.gan import generate, pair_groups, paired_rows, sample_gan  # noqa: E402
-from privimage.models import GAN_PRESETS, Discriminator, Generator, build_unet, count_parameters  # noqa: E402
+from privimage.models import GAN_PRESETS, Discriminator, Generator, UNet, count_parameters  # noqa: E402
+
+# The run configs each sampling row compares: (setting, GAN config, diffusion config).
+SAMPLING_SETTINGS = [("CIFAR-10", "cifar10-gan-eps10", "cifar10-eps10"), ("CPU demo", "demo-gan", "demo")]
 
 
 def _timed(fn, device) -> tuple[float, float]:
@@ -52,7 +65,16 @@ def _stats(wall: list[float], cpu: list[float]) -> dict:
     return {"median_ms": med, "p20_ms": p20, "p80_ms": p80, "cpu_median_ms": 1e3 * statistics.median(cpu)}
 
 
-def bench_discriminator(preset: str, *, batch: int, warmup: int, repeats: int, device) -> dict:
+def config_batches() -> dict[str, int]:
+    """{GAN preset: the largest physical batch (pairs) a GAN run config uses it with}."""
+    out: dict[str, int] = {}
+    for cfg in CONFIGS.values():
+        if cfg.kind == "gan" and not cfg.model_overrides:
+            out[cfg.model] = max(out.get(cfg.model, 0), cfg.finetune.physical_batch_size)
+    return out
+
+
+def bench_discriminator(preset: str, *, batch: int, warmup: int, repeats: int, device, time_fakes: bool = True) -> dict:
     gan = GAN_PRESETS[preset]
     torch.manual_seed(0)
     G, D = Generator(gan).to(device), Discriminator(gan).to(device)
@@ -81,35 +103,51 @@ def bench_discriminator(preset: str, *, batch: int, warmup: int, repeats: int, d
     for _ in range(warmup):
         non_private(), dp()
     times = {"non_private": ([], []), "dp": ([], []), "fakes": ([], [])}
+    fns = [("non_private", non_private), ("dp", dp)] + ([("fakes", lambda: generate(G, z, y))] if time_fakes else [])
     for _ in range(repeats):  # alternate, so drift of a shared machine hits both
-        for name, fn in (("non_private", non_private), ("dp", dp), ("fakes", lambda: generate(G, z, y))):
+        for name, fn in fns:
             wall, cpu = _timed(fn, device)
             times[name][0].append(wall)
             times[name][1].append(cpu)
     engine.close()
     out = {"preset": preset, "resolution": gan.resolution, "batch": batch,
-           "discriminator_parameters": count_parameters(D), **{k: _stats(*v) for k, v in times.items()}}
+           "discriminator_parameters": count_parameters(D), **{k: _stats(*v) for k, v in times.items() if v[0]}}
     out["dp_over_non_private"] = out["dp"]["median_ms"] / out["non_private"]["median_ms"]
     out["dp_over_non_private_cpu"] = out["dp"]["cpu_median_ms"] / out["non_private"]["cpu_median_ms"]
     return out
 
 
-def bench_sampling(name: str, gan_preset: str, unet: dict, sampler: SamplerConfig, *, gan_batch: int,
-                   unet_batch: int, repeats: int, device) -> dict:
-    gan = GAN_PRESETS[gan_preset]
+def flops(fn) -> float:
+    """Floating-point operations of ``fn()`` (multiply-adds count two), by torch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return float(counter.get_total_flops())
+
+
+def bench_sampling(name: str, gan_config: str, diffusion_config: str, *, gan_batch: int, unet_batch: int,
+                   repeats: int, device) -> dict:
+    gcfg, dcfg = CONFIGS[gan_config], CONFIGS[diffusion_config]
+    gan = gcfg.gan_config(channels=3, num_classes=10)
+    sampler = SamplerConfig(**{f: getattr(dcfg.sample, f) for f in SamplerConfig.__dataclass_fields__})
     torch.manual_seed(0)
     G = Generator(gan).to(device).eval()
-    den = EDMDenoiser(build_unet(**unet)).to(device).eval()
+    den = EDMDenoiser(UNet(dcfg.unet_config(channels=3, num_classes=10))).to(device).eval()
     k = gan.num_classes
     res, ch = gan.resolution, gan.in_channels
+    forwards = sampler.num_steps * (2 if sampler.guidance > 0 else 1)  # the last step included; cond + uncond
 
-    def gan_draw():
-        sample_gan(G, indices=torch.arange(gan_batch), labels=torch.arange(gan_batch) % k, seed=1, device=device)
+    def gan_draw(n=gan_batch):
+        sample_gan(G, indices=torch.arange(n), labels=torch.arange(n) % k, seed=1, device=device)
 
-    def unet_draw():
-        sample(den, seeds=list(range(unet_batch)), shape=(ch, res, res), labels=torch.arange(unet_batch) % k,
-               config=sampler, device=device)
+    def unet_draw(n=unet_batch):
+        sample(den, seeds=list(range(n)), shape=(ch, res, res), labels=torch.arange(n) % k, config=sampler,
+               device=device)
 
+    def unet_forward():
+        den(torch.zeros(1, ch, res, res, device=device), torch.ones(1, device=device),
+            torch.zeros(1, dtype=torch.long, device=device))
+
+    g_flops, d_flops = flops(lambda: gan_draw(1)), flops(lambda: unet_draw(1))
     gan_draw(), unet_draw()  # warm-up
     walls = {"gan": [], "diffusion": []}
     for _ in range(repeats):
@@ -117,10 +155,14 @@ def bench_sampling(name: str, gan_preset: str, unet: dict, sampler: SamplerConfi
         walls["diffusion"].append(_timed(unet_draw, device)[0])
     g_ips = gan_batch / statistics.median(walls["gan"])
     d_ips = unet_batch / statistics.median(walls["diffusion"])
-    return {"setting": name, "resolution": res, "gan_preset": gan_preset, "generator_parameters": count_parameters(G),
+    return {"setting": name, "gan_config": gan_config, "diffusion_config": diffusion_config, "resolution": res,
+            "gan_preset": gcfg.model, "unet_preset": dcfg.model, "generator_parameters": count_parameters(G),
             "unet_parameters": count_parameters(den), "sampler_steps": sampler.num_steps,
-            "guidance": sampler.guidance, "gan_batch": gan_batch, "unet_batch": unet_batch,
-            "gan_images_per_s": g_ips, "diffusion_images_per_s": d_ips, "gan_over_diffusion": g_ips / d_ips}
+            "guidance": sampler.guidance, "forwards_per_image": forwards, "gan_batch": gan_batch,
+            "unet_batch": unet_batch, "gan_gflop_per_image": g_flops / 1e9,
+            "unet_gflop_per_forward": flops(unet_forward) / 1e9, "diffusion_gflop_per_image": d_flops / 1e9,
+            "flop_ratio": d_flops / g_flops, "gan_images_per_s": g_ips, "diffusion_images_per_s": d_ips,
+            "gan_over_diffusion": g_ips / d_ips}
 
 
 def main(argv: list[str] | None = None, *, stem: str = "gan_step", prog: str | None = None) -> int:
@@ -135,6 +177,10 @@ def main(argv: list[str] | None = None, *, stem: str = "gan_step", prog: str | N
     parser.add_argument("--sample-repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the JSON here instead of bench/results (no markdown), e.g. for the GPU suite")
+    parser.add_argument("--config-batches", action="store_true",
+                        help="also time each preset's discriminator step at its run config's physical batch")
     parser.add_argument("--skip-cifar-sampling", action="store_true",
                         help="time sampling at the CPU demo's sizes only (the CIFAR-10 UNet's 50 steps take minutes)")
     args = parser.parse_args(argv)
@@ -143,47 +189,61 @@ def main(argv: list[str] | None = None, *, stem: str = "gan_step", prog: str | N
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dp_method": "bk-mixed", "threads": torch.get_num_threads(),
             "command": "python " + " ".join(sys.argv), "load_average": list(os.getloadavg())}
+    runs = [(preset, args.batch, True) for preset in args.presets]
+    if args.config_batches:
+        physical = config_batches()
+        runs += [(preset, physical[preset], False) for preset in args.presets
+                 if physical.get(preset, args.batch) != args.batch]
     steps = []
-    for preset in args.presets:
-        r = bench_discriminator(preset, batch=args.batch, warmup=args.warmup, repeats=args.repeats,
-                                device=args.device)
+    for preset, batch, time_fakes in runs:
+        r = bench_discriminator(preset, batch=batch, warmup=args.warmup, repeats=args.repeats, device=args.device,
+                                time_fakes=time_fakes)
         steps.append(r)
-        print(f"D step {preset}: non-private {r['non_private']['median_ms']:.1f} ms, DP {r['dp']['median_ms']:.1f} ms "
-              f"(x{r['dp_over_non_private']:.2f} wall, x{r['dp_over_non_private_cpu']:.2f} cpu); "
-              f"fakes {r['fakes']['median_ms']:.1f} ms", flush=True)
-    demo_unet = dict(preset="s", ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16,
-                     num_classes=10)
-    samplings = [] if args.skip_cifar_sampling else [
-        bench_sampling("CIFAR-10 sizes", "32", dict(preset="s"), SamplerConfig(num_steps=50), gan_batch=64,
-                       unet_batch=8, repeats=args.sample_repeats, device=args.device)]
-    samplings.append(bench_sampling("CPU demo", "demo", demo_unet, SamplerConfig(num_steps=30, guidance=1.0),
-                                    gan_batch=100, unet_batch=20, repeats=args.sample_repeats, device=args.device))
+        print(f"D step {preset}, {batch} pairs: non-private {r['non_private']['median_ms']:.1f} ms, DP "
+              f"{r['dp']['median_ms']:.1f} ms (x{r['dp_over_non_private']:.2f} wall, "
+              f"x{r['dp_over_non_private_cpu']:.2f} cpu)", flush=True)
+    settings = [s for s in SAMPLING_SETTINGS if not (args.skip_cifar_sampling and s[0] == "CIFAR-10")]
+    batches = {"CIFAR-10": (64, 8), "CPU demo": (100, 20)}  # (GAN, diffusion) images per timed call
+    samplings = [bench_sampling(name, gan_cfg, diff_cfg, gan_batch=batches[name][0], unet_batch=batches[name][1],
+                                repeats=args.sample_repeats, device=args.device)
+                 for name, gan_cfg, diff_cfg in settings]
     for s in samplings:
         print(f"sampling ({s['setting']}): GAN {s['gan_images_per_s']:.1f} img/s, diffusion "
-              f"{s['diffusion_images_per_s']:.2f} img/s: x{s['gan_over_diffusion']:.0f}", flush=True)
-    if args.no_save:
+              f"{s['diffusion_images_per_s']:.2f} img/s: x{s['gan_over_diffusion']:.0f} (FLOPs x{s['flop_ratio']:.0f})",
+              flush=True)
+    meta["load_average_end"] = list(os.getloadavg())
+    record = {"meta": meta, "discriminator_step": steps, "sampling": samplings}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    if args.no_save or args.json is not None:
         return 0
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "discriminator_step": steps,
-                                                       "sampling": samplings}, indent=2) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    load = ", ".join(f"{x:.2f}" for x in meta["load_average"])
+    load_end = ", ".join(f"{x:.2f}" for x in meta["load_average_end"])
     lines = [f"# PRIVIMAGE+G costs ({meta['device']}, torch {torch_v}, {meta['date']}, git {meta['git_sha']})", "",
              f"Command: `{meta['command']}`; DP method bk-mixed; {meta['threads']} torch thread(s); load average "
-             f"(1, 5, 15 min) at the start {', '.join(f'{x:.2f}' for x in meta['load_average'])}.", "",
+             f"(1, 5, 15 min) {load} at the start, {load_end} at the end.", "",
              "## Discriminator step (real/fake pairs; fakes generated once, timed apart)", "",
              "| GAN preset | side | D params | pairs | non-private ms | DP ms | DP / non-private (wall) | (cpu) | "
              "fakes ms |", "|---|---|---|---|---|---|---|---|---|"]
     for r in steps:
+        fakes = f"{r['fakes']['median_ms']:.1f}" if "fakes" in r else "not timed"
         lines.append(f"| {r['preset']} | {r['resolution']} | {r['discriminator_parameters']:,} | {r['batch']} | "
                      f"{r['non_private']['median_ms']:.1f} | {r['dp']['median_ms']:.1f} | "
-                     f"{r['dp_over_non_private']:.2f} | {r['dp_over_non_private_cpu']:.2f} | "
-                     f"{r['fakes']['median_ms']:.1f} |")
-    lines += ["", "## Sampling", "", "| setting | side | generator params | UNet params | sampler | GAN img/s | "
-              "diffusion img/s | GAN / diffusion |", "|---|---|---|---|---|---|---|---|"]
+                     f"{r['dp_over_non_private']:.2f} | {r['dp_over_non_private_cpu']:.2f} | {fakes} |")
+    lines += ["", "## Sampling", "", "| setting (configs) | side | generator params | UNet params | sampler | "
+              "GFLOP/image GAN | GFLOP/image diffusion | FLOP ratio | GAN img/s | diffusion img/s | GAN / diffusion |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in samplings:
-        sampler = f"{s['sampler_steps']} steps" + (f", guidance {s['guidance']:g}" if s["guidance"] else "")
-        lines.append(f"| {s['setting']} | {s['resolution']} | {s['generator_parameters']:,} | "
-                     f"{s['unet_parameters']:,} | {sampler} | {s['gan_images_per_s']:.1f} | "
-                     f"{s['diffusion_images_per_s']:.2f} | {s['gan_over_diffusion']:.0f} |")
+        sampler = (f"{s['sampler_steps']} steps" + (f", guidance {s['guidance']:g}" if s["guidance"] else "")
+                   + f" ({s['forwards_per_image']} forwards)")
+        lines.append(f"| {s['setting']} ({s['gan_config']} vs {s['diffusion_config']}) | {s['resolution']} | "
+                     f"{s['generator_parameters']:,} | {s['unet_parameters']:,} | {sampler} | "
+                     f"{s['gan_gflop_per_image']:.3f} | {s['diffusion_gflop_per_image']:.2f} | "
+                     f"{s['flop_ratio']:.0f} | {s['gan_images_per_s']:.1f} | {s['diffusion_images_per_s']:.2f} | "
+                     f"{s['gan_over_diffusion']:.0f} |")
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -1,13 +1,21 @@
 """Stage 1 of the DP step, capture: every parameterised layer's inputs A and output gradients G, one backward.
 
-Contract: :meth:`Probes.forward` runs ``loss_fn(model)`` with each parameterised module's output replaced by
-``output + probe`` (a zero scalar expanded to the output's shape: it allocates nothing) and records the
-module's input A; :meth:`Probes.backward` differentiates the summed loss with respect to the probes only.
-The gradient with respect to a probe is exactly the module's output gradient G, and autograd, asked for
-probes and not parameters, skips every weight-gradient GEMM: per-sample gradients are then formed (or never
-formed) by the layer rules from (A, G) (book-keeping, Bu et al. arXiv 2210.00038).
+Contract: :meth:`Probes.forward` runs ``loss_fn(model)`` recording each parameterised module's input A;
+:meth:`Probes.backward` differentiates the summed loss with respect to the modules' outputs only (their
+gradients G arrive by tensor hooks), so autograd, asked for outputs and not parameters, skips every
+weight-gradient GEMM: per-sample gradients are then formed (or never formed) by the layer rules from (A, G)
+(book-keeping, Bu et al. arXiv 2210.00038). Eager forwards ask for the outputs themselves; compiled ones,
+and eager ones once an output was seen modified in place, replace each output by ``output + probe`` (a zero
+scalar expanded to the output's shape) and ask for the probes, whose gradient is the same G.
 
 Traps:
+
+* An output modified in place after its module returned (``h = conv(x); h.relu_()``) no longer is the
+  tensor whose gradient is G: the forward checks every output's version counter and, if one changed, runs
+  again with probes (which the in-place op cannot touch) and keeps them from then on. ``loss_fn`` is then
+  called twice in that step.
+* A probe costs a copy of the output (the addition) and a reduction of G (its gradient), per layer and
+  step: eager forwards avoid both unless they need them.
 
 * Permanent forward hooks (installed once, active only while :meth:`Probes.forward` runs) rather than hooks
   added per step keep a ``torch.compile``'d model's guards stable, so its forward does not recompile.
@@ -23,6 +31,7 @@ Traps:
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -32,6 +41,8 @@ import torch.nn as nn
 from privimage.engine.layers import VMAP_RULE, autocast_state, rule_for
 
 __all__ = ["LayerCalls", "Probes", "find_layers", "run_loss"]
+
+logger = logging.getLogger(__name__)
 
 _PROBE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -105,6 +116,9 @@ class Probes:
         self._stale = False
         self._handles = [m.register_forward_hook(self._forward_hook) for _, m, _ in layers]
         self.compiled = compile_backend is not None
+        self.direct = not self.compiled  # ask autograd for the outputs themselves (no probes; module docstring)
+        self._versions: list = []  # (output, its version when its module returned), direct mode
+        self._collecting = False  # True while backward() runs
         self.model = (torch.compile(model, backend=compile_backend, fullgraph=True, dynamic=False)
                       if self.compiled else model)
 
@@ -124,11 +138,17 @@ class Probes:
                 self._prebuilt = [self._bases[dt].expand(shape) for dt, shape in self._probe_shapes]
                 records: dict = {}
                 self._records, self._unhooked, self._seen, self._probe_pos, self._stale = records, [], [], 0, False
+                self._versions = []
                 try:
                     losses = run_loss(loss_fn, self.model)
                 finally:
                     self._records = None
+                    versions, self._versions = self._versions, []
                 self._probe_shapes = self._seen
+                if any(out._version != version for out, version in versions):
+                    logger.info("A layer's output was modified in place: the DP engine uses probes from now on.")
+                    self.direct = False  # its gradient is no longer G: probes, and the forward again
+                    continue
                 if not self._stale:
                     return losses, records
             raise RuntimeError("The layers' output shapes changed between two forward passes of one step under "
@@ -138,15 +158,21 @@ class Probes:
                 p.requires_grad_(True)
 
     def backward(self, total: torch.Tensor, *, retain_graph: bool = False) -> None:
-        """Differentiate ``total`` with respect to the probes alone, filling every record's G.
+        """Differentiate ``total`` with respect to the outputs and probes alone, filling every record's G.
 
-        The bases are upstream of every probe, so every probe's hook fires even if only they are asked for.
+        The bases are upstream of every probe, so every eager probe's hook fires even if only they are asked
+        for; an output's hook fires as it is asked for; a compiled probe's G is autograd's result.
         """
         unhooked, self._unhooked = self._unhooked, []
-        grads = torch.autograd.grad(total, [probe for _, _, probe in unhooked] + list(self._bases.values()),
-                                    allow_unused=True, retain_graph=retain_graph)
-        for (rec, index, _), g in zip(unhooked, grads):
-            rec.calls[index][1] = g
+        self._collecting = True  # hooks act only now: a later backward (method="ghost") passes them too
+        try:
+            grads = torch.autograd.grad(total, [t for _, _, t, _ in unhooked] + list(self._bases.values()),
+                                        allow_unused=True, retain_graph=retain_graph)
+        finally:
+            self._collecting = False
+        for (rec, index, _, from_result), g in zip(unhooked, grads):
+            if from_result:
+                rec.calls[index][1] = g
 
     def close(self) -> None:
         """Remove the forward hooks from the model."""
@@ -155,7 +181,7 @@ class Probes:
         self._handles = []
 
     def _forward_hook(self, module, args, output):
-        """Adds the probe to ``module``'s output and records its input, while :meth:`forward` runs."""
+        """Records ``module``'s input and hooks its output (or adds the probe to it), while :meth:`forward` runs."""
         records = self._records
         if records is None:
             return None
@@ -169,6 +195,17 @@ class Probes:
             a = (autocast_state(), tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args))
         else:
             a = args[0].detach()
+        rec = records.get(module)
+        if rec is None:
+            rec = records[module] = LayerCalls(name, module, rule)
+        index = len(rec.calls)
+        rec.calls.append([a, None])
+        if self.direct and not torch.compiler.is_compiling():
+            if output.requires_grad:  # else no gradient reaches this call (G stays None)
+                self._versions.append((output, output._version))
+                self._unhooked.append((rec, index, output, False))
+                output.register_hook(functools.partial(self._on_grad, rec, index))
+            return None
         pos = self._probe_pos
         self._probe_pos = pos + 1
         self._seen.append((output.dtype, output.shape))
@@ -179,18 +216,15 @@ class Probes:
             probe = self._bases[output.dtype].expand(output.shape)
             if torch.compiler.is_compiling():
                 self._stale = True  # forward() runs the forward again with probes of the right shapes
-        rec = records.get(module)
-        if rec is None:
-            rec = records[module] = LayerCalls(name, module, rule)
-        index = len(rec.calls)
-        rec.calls.append([a, None])
         if torch.compiler.is_compiling():
-            self._unhooked.append((rec, index, probe))
+            self._unhooked.append((rec, index, probe, True))
         else:
             probe.register_hook(functools.partial(self._on_grad, rec, index))
         return output + probe
 
     def _on_grad(self, rec: LayerCalls, index: int, g: torch.Tensor) -> None:
+        if not self._collecting:
+            return
         rec.calls[index][1] = g
         if self._on_grad_cb is not None:
             self._on_grad_cb(rec)

@@ -33,7 +33,7 @@ CLIP_EPS = 1e-6  # the 1e-6 of c_s = min(1, C / (‖g_s‖ + 1e-6))
 
 class Layer(NamedTuple):
     """One parameterised module's share of a step: rule, plan, calls [(A, G)], finished norms if any, and the
-    per-row gradients its rule kept {param: (R, *shape)}."""
+    gradients its rule kept {param: (R, *shape)}, or (S, *shape) for a per-sample plan."""
 
     module: nn.Module
     rule: object
@@ -83,10 +83,13 @@ def zero_rows(x, row_ok: torch.Tensor):
 def clipped_sums(layers, factors: Factors, row_ok: torch.Tensor | None):
     """Stage 3: each layer's {param: Σ_s c_s g_s}; ``row_ok`` (R,) bool, if given, zeroes the other rows first."""
     sums = []
+    # a sample is ok when all its rows are (for the per-sample gradients a per-sample plan keeps)
+    sample_ok = None if row_ok is None else factors.grouping.to_samples((~row_ok).to(factors.c.dtype)) == 0
     for layer in layers:
         calls, kept = layer.calls, layer.kept
         if row_ok is not None:
             calls = [(zero_rows(a, row_ok), zero_rows(g, row_ok)) for a, g in calls]
-            kept = {p: zero_rows(g, row_ok) for p, g in kept.items()}
+            ok = sample_ok if layer.plan.per_sample else row_ok
+            kept = {p: zero_rows(g, ok) for p, g in kept.items()}
         sums.append(layer.rule.clipped(layer.module, calls, factors, layer.plan, kept))
     return sums

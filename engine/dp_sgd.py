@@ -121,7 +121,8 @@ class DPEngine:
         compile_backend: the ``torch.compile`` backend ("inductor"; tests use "aot_eager").
         norm_strategy: how Linear and Conv2d weights get their per-sample norms (bk-mixed and ghost):
             "auto" (default: the per-layer cost model), or forced for every layer that can take it:
-            "materialise" (per-row gradients formed by torch; kept for the clipped sum when small enough),
+            "materialise" (per-row, or for a convolution whose samples all have k > 1 rows per-sample,
+            gradients formed by torch; kept for the clipped sum when small enough),
             "fused" (the fused norm kernel; its torch path where Triton does not run) or "ghost" (ghost
             norms). A convolution called more than once per step takes only "materialise". Every strategy
             computes the same clipped sums; forcing one is for benchmarks (:mod:`privimage.engine.plan`).
@@ -308,7 +309,7 @@ class DPEngine:
         return losses, grouping, records
 
     def _reduce_early(self, rec: LayerCalls) -> None:
-        """During the backward: a single-call layer whose plan keeps per-row gradients is reduced at once, so
+        """During the backward: a single-call layer whose plan keeps its gradients is reduced at once, so
         its G is freed during the backward pass instead of living until the clip factors are known."""
         if len(rec.calls) == 1 and self.method in ("bk-mixed", "vmap"):
             calls = [tuple(rec.calls[0])]

@@ -6,7 +6,8 @@ From these, never running a second backward pass (book-keeping, Bu et al. arXiv 
 
 * ``plan(module, calls, grouping, planner) -> Plan``: how (:mod:`privimage.engine.plan`);
 * ``sq_norms(module, calls, grouping, plan, kept) -> (S,)``: each sample's squared gradient norm over the
-  module's trainable parameters, storing any per-row gradients it keeps in ``kept`` {param: (R, *shape)};
+  module's trainable parameters, storing any gradients it keeps in ``kept`` {param: (R, *shape)}, or
+  (S, *shape) per sample when ``plan.per_sample``;
 * ``clipped(module, calls, factors, plan, kept) -> {param: Σ_s c_s g_s}``: the clipped sum.
 
 Rows and samples: ``A`` and ``G`` have one leading row per loss row (R); a sample may span several rows and
@@ -48,7 +49,7 @@ def _trainable(module: nn.Module, name: str):
 
 
 def _held(calls) -> int:
-    """Numbers of inputs and output gradients the layer holds (what keeping per-row gradients is weighed against)."""
+    """Numbers of inputs and output gradients the layer holds (what keeping gradients is weighed against)."""
     return sum(a.numel() + g.numel() for a, g in calls if isinstance(a, torch.Tensor))
 
 
@@ -58,8 +59,10 @@ def _weighted_sum(c_row: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(c_row.to(x.dtype), x, dims=1)
 
 
-def _kept_sums(factors: Factors, kept: dict) -> dict:
-    return {p: _weighted_sum(factors.c_row, g) for p, g in kept.items()}
+def _kept_sums(factors: Factors, kept: dict, plan: Plan) -> dict:
+    """Σ c x over the kept gradients: per-sample factors for a per-sample plan's (S, ...), else per-row."""
+    c = factors.c if plan.per_sample else factors.c_row
+    return {p: _weighted_sum(c, g) for p, g in kept.items()}
 
 
 # ---- Linear ------------------------------------------------------------------------------------------------
@@ -110,7 +113,7 @@ class LinearRule:
         return total + sq_norms_of(grouping.to_samples(linear_per_row_grads(A, G)))
 
     def clipped(self, module, calls, factors: Factors, plan: Plan, kept: dict):
-        out = _kept_sums(factors, kept)
+        out = _kept_sums(factors, kept, plan)
         w = _trainable(module, "weight")
         if w is not None and w not in out:
             A, G = self._forms(calls, factors.c_row.shape[0])
@@ -146,18 +149,21 @@ class Conv2dRule:
         detail = f"T={T} d={K} p={P} groups={g}"
         if _trainable(module, "weight") is None:
             return Plan("bias", True, detail)
+        # k > 1 rows per sample, as many for every sample: materialise per sample (rows summed in the GEMM)
+        per_sample = grouping.num_samples if grouping.k > 1 else None
         return planner.weight(rows=R, positions=T, K=K, P=P, groups=g, sum_sq_rows=grouping.sum_sq_rows,
                               uniform=grouping.uniform, held=_held(calls), keep_positions=T,
                               fused_runs=backend("per_sample_sq_norms", calls[0][1]) == TRITON,
-                              single_call=len(calls) == 1, detail=detail)
+                              single_call=len(calls) == 1, detail=detail, per_sample_rows=per_sample)
 
     def sq_norms(self, module, calls, grouping, plan: Plan, kept: dict):
         w, b = _trainable(module, "weight"), _trainable(module, "bias")
         total = 0
         if b is not None:
             gb = sum(g.sum((2, 3)) for _, g in calls)
-            kept[b] = gb
-            total = total + sq_norms_of(grouping.to_samples(gb))
+            gb_samples = grouping.to_samples(gb)
+            kept[b] = gb_samples if plan.per_sample else gb  # a per-sample plan keeps everything per sample
+            total = total + sq_norms_of(gb_samples)
         if w is None:
             return total
         if plan.norm in ("ghost", "fused"):
@@ -165,16 +171,20 @@ class Conv2dRule:
             a, padding = self._geometry(module, a)
             op = kernels.conv_ghost_sq_norms if plan.norm == "ghost" else kernels.conv_per_sample_sq_norms
             return total + op(a, g, module.kernel_size, **self._kw(module, padding), grouping=grouping)
-        gw = 0
+        gw = None
         for a, g in calls:
             a, padding = self._geometry(module, a)
-            gw = gw + kernels.conv_per_row_grads(a, g, module.kernel_size, **self._kw(module, padding))
+            if plan.per_sample:  # rows as k blocks of S: the GEMM sums each sample's rows
+                a, g = grouping.blocks(a), grouping.blocks(g)
+            part = kernels.conv_per_row_grads(a, g, module.kernel_size, **self._kw(module, padding),
+                                              blocks=grouping.k if plan.per_sample else 1)
+            gw = part if gw is None else gw + part
         if plan.keep:
             kept[w] = gw
-        return total + sq_norms_of(grouping.to_samples(gw))
+        return total + sq_norms_of(gw if plan.per_sample else grouping.to_samples(gw))
 
     def clipped(self, module, calls, factors: Factors, plan: Plan, kept: dict):
-        out = _kept_sums(factors, kept)
+        out = _kept_sums(factors, kept, plan)
         w = _trainable(module, "weight")
         if w is not None and w not in out:
             gw = 0
@@ -211,7 +221,7 @@ class _NormRule:
         return total
 
     def clipped(self, module, calls, factors: Factors, plan: Plan, kept: dict):
-        return _kept_sums(factors, kept)
+        return _kept_sums(factors, kept, plan)
 
 
 class GroupNormRule(_NormRule):
@@ -258,7 +268,7 @@ class EmbeddingRule:
     def clipped(self, module, calls, factors: Factors, plan: Plan, kept: dict):
         w = module.weight
         if kept:
-            return _kept_sums(factors, kept)
+            return _kept_sums(factors, kept, plan)
         idx, G = self._forms(module, calls, factors.c_row.shape[0])
         scaled = as_acc(G * factors.c_row.to(G.dtype).view(-1, 1, 1))
         out = scaled.new_zeros(w.shape)
@@ -320,7 +330,7 @@ class VmapRule:
         return total
 
     def clipped(self, module, calls, factors: Factors, plan: Plan, kept: dict):
-        return _kept_sums(factors, kept)
+        return _kept_sums(factors, kept, plan)
 
 
 RULES = {

@@ -4,8 +4,10 @@ A Linear or Conv2d weight gradient of row r is G_rᵀA_r (inputs A, output gradi
 its im2col matrix). Three ways to get each sample's ‖Σ_{r∈s} G_rᵀA_r‖ (``Plan.norm``):
 
 * ``"materialise"``: form the per-row gradients in torch (one batched GEMM, or one grouped convolution,
-  :func:`privimage.kernels.conv_per_row_grads`) and square their per-sample sums. When they are small
-  enough (:func:`keep_allowed`) they are KEPT, and the clipped sum is one weighted reduction of them;
+  :func:`privimage.kernels.conv_per_row_grads`) and square their per-sample sums; a convolution whose
+  samples all have k > 1 rows forms the per-SAMPLE gradients instead (the k rows summed inside the grouped
+  convolution: same work, k times less to hold; ``Plan.per_sample``). When they are small enough
+  (:func:`keep_allowed`) they are KEPT, and the clipped sum is one weighted reduction of them;
 * ``"fused"``: the fused kernel :func:`privimage.kernels.per_sample_sq_norms` (tile by tile in registers,
   never written; Triton, so it pays only where :mod:`privimage.kernels.dispatch` runs Triton);
 * ``"ghost"``: ghost norms ⟨A_sA_sᵀ, G_sG_sᵀ⟩ (Goodfellow arXiv 1510.01799; Li et al. arXiv 2110.05679),
@@ -36,7 +38,7 @@ for a device are loaded from a JSON file (:meth:`CostModel.load`; the GPU suite 
 ``DPEngine(..., norm_strategy=...)`` forces one way for every layer that can take it (``"auto"``: the cost
 model). Forcing ``"fused"`` where Triton does not run calls the same op, which then runs its torch path.
 
-Keeping per-row gradients (R·K·P numbers) saves the clipped sum's GEMM (R·T·K·P multiply-adds), so the saving
+Keeping per-row gradients (R·K·P numbers; S·K·P per sample) saves the clipped sum's GEMM (R·T·K·P multiply-adds), so the saving
 per byte kept grows with the positions T. :func:`keep_allowed`: keep when they are no larger than the inputs
 and output gradients the layer holds anyway (A + G; G is then freed during the backward pass), or, up to
 ``KEEP_FACTOR`` times that, when T >= ``KEEP_MIN_POSITIONS`` (``KEEP_FACTOR = 0`` keeps nothing). The
@@ -69,12 +71,15 @@ class Plan:
 
     ``norm``: "materialise", "fused" or "ghost" for a Linear/Conv2d weight; "affine" (normalisation layers),
     "embedding", "vmap" (the torch.func fallback) or "bias" (a layer whose only trainable parameter is its
-    bias) otherwise. ``keep``: the per-row gradients are kept for the clipped sum.
+    bias) otherwise. ``keep``: the materialised gradients are kept for the clipped sum. ``per_sample``: the
+    rule materialises each sample's gradient (its rows summed inside the GEMM) rather than each row's, so
+    what it keeps is per sample, (S, ...), and weighed by the per-sample clip factors.
     """
 
     norm: str
     keep: bool
     detail: str = ""
+    per_sample: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ DEFAULT_COSTS = {"cpu": CostModel(), "cuda": CostModel()}
 
 
 def keep_allowed(per_row_numel: int, held: int, positions: int) -> bool:
-    """Whether per-row gradients of ``per_row_numel`` numbers in all may be kept, next to ``held`` numbers of
+    """Whether materialised gradients of ``per_row_numel`` numbers in all may be kept, next to ``held`` numbers of
     inputs and output gradients, for a layer of ``positions`` positions (module docstring)."""
     limit = KEEP_FACTOR if positions >= KEEP_MIN_POSITIONS else min(KEEP_FACTOR, 1.0)  # 0: never keep
     return per_row_numel <= limit * held
@@ -148,17 +153,20 @@ class Planner:
         self._logged: set = set()
 
     def weight(self, *, rows: int, positions: int, K: int, P: int, groups: int, sum_sq_rows: int, uniform: bool,
-               held: int, keep_positions: int, fused_runs: bool, single_call: bool, detail: str) -> Plan:
+               held: int, keep_positions: int, fused_runs: bool, single_call: bool, detail: str,
+               per_sample_rows: int | None = None) -> Plan:
         """The plan for a weight of ``groups`` groups of (P, K) over ``rows`` rows of ``positions`` positions.
 
         ``sum_sq_rows``: Σ_s n_s² (rows per sample, squared); ``uniform``: every sample has the same number
         of rows; ``held``: numbers of inputs and output gradients the layer holds; ``keep_positions``: the
         positions the keep rule weighs; ``fused_runs``: the fused kernels run here (Triton);
-        ``single_call``: the module ran once (fused and ghost norms of a convolution need one call).
+        ``single_call``: the module ran once (fused and ghost norms of a convolution need one call);
+        ``per_sample_rows``: S when the rule materialises per-sample gradients (S of them to keep, same work),
+        None when it materialises per row.
         """
         c = self.costs
         work = groups * rows * positions * K * P
-        kept = groups * rows * K * P
+        kept = groups * (per_sample_rows or rows) * K * P
         ghost = groups * positions * positions * sum_sq_rows * (K + P)
         sums = 0.0 if self.clip_by_backward else c.clipped_sum * work
         forced = self.strategy != "auto"
@@ -173,7 +181,7 @@ class Planner:
         if forced and any(norm == self.strategy for norm, _, _ in candidates):
             candidates = [cand for cand in candidates if cand[0] == self.strategy]
         norm, keep, _ = min(candidates, key=lambda cand: cand[2])  # min keeps the first of equal costs
-        return Plan(norm, keep, detail)
+        return Plan(norm, keep, detail, per_sample=norm == "materialise" and per_sample_rows is not None)
 
     def log(self, name: str, module, plan: Plan) -> None:
         """Log ``plan`` once per (module name, plan)."""
@@ -181,4 +189,5 @@ class Planner:
         if key not in self._logged:
             self._logged.add(key)
             logger.info("DP layer %s (%s): %s norms%s [%s]", name, type(module).__name__, plan.norm,
-                        ", per-sample grads kept" if plan.keep else "", plan.detail)
+                        (", per-sample grads kept" if plan.per_sample else ", per-row grads kept") if plan.keep else "",
+                        plan.detail)

@@ -214,33 +214,52 @@ def linear_per_row_grads(A: torch.Tensor, G: torch.Tensor, dtype: torch.dtype | 
     return torch.bmm(G.to(dtype).transpose(1, 2), A.to(dtype))
 
 
-_CONV_CHUNK = 64
+_CONV_CHUNK, _SAMPLE_CHUNK = 64, 32
 
 
 def conv_per_row_grads(x: torch.Tensor, go: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
-                       dtype: torch.dtype | None = None) -> torch.Tensor:
+                       dtype: torch.dtype | None = None, blocks: int = 1) -> torch.Tensor:
     """Each row's conv weight gradient, (R, C_out, C_in/groups, kh, kw), from ONE grouped-convolution backward.
 
     The batch is folded into the channel groups: input (1, R·C_in, H, W), output gradient (1, R·C_out, Ho, Wo),
     groups R·groups. Row r's channels form their own groups, so the weight gradient of that single grouped
     convolution is exactly the stack of per-row weight gradients, at about the cost of the plain weight
     gradient and without a materialised unfold (bench/results/materialise.md). In ``dtype`` (default
-    :func:`gemm_dtype`). Trap: oneDNN's grouped weight gradient slows down several-fold past 64 input
-    channels per group, so wide CPU layers go in chunks of 64 input channels.
+    :func:`gemm_dtype`).
+
+    ``blocks`` = k > 1: the rows are k blocks of S = R/k rows, row j·S + s being sample s's j-th row
+    (:meth:`Grouping.blocks` puts a uniform grouping's rows so); returns each SAMPLE's weight gradient, the sum
+    of its k rows', (S, C_out, C_in/groups, kh, kw): the same grouped convolution with the k blocks as its
+    batch (input (k, S·C_in, H, W)), whose weight gradient sums over the batch. Same multiply-adds, k times
+    fewer (and larger) per-group GEMMs and a k times smaller result.
+
+    Traps (CPU): oneDNN's grouped weight gradient slows down several-fold past 64 input channels per group,
+    so wide layers go in chunks of 64 input channels; and with hundreds of groups it slows down again (a
+    third at 256 samples of 160 channels, 16×16), so samples go in chunks of 32.
     """
     dtype = dtype or gemm_dtype(go)
     x, go = x.to(dtype), go.to(dtype)
     R, c_in = x.shape[:2]
     c_out = go.shape[1]
+    if blocks < 1 or R % blocks:
+        raise ValueError(f"conv_per_row_grads: blocks={blocks} must divide the {R} rows.")
+    S = R // blocks
     kernel_size = tuple(kernel_size)
+    if S > _SAMPLE_CHUNK and not x.is_cuda:
+        xs, gs = x.reshape(blocks, S, *x.shape[1:]), go.reshape(blocks, S, *go.shape[1:])
+        return torch.cat([conv_per_row_grads(xs[:, i:i + _SAMPLE_CHUNK].reshape(-1, *x.shape[1:]),
+                                             gs[:, i:i + _SAMPLE_CHUNK].reshape(-1, *go.shape[1:]), kernel_size,
+                                             stride, padding, dilation, groups, blocks=blocks)
+                          for i in range(0, S, _SAMPLE_CHUNK)])
     if groups == 1 and c_in > _CONV_CHUNK and not x.is_cuda:
-        return torch.cat([conv_per_row_grads(x[:, i:i + _CONV_CHUNK], go, kernel_size, stride, padding, dilation, 1)
+        return torch.cat([conv_per_row_grads(x[:, i:i + _CONV_CHUNK], go, kernel_size, stride, padding, dilation, 1,
+                                             blocks=blocks)
                           for i in range(0, c_in, _CONV_CHUNK)], 2)
-    folded_shape = (R * c_out, c_in // groups) + kernel_size
+    folded_shape = (S * c_out, c_in // groups) + kernel_size
     grads = torch.nn.grad.conv2d_weight(
-        x.reshape(1, R * c_in, *x.shape[2:]), folded_shape, go.reshape(1, R * c_out, *go.shape[2:]),
-        stride=stride, padding=padding, dilation=dilation, groups=R * groups)
-    return grads.view(R, c_out, c_in // groups, *kernel_size)
+        x.reshape(blocks, S * c_in, *x.shape[2:]), folded_shape, go.reshape(blocks, S * c_out, *go.shape[2:]),
+        stride=stride, padding=padding, dilation=dilation, groups=S * groups)
+    return grads.view(S, c_out, c_in // groups, *kernel_size)
 
 
 def unfold_ref(x, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:

@@ -124,11 +124,29 @@ class Grouping:
         """Rows sorted by sample (stable), (R,) long; None when trivial."""
         return None if self.sample_index is None else torch.argsort(self.sample_index, stable=True)
 
+    @functools.cached_property
+    def block_order(self) -> torch.Tensor | None:
+        """For a uniform grouping of k > 1 rows per sample: the row order that makes k blocks of S rows, block j
+        holding each sample's j-th row (stable order) in sample order; None when that is the rows' own order
+        (e.g. ids [0..S-1, 0..S-1, ...]) or when :meth:`blocks` does not apply. Host sync."""
+        if self.k <= 1:
+            return None
+        order = self.perm.view(self.num_samples, self.k).t().reshape(-1)
+        return None if bool((order == torch.arange(self.num_rows, device=order.device)).all()) else order
+
+    def blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, ...) → the same rows as k blocks of S (row j·S + s: sample s's j-th row), for uniform groupings
+        with k > 1 rows per sample; ``x`` itself (no copy) when the rows already lie so."""
+        if self.k <= 1:
+            raise ValueError("Grouping.blocks needs every sample to have the same number k > 1 of rows.")
+        order = self.block_order
+        return x if order is None else x[order]
+
     def resolve(self) -> "Grouping":
         """Compute every derived index now (host syncs included), so later code, e.g. a compiled region,
         only reads them."""
         if self.sample_index is not None:
-            self.k, self.sum_sq_rows, self.perm  # noqa: B018 (cached on first access)
+            self.k, self.sum_sq_rows, self.perm, self.block_order  # noqa: B018 (cached on first access)
         return self
 
     def csr(self, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -321,6 +321,39 @@ def test_nonfinite_sample_is_dropped_and_counted(method, bad, where, device, pre
                         norms=False)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_pair_is_dropped_from_per_sample_kept_gradients(bad, caplog):
+    """Samples of two tiled rows (the GAN's real/fake pairs) keep per-SAMPLE conv gradients; a NaN/inf image
+    drops its pair alone (its kept gradient zeroed per sample), the others exact against the loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.SiLU(), nn.Flatten(),
+                          nn.Linear(3 * 16, 2)).double()
+    S = 4
+    x, target = torch.randn(2 * S, 2, 4, 4, dtype=DT), torch.randn(2 * S, 2, dtype=DT)
+    x[S + 1, 0, 2, 2] = bad  # the fake of pair 1
+    groups = torch.arange(S).repeat(2)
+    rest = groups != 1
+
+    def loss_fn(m):
+        return (m(x) - target).square().sum(1)
+
+    def loss_rest(m):
+        return (m(x[rest]) - target[rest]).square().sum(1)
+
+    engine = DPEngine(model, max_grad_norm=0.5, noise_multiplier=0.0, expected_batch_size=S,
+                      norm_strategy="materialise")
+    with caplog.at_level("INFO", logger="privimage.engine.plan"):
+        stats = engine.step(loss_fn, groups=groups)
+    assert stats.num_nonfinite == 1 and stats.num_samples == S
+    assert any(r.getMessage().startswith("DP layer 0 (Conv2d): materialise norms, per-sample grads kept")
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    want = ref.dp_grads_loop(model, loss_rest, max_grad_norm=0.5, expected_batch_size=S,
+                             groups=torch.tensor([0, 1, 2, 0, 1, 2]))
+    for p, w in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12)
+    engine.close()
+
+
 def _ks_pvalue(samples, std):
     """Two-sided one-sample Kolmogorov-Smirnov test of samples against N(0, std²) (asymptotic p-value)."""
     x, _ = torch.sort(samples.double().flatten() / std)
@@ -343,6 +376,50 @@ def test_noise_std_is_sigma_c_over_expected_batch_size():
     assert _ks_pvalue(noise, sigma * C / B) > 0.025
     assert _ks_pvalue(noise, 2 / 3 * sigma * C / B) < 0.025
     assert _ks_pvalue(noise, 1.5 * sigma * C / B) < 0.025
+
+
+class InPlace(nn.Module):
+    """A conv whose output is modified in place after the conv returned (its gradient is then not G)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h.relu_()
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["bk-mixed", "ghost"])
+def test_output_modified_in_place_falls_back_to_probes_and_matches_the_loop(method, caplog):
+    """Eager capture asks autograd for the layers' outputs; an in-place op on one is seen (version counter),
+    the step runs its forward again with probes and stays exact; a plain model keeps the direct capture."""
+    torch.manual_seed(0)
+    model = InPlace().double()
+    x, target = torch.randn(6, 2, 5, 4, dtype=DT), torch.randn(6, 2, dtype=DT)
+    groups = torch.arange(3).repeat(2)  # pairs, tiled
+
+    def loss_fn(m):
+        return (m(x) - target).square().sum(1)
+
+    C = float(ref.per_sample_norms_loop(model, loss_fn, groups=groups).median())
+    engine = DPEngine(model, max_grad_norm=C, noise_multiplier=0.0, expected_batch_size=3.0, method=method)
+    assert engine._probes.direct
+    with caplog.at_level("INFO", logger="privimage.engine.capture"):
+        for _ in range(2):  # the fallback step, then a step with probes from the start
+            engine.step(loss_fn, groups=groups)
+            want = ref.dp_grads_loop(model, loss_fn, max_grad_norm=C, expected_batch_size=3.0, groups=groups)
+            for p, w in zip(model.parameters(), want):
+                torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12)
+    assert not engine._probes.direct
+    assert sum("modified in place" in r.getMessage() for r in caplog.records) == 1
+    engine.close()
+    plain = DPEngine(nn.Linear(3, 2).double(), max_grad_norm=1.0, noise_multiplier=0.0, expected_batch_size=2.0)
+    plain.step(lambda m: m(torch.randn(2, 3, dtype=DT)).sum(1))
+    assert plain._probes.direct
+    plain.close()
 
 
 @pytest.mark.parametrize("method", ["bk-mixed", "ghost"])

@@ -50,6 +50,8 @@ def _case(rows, dtype, seed=0):
 
 GROUPINGS = {  # rows -> (groups, is_padding): K rows per sample (the fine-tune's layout), or ragged samples
     "uniform": (torch.arange(8) // 2, torch.tensor([False] * 6 + [True] * 2)),
+    # the GAN's pairs: rows tiled [0..3, 0..3] (real images, then their fakes), a padded pair
+    "pairs": (torch.arange(4).repeat(2), torch.tensor([False, False, True, False] * 2)),
     "ragged": (torch.tensor([0, 1, 1, 2, 0, 2, 2, 3]), torch.tensor([False, False, False, False, True, False, False,
                                                                       False])),
 }

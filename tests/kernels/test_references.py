@@ -95,3 +95,42 @@ def test_layer_norm_refs(kind):
     grads = loop_grads(ln, [ln.weight, ln.bias], x, G, **kw)
     for i, got in enumerate(K.layer_norm_grads_ref(x, G, (2, 3), **kw)):
         torch.testing.assert_close(got, torch.stack([gs[i] for gs in grads]))
+
+
+BLOCK_CASES = H.CONV_CASES + [pytest.param((2, 70, 3, 3, 4, 3, 1, 1, 1, 1), id="c70-chunked-on-cpu"),
+                               pytest.param((35, 2, 3, 3, 2, 3, 1, 1, 1, 1), id="s35-sample-chunks-on-cpu")]
+
+
+@pytest.mark.parametrize("k, layout", [(1, "tiled")] + [(k, layout) for k in (2, 3)
+                                                         for layout in ("tiled", "adjacent", "shuffled")])
+@pytest.mark.parametrize("spec", BLOCK_CASES)
+def test_conv_per_sample_grads_by_blocks(spec, k, layout):
+    """conv_per_row_grads(blocks=k) on Grouping.blocks' rows: each sample's gradient, its k rows' sum (the
+    loop's), for the rows tiled [0..S-1, 0..S-1, ...], adjacent [0, 0, 1, 1, ...] or shuffled; k = 1: each
+    row's gradient."""
+    S, c_in, c_out, Hh, W, ks, s, p, d, g = spec
+    spec_rows = (S * k, c_in, c_out, Hh, W, ks, s, p, d, g)
+    x, go, geometry = H.conv_case(spec_rows)
+    ids = {"tiled": torch.arange(S).repeat(k), "adjacent": torch.arange(S).repeat_interleave(k),
+           "shuffled": torch.arange(S).repeat(k)[torch.randperm(S * k, generator=torch.Generator().manual_seed(1))]}
+    sample_index = ids[layout]
+    grouping = K.Grouping(sample_index if k > 1 else None, S * k)
+    grouping.resolve()
+    if S > 1 and k > 1:  # one sample: every layout is tiled
+        assert (grouping.block_order is None) == (layout == "tiled")
+    weight = torch.randn(c_out, c_in // g, ks, ks, dtype=torch.float64, requires_grad=True)
+    want = loop_grads(lambda xr: F.conv2d(xr, weight, stride=s, padding=p, dilation=d, groups=g), [weight], x, go,
+                      sample_index=sample_index, num_samples=S)
+    blocks = grouping.blocks if k > 1 else (lambda t: t)
+    got = K.conv_per_row_grads(blocks(x), blocks(go), (ks, ks), (s, s), (p, p), (d, d), g, blocks=k)
+    torch.testing.assert_close(got, torch.stack([w[0] for w in want]))
+
+
+def test_blocks_refuse_ragged_or_one_row_groupings():
+    with pytest.raises(ValueError, match="same number k > 1"):
+        K.Grouping(torch.tensor([0, 1, 1]), 3).blocks(torch.zeros(3))
+    with pytest.raises(ValueError, match="same number k > 1"):
+        K.Grouping(None, 3).blocks(torch.zeros(3))
+    with pytest.raises(ValueError, match="blocks=2 must divide the 3 rows"):
+        K.conv_per_row_grads(torch.zeros(3, 1, 2, 2), torch.zeros(3, 1, 2, 2), (1, 1), (1, 1), (0, 0), (1, 1), 1,
+                             blocks=2)
