@@ -101,7 +101,8 @@ from privimage.engine.auditing import (
 from privimage.models.unet import ResBlock, UNet, UNetConfig
 from privimage.privacy import FINETUNE
 
-__all__ = ["AuditSettings", "BaseAuditSettings", "CaseResult", "PlantedBug", "audit_engine", "crafted_init", "format_report", "run_audit"]
+__all__ = ["AuditSettings", "BaseAuditSettings", "CaseResult", "PlantedBug", "audit_engine", "crafted_init",
+           "format_report", "run_audit"]
 
 #: The cases of the diffusion audit: the pipeline as it is, then each planted bug it is shown to catch.
 CASES = (PlantedBug.NONE, PlantedBug.NOISE_QUARTER, PlantedBug.PER_ROW_CLIPPING, PlantedBug.PUBLIC_SEED_NOISE)

@@ -154,9 +154,10 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
         run.save_log("finetune", rows)  # the checkpoint's log (a write that failed after it is redone)
     else:
         refuse_fresh_start(run, budget)
-        secrets = DPSecrets.fresh(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
-                                  secure=f.secure_noise, seed=seed, device=device, insecure_noise=lambda: step_generator(
-                                      seed, GAN_FINETUNE_STREAMS["insecure_noise"], device=device))
+        secrets = DPSecrets.fresh(
+            sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size, secure=f.secure_noise,
+            seed=seed, device=device,
+            insecure_noise=lambda: step_generator(seed, GAN_FINETUNE_STREAMS["insecure_noise"], device=device))
     check_ledger(budget, start)
     if group is not None:  # every rank: rank 0's settings, data, weights and secrets (module docstring)
         check_same_start({"run_config": run_config, "finetune": repr(f), "gan": gan.to_dict(), "num_examples": n,
