@@ -79,7 +79,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ from privimage.engine.auditing import (
 from privimage.models.unet import ResBlock, UNet, UNetConfig
 from privimage.privacy import FINETUNE
 
-__all__ = ["AuditSettings", "CaseResult", "PlantedBug", "audit_engine", "crafted_init", "format_report", "run_audit"]
+__all__ = ["AuditSettings", "BaseAuditSettings", "CaseResult", "PlantedBug", "audit_engine", "crafted_init",
+           "format_report", "run_audit"]
 
 #: The cases of the diffusion audit: the pipeline as it is, then each planted bug it is shown to catch.
 CASES = (PlantedBug.NONE, PlantedBug.NOISE_QUARTER, PlantedBug.PER_ROW_CLIPPING, PlantedBug.PUBLIC_SEED_NOISE)
@@ -113,76 +114,105 @@ _THRESHOLD = 0.9
 _GAIN = 10.0
 
 
-def check_settings(settings, counts: Sequence[str] = ()) -> None:
-    """The checks every audit's settings share (raise ValueError naming the value): steps, runs,
-    physical_batch_size, background and ``counts`` integers >= 1; the claim's ε finite and > 0, δ and the
-    confidence in (0, 1); C > 0."""
-    for name in ("steps", "runs", "physical_batch_size", "background", *counts):
-        value = getattr(settings, name)
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"Expected {name}={value!r} to be an integer >= 1.")
-    if not (settings.epsilon > 0 and math.isfinite(settings.epsilon)):
-        raise ValueError(f"Expected epsilon={settings.epsilon} finite and > 0.")
-    if not 0 < settings.delta < 1:
-        raise ValueError(f"Expected delta={settings.delta} in (0, 1).")
-    if not 0 < settings.confidence < 1:
-        raise ValueError(f"Expected confidence={settings.confidence} in (0, 1).")
-    if not settings.max_grad_norm > 0:
-        raise ValueError(f"Expected max_grad_norm={settings.max_grad_norm} > 0.")
-
-
 @dataclass(frozen=True)
-class AuditSettings:
-    """Public settings of an audit (what the auditor chooses; the canary bits and the noise stay secret).
+class BaseAuditSettings:
+    """What the public settings of every audit share (:class:`AuditSettings`, and the GAN's
+    :class:`privimage.audit_gan.GANAuditSettings`): the claim, the runs and the statistics.
 
     Attributes:
         epsilon, delta: the claim audited: σ is calibrated so the fine-tune's ``steps`` Gaussian releases
-            (sample rate 1) spend ``epsilon`` at ``delta``.
+            (sample rate 1) spend ``epsilon`` at ``delta`` (:meth:`calibrated_claim`).
         steps: DP steps per fine-tune.
-        runs: independent fine-tunes pooled (each holds ``4 · width − 1`` canaries).
-        width: the UNet's ``nf`` (classes = 4 · width).
-        resolution: image side length.
-        num_noise: K, noise draws (rows) per image.
+        runs: independent fine-tunes pooled.
         max_grad_norm: C.
-        physical_batch_size: images per micro-batch (small, so every step accumulates several).
-        background: ordinary images always in the data set, in their own class.
-        direction_draws: rounds of the auditor's own loss draws averaged into each canary's direction.
+        physical_batch_size: records per micro-batch (small enough that every step accumulates several).
+        background: ordinary records always in the data set, in their own (the last) class.
         confidence: of the whole family of tests.
         fractions: guess fractions of the family (k₊ = k₋ = fraction · m / 2).
         seed: the public configuration seed (the fine-tune's ``seed``; the public-seed bug uses it).
+
+    Invalid values raise ValueError naming the value: steps, runs, physical_batch_size, background and a
+    subclass's ``_COUNTS`` integers >= 1; ε finite and > 0; δ and the confidence in (0, 1); C > 0.
     """
 
     epsilon: float = 2.0
     delta: float = 1e-5
+    steps: int = 1
+    runs: int = 2
+    max_grad_norm: float = 1e-3
+    physical_batch_size: int = 16
+    background: int = 4
+    confidence: float = 0.95
+    fractions: tuple[float, ...] = GUESS_FRACTIONS
+    seed: int = 0
+
+    _COUNTS: ClassVar[tuple[str, ...]] = ()  # a subclass's further settings that are integers >= 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "runs", "physical_batch_size", "background", *self._COUNTS):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"Expected {name}={value!r} to be an integer >= 1.")
+        if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"Expected epsilon={self.epsilon} finite and > 0.")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"Expected delta={self.delta} in (0, 1).")
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"Expected confidence={self.confidence} in (0, 1).")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"Expected max_grad_norm={self.max_grad_norm} > 0.")
+
+    @property
+    def canaries_per_run(self) -> int:
+        """Canaries per fine-tune: one per class (a subclass's ``classes``) but the background's."""
+        return self.classes - 1
+
+    @property
+    def canaries(self) -> int:
+        return self.runs * self.canaries_per_run
+
+    def calibrated_claim(self) -> tuple[float, float]:
+        """(σ, claimed ε): σ calibrated so ``steps`` Gaussian releases at sample rate 1 spend ``epsilon`` at
+        ``delta``, and the accountant's ε for that σ (the claim audited)."""
+        sigma = calibrate_noise_multiplier(target_epsilon=self.epsilon, sample_rate=1.0, steps=self.steps,
+                                           delta=self.delta)
+        return sigma, compute_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=self.steps,
+                                      delta=self.delta).upper
+
+    def budget(self, sigma: float) -> PrivacyBudget:
+        """One audited fine-tune's budget: ``steps`` Gaussian releases of σ at sample rate 1."""
+        return PrivacyBudget(self.epsilon, self.delta, plan={FINETUNE: Mechanism(sigma, 1.0, self.steps)})
+
+
+@dataclass(frozen=True)
+class AuditSettings(BaseAuditSettings):
+    """Public settings of an audit (what the auditor chooses; the canary bits and the noise stay secret): those
+    of :class:`BaseAuditSettings` (runs: each fine-tune holds ``4 · width − 1`` canaries), and
+
+    Attributes:
+        width: the UNet's ``nf`` (classes = 4 · width).
+        resolution: image side length.
+        num_noise: K, noise draws (rows) per image.
+        direction_draws: rounds of the auditor's own loss draws averaged into each canary's direction.
+    """
+
     steps: int = 2
     runs: int = 16
     width: int = 32
     resolution: int = 4
     num_noise: int = 4
-    max_grad_norm: float = 1e-3
-    physical_batch_size: int = 16
-    background: int = 4
     direction_draws: int = 16
-    confidence: float = 0.95
-    fractions: tuple[float, ...] = GUESS_FRACTIONS
-    seed: int = 0
+
+    _COUNTS: ClassVar[tuple[str, ...]] = ("resolution", "num_noise", "direction_draws")
 
     def __post_init__(self) -> None:
-        check_settings(self, ("resolution", "num_noise", "direction_draws"))
+        super().__post_init__()
         if not (isinstance(self.width, int) and self.width >= 4 and self.width % 4 == 0):
             raise ValueError(f"Expected width={self.width!r} to be a multiple of 4, at least 4 (the UNet's nf).")
 
     @property
     def classes(self) -> int:
         return 4 * self.width
-
-    @property
-    def canaries_per_run(self) -> int:
-        return self.classes - 1
-
-    @property
-    def canaries(self) -> int:
-        return self.runs * self.canaries_per_run
 
     def describe(self) -> str:
         """The audited sizes, for the report's note."""
@@ -351,23 +381,13 @@ def _fine_tune(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, *, set
     from privimage.config import FinetuneConfig
     from privimage.train import finetune
 
-    releases: list[dict[str, torch.Tensor]] = []
-    divisor = float(len(images))
-
-    def on_release(step: int, denoiser: torch.nn.Module) -> None:
-        releases.append({name: p.grad.detach() * divisor for name, p in denoiser.named_parameters()
-                         if p.requires_grad})
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        config = FinetuneConfig(physical_batch_size=settings.physical_batch_size, num_noise=settings.num_noise,
-                                max_grad_norm=settings.max_grad_norm, lr=0.0, label_dropout=0.0, secure_noise=True,
-                                checkpoint_every=settings.steps, log_every=settings.steps)
-        finetune(run_dir, config, images=images, labels=labels, unet=settings.unet(), budget=budget,
-                 init_state=init_state, seed=settings.seed, on_release=on_release, log=lambda *_: None)
-    if len(releases) != settings.steps:
-        raise RuntimeError(f"The fine-tune reported {len(releases)} releases for {settings.steps} steps: its "
-                           f"on_release hook no longer sees every step.")
-    return releases
+    config = FinetuneConfig(physical_batch_size=settings.physical_batch_size, num_noise=settings.num_noise,
+                            max_grad_norm=settings.max_grad_norm, lr=0.0, label_dropout=0.0, secure_noise=True,
+                            checkpoint_every=settings.steps, log_every=settings.steps)
+    return collect_releases(lambda on_release: finetune(
+        run_dir, config, images=images, labels=labels, unet=settings.unet(), budget=budget, init_state=init_state,
+        seed=settings.seed, on_release=on_release, log=lambda *_: None),
+        divisor=float(len(images)), steps=settings.steps, what="fine-tune")
 
 
 @contextlib.contextmanager
@@ -407,6 +427,21 @@ class _Case:
     included: list = field(default_factory=list)
     correlation: float = float("nan")
 
+    def add(self, released: torch.Tensor, replay: torch.Tensor, directions: torch.Tensor, included: np.ndarray,
+            max_grad_norm: float) -> None:
+        """One run: the canaries' released sums and the public-seed noise replayed (m, D), projected on their
+        directions (m, D) in units of C, with and without the replay; which canaries were included."""
+        self.plain.append((released * directions).sum(1) / max_grad_norm)
+        self.replayed.append(((released - replay) * directions).sum(1) / max_grad_norm)
+        self.included.append(included)
+
+    def bound(self, settings) -> AuditBound:
+        """The family's ε lower bound over every run's scores (both scorings, ``settings``' guess fractions)."""
+        scorings = {"projection": torch.cat(self.plain).numpy(),
+                    "projection minus public-seed noise": torch.cat(self.replayed).numpy()}
+        return epsilon_lower_bound(scorings, np.concatenate(self.included), delta=settings.delta,
+                                   confidence=settings.confidence, fractions=settings.fractions)
+
 
 def _seed(reproducible: int | None, *parts: int) -> int:
     """A 63-bit seed: derived from (reproducible, *parts) for tests, else from the OS's entropy."""
@@ -414,6 +449,31 @@ def _seed(reproducible: int | None, *parts: int) -> int:
         return secrets.randbits(63)
     state = np.random.SeedSequence([reproducible, *parts]).generate_state(1, dtype=np.uint64)[0]
     return int(state >> np.uint64(1))
+
+
+def audited_records(included: np.ndarray, canaries: tuple[torch.Tensor, torch.Tensor],
+                    background: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One run's data set: the ``included`` canaries (images, labels), then the background records."""
+    pick = torch.from_numpy(included)
+    return torch.cat([canaries[0][pick], background[0]]), torch.cat([canaries[1][pick], background[1]])
+
+
+def collect_releases(fine_tune: Callable[[Callable[[int, torch.nn.Module], None]], None], *, divisor: float,
+                     steps: int, what: str) -> list[dict[str, torch.Tensor]]:
+    """Every step's released noisy sum {parameter name: tensor} of ``fine_tune(on_release)`` (its progress bar
+    silenced), read through the loop's documented ``on_release`` hook: right after ``finalize``, ``p.grad`` =
+    noisy sum / (q·N), and q·N = ``divisor`` (N at rate 1). A loop whose hook missed a step is an error."""
+    releases: list[dict[str, torch.Tensor]] = []
+
+    def on_release(step: int, module: torch.nn.Module) -> None:
+        releases.append({name: p.grad.detach() * divisor for name, p in module.named_parameters() if p.requires_grad})
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        fine_tune(on_release)
+    if len(releases) != steps:
+        raise RuntimeError(f"The {what} reported {len(releases)} releases for {steps} steps: its on_release hook "
+                           f"no longer sees every step.")
+    return releases
 
 
 def _correlation(releases: list[dict], replayed: list[dict]) -> float:
@@ -438,10 +498,7 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
     """
     cases = [PlantedBug(c) for c in cases]
     config = settings.unet()
-    sigma = calibrate_noise_multiplier(target_epsilon=settings.epsilon, sample_rate=1.0, steps=settings.steps,
-                                       delta=settings.delta)
-    claimed = compute_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=settings.steps,
-                              delta=settings.delta).upper
+    sigma, claimed = settings.calibrated_claim()
     init_state = crafted_init(config, settings.seed)
     names = class_columns(config)
     directions = canary_directions(init_state, settings,
@@ -449,8 +506,7 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
     replayed = replay_noise(EDMDenoiser(UNet(config)), max_grad_norm=settings.max_grad_norm, noise_multiplier=sigma,
                             seed=settings.seed, steps=settings.steps)
     replay = sum(_coordinates(noise, names) for noise in replayed)
-    canaries, canary_labels = canary_images(settings)
-    background, background_labels = background_images(settings)
+    canaries, background = canary_images(settings), background_images(settings)
     log(f"audit: claimed epsilon {claimed:.3f} (delta {settings.delta:g}; sigma {sigma:.4g}, {settings.steps} "
         f"steps, sample rate 1); {settings.canaries} canaries in {settings.runs} fine-tunes per case")
     results = []
@@ -459,27 +515,17 @@ def run_audit(settings: AuditSettings = AuditSettings(), cases: Sequence[Planted
         case = _Case()
         for run in range(settings.runs):
             included = draw_inclusions(settings.canaries_per_run, seed=_seed(reproducible, 2, case_index, run))
-            pick = torch.from_numpy(included)
-            images = torch.cat([canaries[pick], background])
-            labels = torch.cat([canary_labels[pick], background_labels])
-            budget = PrivacyBudget(settings.epsilon, settings.delta,
-                                   plan={FINETUNE: Mechanism(sigma, 1.0, settings.steps)})
+            images, labels = audited_records(included, canaries, background)
             with tempfile.TemporaryDirectory(prefix="privimage-audit-") as tmp, \
                     _planted(bug, settings.seed, _seed(reproducible, 3, case_index, run) if reproducible is not None
                              else None):
-                releases = _fine_tune(Path(tmp), images, labels, settings=settings, budget=budget,
-                                      init_state=init_state)
+                releases = _fine_tune(Path(tmp), images, labels, settings=settings,
+                                      budget=settings.budget(sigma), init_state=init_state)
             released = sum(_coordinates(r, names) for r in releases)[: settings.canaries_per_run]
-            noise_free = released - replay[: settings.canaries_per_run]
-            case.plain.append((released * directions).sum(1) / settings.max_grad_norm)
-            case.replayed.append((noise_free * directions).sum(1) / settings.max_grad_norm)
-            case.included.append(included)
+            case.add(released, replay[: settings.canaries_per_run], directions, included, settings.max_grad_norm)
             if run == 0:
                 case.correlation = _correlation(releases, replayed)
-        scorings = {"projection": torch.cat(case.plain).numpy(),
-                    "projection minus public-seed noise": torch.cat(case.replayed).numpy()}
-        bound = epsilon_lower_bound(scorings, np.concatenate(case.included), delta=settings.delta,
-                                    confidence=settings.confidence, fractions=settings.fractions)
+        bound = case.bound(settings)
         result = CaseResult("pipeline", bug, claimed, bound, settings.steps, settings.runs,
                             time.perf_counter() - start, case.correlation)
         log(f"audit: pipeline, {bug.value}: epsilon_lb {bound.epsilon_lb:.3f} vs claimed {claimed:.3f}: "
@@ -495,8 +541,7 @@ def audit_engine(settings: AuditSettings = AuditSettings(), cases: Sequence[Plan
     A mechanism-level check in a second: if it fails, the engine is at fault; if only the pipeline audit fails,
     the fault is in how the fine-tune uses the engine.
     """
-    sigma = calibrate_noise_multiplier(target_epsilon=settings.epsilon, sample_rate=1.0, steps=settings.steps,
-                                       delta=settings.delta)
+    sigma, _ = settings.calibrated_claim()
     results = []
     for case_index, bug in enumerate(PlantedBug(c) for c in cases):
         start = time.perf_counter()

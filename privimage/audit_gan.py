@@ -46,24 +46,19 @@ the Poisson sampling (rate 1), leaks outside the released gradients, or CUDA, bf
 
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
-import numpy as np
 import torch
 
-from privimage.audit import CaseResult, _Case, _planted, _seed, check_settings
-from privimage.engine import PrivacyBudget, calibrate_noise_multiplier, compute_epsilon
-from privimage.engine.accounting import Mechanism
-from privimage.engine.auditing import GUESS_FRACTIONS, PlantedBug, draw_inclusions, epsilon_lower_bound, replay_noise
+from privimage.audit import BaseAuditSettings, CaseResult, _Case, _planted, _seed, audited_records, collect_releases
+from privimage.engine import PrivacyBudget
+from privimage.engine.auditing import PlantedBug, draw_inclusions, replay_noise
 from privimage.gan.losses import d_hinge
 from privimage.models.gan import Discriminator, GANConfig, Generator
-from privimage.privacy import FINETUNE
 
 __all__ = ["GAN_CASES", "GANAuditSettings", "canary_directions", "crafted_discriminator", "run_gan_audit"]
 
@@ -84,50 +79,27 @@ _EMBED = "embed.weight"
 
 
 @dataclass(frozen=True)
-class GANAuditSettings:
-    """Public settings of a GAN audit (what the auditor chooses; the canary bits and the noise stay secret).
+class GANAuditSettings(BaseAuditSettings):
+    """Public settings of a GAN audit (what the auditor chooses; the canary bits and the noise stay secret):
+    those of :class:`~privimage.audit.BaseAuditSettings` (steps: DP discriminator steps; runs: each fine-tune
+    holds ``classes − 1`` canaries; seed: also the networks' and the canary images'), and
 
     Attributes:
-        epsilon, delta: the claim audited: σ is calibrated so the fine-tune's ``steps`` Gaussian releases
-            (sample rate 1) spend ``epsilon`` at ``delta``.
-        steps: DP discriminator steps per fine-tune.
-        runs: independent fine-tunes pooled (each holds ``classes − 1`` canaries).
         classes: the GAN's classes: one per canary, and one for the background records.
         width: the discriminator's ``d_width`` (its features h have 2 · width dimensions).
-        max_grad_norm: C.
-        physical_batch_size: records per micro-batch (several per step).
-        background: ordinary records always in the data set, in the last class.
-        confidence: of the whole family of tests.
-        fractions: guess fractions of the family.
-        seed: the public configuration seed (networks, canary images; the public-seed bug uses it).
     """
 
-    epsilon: float = 2.0
-    delta: float = 1e-5
-    steps: int = 1
-    runs: int = 2
+    physical_batch_size: int = 256
     classes: int = 4096
     width: int = 8
-    max_grad_norm: float = 1e-3
-    physical_batch_size: int = 256
-    background: int = 4
-    confidence: float = 0.95
-    fractions: tuple[float, ...] = GUESS_FRACTIONS
-    seed: int = 0
+
+    _COUNTS: ClassVar[tuple[str, ...]] = ("width",)
 
     def __post_init__(self) -> None:
-        check_settings(self, ("width",))
+        super().__post_init__()
         if not (isinstance(self.classes, int) and self.classes >= 2):
             raise ValueError(f"Expected classes={self.classes!r} to be an integer >= 2 (one canary class at least "
                              f"and the background's).")
-
-    @property
-    def canaries_per_run(self) -> int:
-        return self.classes - 1
-
-    @property
-    def canaries(self) -> int:
-        return self.runs * self.canaries_per_run
 
     def gan(self) -> GANConfig:
         """The audited GAN: 8×8 RGB, one discriminator block (2 · width channels), ``classes`` classes."""
@@ -210,24 +182,13 @@ def _fine_tune(run_dir: Path, images: torch.Tensor, labels: torch.Tensor, *, set
     from privimage.config import GANFinetuneConfig
     from privimage.train import finetune_gan
 
-    releases: list[dict[str, torch.Tensor]] = []
-    divisor = float(len(images))
-
-    def on_release(step: int, discriminator: torch.nn.Module) -> None:
-        releases.append({name: p.grad.detach() * divisor for name, p in discriminator.named_parameters()
-                         if p.requires_grad})
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        config = GANFinetuneConfig(physical_batch_size=settings.physical_batch_size,
-                                   max_grad_norm=settings.max_grad_norm, d_lr=_LR, g_lr=_LR,
-                                   d_steps_per_g_step=10_000, g_batch_size=1, secure_noise=True,
-                                   checkpoint_every=settings.steps, log_every=settings.steps)
-        finetune_gan(run_dir, config, images=images, labels=labels, gan=settings.gan(), budget=budget,
-                     init_state=init_state, seed=settings.seed, on_release=on_release, log=lambda *_: None)
-    if len(releases) != settings.steps:
-        raise RuntimeError(f"The GAN fine-tune reported {len(releases)} releases for {settings.steps} steps: its "
-                           f"on_release hook no longer sees every step.")
-    return releases
+    config = GANFinetuneConfig(physical_batch_size=settings.physical_batch_size, max_grad_norm=settings.max_grad_norm,
+                               d_lr=_LR, g_lr=_LR, d_steps_per_g_step=10_000, g_batch_size=1, secure_noise=True,
+                               checkpoint_every=settings.steps, log_every=settings.steps)
+    return collect_releases(lambda on_release: finetune_gan(
+        run_dir, config, images=images, labels=labels, gan=settings.gan(), budget=budget, init_state=init_state,
+        seed=settings.seed, on_release=on_release, log=lambda *_: None),
+        divisor=float(len(images)), steps=settings.steps, what="GAN fine-tune")
 
 
 def run_gan_audit(settings: GANAuditSettings = GANAuditSettings(), cases: Sequence[PlantedBug | str] = GAN_CASES, *,
@@ -245,10 +206,7 @@ def run_gan_audit(settings: GANAuditSettings = GANAuditSettings(), cases: Sequen
     """
     cases = [PlantedBug(c) for c in cases]
     gan = settings.gan()
-    sigma = calibrate_noise_multiplier(target_epsilon=settings.epsilon, sample_rate=1.0, steps=settings.steps,
-                                       delta=settings.delta)
-    claimed = compute_epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=settings.steps,
-                              delta=settings.delta).upper
+    sigma, claimed = settings.calibrated_claim()
     discriminator = crafted_discriminator(gan, settings.seed)
     init_state = {"generator": _seeded(lambda: Generator(gan), settings.seed + 1).state_dict(),
                   "discriminator": discriminator, "gan": gan.to_dict()}
@@ -257,8 +215,7 @@ def run_gan_audit(settings: GANAuditSettings = GANAuditSettings(), cases: Sequen
     replayed = replay_noise(Discriminator(gan), max_grad_norm=settings.max_grad_norm, noise_multiplier=sigma,
                             seed=settings.seed, steps=settings.steps)
     replay = sum(noise[_EMBED].double() for noise in replayed)[:m]
-    canaries, canary_labels = canary_records(settings)
-    background, background_labels = background_records(settings)
+    canaries, background = canary_records(settings), background_records(settings)
     log(f"audit (GAN): claimed epsilon {claimed:.3f} (delta {settings.delta:g}; sigma {sigma:.4g}, {settings.steps} "
         f"discriminator steps, sample rate 1); {settings.canaries} canaries in {settings.runs} fine-tunes per case")
     results = []
@@ -268,26 +225,17 @@ def run_gan_audit(settings: GANAuditSettings = GANAuditSettings(), cases: Sequen
         for run in range(settings.runs):
             included = draw_inclusions(m, seed=_seed(reproducible, 5, case_index, run) if reproducible is not None
                                        else None)
-            pick = torch.from_numpy(included)
-            images = torch.cat([canaries[pick], background])
-            labels = torch.cat([canary_labels[pick], background_labels])
-            budget = PrivacyBudget(settings.epsilon, settings.delta,
-                                   plan={FINETUNE: Mechanism(sigma, 1.0, settings.steps)})
+            images, labels = audited_records(included, canaries, background)
             noise_seed = _seed(reproducible, 6, case_index, run) if reproducible is not None else None
             with tempfile.TemporaryDirectory(prefix="privimage-audit-gan-") as tmp, \
                     _planted(bug, settings.seed, noise_seed, _LOOP):
-                releases = _fine_tune(Path(tmp), images, labels, settings=settings, budget=budget,
-                                      init_state=init_state)
+                releases = _fine_tune(Path(tmp), images, labels, settings=settings,
+                                      budget=settings.budget(sigma), init_state=init_state)
             released = sum(r[_EMBED].double() for r in releases)[:m]
-            case.plain.append((released * directions).sum(1) / settings.max_grad_norm)
-            case.replayed.append(((released - replay) * directions).sum(1) / settings.max_grad_norm)
-            case.included.append(included)
+            case.add(released, replay, directions, included, settings.max_grad_norm)
             if run == 0:  # over the canaries' rows (the shared w and b hold every record's gradient)
                 case.correlation = float(torch.corrcoef(torch.stack([released.flatten(), replay.flatten()]))[0, 1])
-        scorings = {"projection": torch.cat(case.plain).numpy(),
-                    "projection minus public-seed noise": torch.cat(case.replayed).numpy()}
-        bound = epsilon_lower_bound(scorings, np.concatenate(case.included), delta=settings.delta,
-                                    confidence=settings.confidence, fractions=settings.fractions)
+        bound = case.bound(settings)
         result = CaseResult("gan", bug, claimed, bound, settings.steps, settings.runs, time.perf_counter() - start,
                             case.correlation)
         log(f"audit (GAN): {bug.value}: epsilon_lb {bound.epsilon_lb:.3f} vs claimed {claimed:.3f}: {result.verdict} "

@@ -41,7 +41,9 @@ whole group again with the same command line. The job is named by torchrun's run
 ``--rdzv-id``, or a fresh one per ``--standalone`` launch), which :func:`launch_info` records in the run
 directory's ``config.json``; ``privimage run`` started again by the same job finds the run directory its
 earlier attempt made (:func:`torchrun_job`) and resumes it from its last checkpoint, with its ledger, instead
-of starting a new one (:mod:`privimage.commands.run`). A lock left by an earlier attempt of the same job is
+of starting a new one (:mod:`privimage.commands.run`); ``privimage pretrain|finetune RUN_DIR`` restarted by
+the job resume from the stage's checkpoint when its ``"launch"`` names this job
+(:func:`privimage.commands.resume_after_restart`). A lock left by an earlier attempt of the same job is
 taken over (:mod:`privimage.lockfile`): torchrun starts a new attempt only after every worker of the previous
 one has stopped. Several nodes need one shared file system for the run directory (every rank reads its files).
 """
@@ -57,8 +59,9 @@ import torch
 
 from privimage.errors import DeviceError
 
-__all__ = ["Launch", "alone", "barrier", "current", "gather_batches", "init_from_env", "is_writer", "launch_info", "my_batches", "share",
-           "shutdown", "torchrun_job", "use_group"]
+__all__ = ["Launch", "alone", "announce_restart", "barrier", "current", "gather_batches", "init_from_env", "is_writer",
+           "launch_info", "my_batches", "restarted", "share", "shutdown", "torchrun_job", "use_group",
+           "written_by_this_job"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -256,6 +259,38 @@ def torchrun_job() -> tuple[str, int] | None:
     if not run_id:
         return None
     return run_id, int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def written_by_this_job(launch) -> bool:
+    """True when ``launch`` (the :func:`launch_info` record of a run directory's config.json or of a checkpoint)
+    names this process's torchrun job (:func:`torchrun_job`): an earlier attempt of this job wrote it."""
+    job = torchrun_job()
+    return job is not None and isinstance(launch, dict) and launch.get("torchrun_id") == job[0]
+
+
+def restarted() -> bool:
+    """True when this attempt of the torchrun job is a restart: some rank's ``TORCHELASTIC_RESTART_COUNT`` is
+    above 0 (a node whose own workers did not fail restarts with its count unchanged, so every rank's count is
+    gathered). Collective under a launch: every rank calls it."""
+    job = torchrun_job()
+    count = job[1] if job is not None else 0
+    if _LAUNCH is None:
+        return count > 0
+    import torch.distributed as dist
+
+    counts = [None] * _LAUNCH.world_size
+    dist.all_gather_object(counts, count, group=_LAUNCH.group)
+    return max(counts) > 0
+
+
+def announce_restart(what: str) -> None:
+    """On rank 0, to stderr: ``torchrun job ID (restart N on this node): WHAT`` (a restarted attempt says what it
+    continues)."""
+    if is_writer():
+        import sys
+
+        job_id, attempt = torchrun_job()
+        print(f"torchrun job {job_id} (restart {attempt} on this node): {what}", file=sys.stderr, flush=True)
 
 
 def shutdown() -> None:

@@ -265,7 +265,20 @@ class RunDir:
                           f"query's selection, at no privacy cost")
 
     def save_checkpoint(self, stage: str, state: dict) -> None:
-        save_torch(state, self.checkpoint_path(stage))
+        """checkpoints/<stage>.pt, atomically, with ``"launch"`` (:func:`privimage.distributed.launch_info`, as
+        config.json records it): a restarted attempt of the torchrun job that wrote it resumes from it
+        (:func:`privimage.commands.resume_after_restart`)."""
+        from privimage.distributed import launch_info
+
+        save_torch({**state, "launch": launch_info()}, self.checkpoint_path(stage))
+
+    def checkpoint_launch(self, stage: str) -> dict | None:
+        """The ``"launch"`` record of checkpoints/<stage>.pt; None when there is no checkpoint, it records none or
+        it cannot be read (the stage's own read then names the file and the fix)."""
+        try:
+            return read_checkpoint(self.checkpoint_path(stage)).get("launch")
+        except RunDirError:  # MissingRunFile included
+            return None
 
     def load_checkpoint(self, stage: str, *, map_location="cpu", model_kind: str | None = "diffusion") -> dict:
         """checkpoints/<stage>.pt (weights only: tensors and plain containers) of the run's ``model_kind``:

@@ -80,7 +80,7 @@ def one_torch_thread():
     """torch on one thread for the test (restored afterwards): tiny batches gain nothing from a second thread,
     two threads per process oversubscribe a shared 2-core CPU, and a reference computed on one thread sums in
     the same order as the one-thread ranks of the distributed tests. Use with ``pytest.mark.usefixtures``."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from threads import one_torch_thread as on_one_thread
+
+    with on_one_thread():
+        yield

@@ -33,3 +33,22 @@ def run_stage(args: argparse.Namespace, command: str, body: Callable, *, splits=
     with run.lock(command):
         body(run, cfg)
     return 0
+
+
+def resume_after_restart(run, stage: str, resume: bool) -> bool:
+    """Whether ``privimage <stage> RUN_DIR`` resumes: ``resume`` (its --resume), or, under torchrun in a restarted
+    attempt of the job (:func:`privimage.distributed.restarted`) whose earlier attempt wrote
+    ``checkpoints/<stage>.pt`` (its ``"launch"`` names the job, :func:`privimage.distributed.written_by_this_job`),
+    True: the restart continues from that checkpoint, with its ledger, as ``privimage run`` continues the run
+    directory its earlier attempt made (:mod:`privimage.commands.run`). Collective under torchrun: every rank
+    calls it and gets rank 0's answer."""
+    from privimage import distributed
+
+    if resume or distributed.current() is None or distributed.torchrun_job() is None or not distributed.restarted():
+        return resume
+    path = run.checkpoint_path(stage)
+    ours = distributed.is_writer() and distributed.written_by_this_job(run.checkpoint_launch(stage))
+    if not distributed.share(ours):
+        return False
+    distributed.announce_restart(f"{path} was written by an earlier attempt of this job; resuming from it")
+    return True

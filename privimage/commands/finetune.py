@@ -6,9 +6,10 @@ in the budget ledger before its noisy gradient exists; --resume continues from c
 the ledger, sampler and noise state it holds, so no step is counted or released twice and the final epsilon
 and parameters equal those of an uninterrupted run. Checkpoints hold the sampler seed, the noise state and the
 secret key of the diffusion randomness: keep them private (publish `privimage export`'s release/ instead).
-Without --resume, a run directory that already holds fine-tune outputs or counted steps is refused. The config,
-the device and the sensitive data are checked before anything runs (--dry-run: only that), and the run
-directory is locked while the fine-tune writes into it.
+Without --resume, a run directory that already holds fine-tune outputs or counted steps is refused, except
+under `torchrun --max-restarts`: a restarted attempt resumes from the checkpoint its job's earlier attempt
+wrote. The config, the device and the sensitive data are checked before anything runs (--dry-run: only
+that), and the run directory is locked while the fine-tune writes into it.
 
 Example:
   privimage finetune runs/00000-demo --resume
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from privimage.commands import add_stage_arguments, run_stage
+from privimage.commands import add_stage_arguments, resume_after_restart, run_stage
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,5 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from privimage.pipeline import stage_finetune
 
-    return run_stage(args, "finetune", lambda run, cfg: stage_finetune(run, cfg, resume=args.resume),
+    return run_stage(args, "finetune", lambda run, cfg: stage_finetune(
+        run, cfg, resume=resume_after_restart(run, "finetune", args.resume)),
                      splits=("sensitive",), roots={"sensitive": args.sensitive_root})

@@ -132,33 +132,27 @@ def _made_by_this_job(cfg, out: Path) -> tuple[str, bool] | None:
     """(path, finished) of the newest run directory under ``out`` that an earlier attempt of this torchrun job
     made with this config (its config.json names the job's run id, :func:`privimage.distributed.torchrun_job`),
     else None."""
-    from privimage.distributed import torchrun_job
+    from privimage.distributed import written_by_this_job
     from privimage.rundir import RunDir, config_json
 
-    job_id = torchrun_job()[0]
     wanted = json.loads(json.dumps({k: v for k, v in config_json(cfg).items() if k != "launch"}))  # as read back
     for path in sorted(out.glob("[0-9][0-9][0-9][0-9][0-9]-*"), reverse=True) if out.is_dir() else ():
         try:
             made = json.loads((path / "config.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(made, dict) and isinstance(made.get("launch"), dict) and made["launch"].get(
-                "torchrun_id") == job_id and {k: v for k, v in made.items() if k != "launch"} == wanted:
+        if isinstance(made, dict) and written_by_this_job(made.get("launch")) and {
+                k: v for k, v in made.items() if k != "launch"} == wanted:
             return str(path), RunDir(path).timings_path.is_file()
     return None
 
 
 def _continue_this_job(path: Path, finished: bool, resume_pipeline) -> int:
     """A restarted torchrun job: finish the run directory its earlier attempt made (nothing if it finished)."""
-    import sys
-
     from privimage import distributed
 
-    job_id, attempt = distributed.torchrun_job()
-    if distributed.is_writer():
-        what = "already finished; nothing to do" if finished else "resuming it from its last checkpoints"
-        print(f"torchrun job {job_id} (restart {attempt} on this node): run directory {path} was made by an earlier "
-              f"attempt of this job; {what}", file=sys.stderr, flush=True)
+    what = "already finished; nothing to do" if finished else "resuming it from its last checkpoints"
+    distributed.announce_restart(f"run directory {path} was made by an earlier attempt of this job; {what}")
     if not finished:
         resume_pipeline(path)
     return 0

@@ -1,5 +1,9 @@
 """What both training loops share: devices, checkpoints, seeded generators, sample grids.
 
+What only the two DP fine-tunes share (their secrets, the ledger checks, the ledger-first checkpoint tail) is in
+:mod:`privimage.train.dp_loop`; what only the two pre-trainings share (the public subset's loader and stream) in
+:mod:`privimage.train.subset`.
+
 Checkpoints are read with :func:`privimage.rundir.read_checkpoint` (``weights_only=True``: tensors and plain
 containers only, errors naming the file); the paths of a run directory come from :class:`privimage.rundir.RunDir`.
 """

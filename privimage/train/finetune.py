@@ -45,7 +45,6 @@ batch size q·N (the drawn size is sensitive), and the progress bar shows only s
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -54,21 +53,24 @@ import torch
 from privimage.config import FinetuneConfig
 from privimage.diffusion import EDMDenoiser, EDMLoss, EMA, to_model_range
 from privimage import distributed
-from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
+from privimage.engine import DPEngine, PrivacyBudget
 from privimage.engine import distributed as dp_distributed
 from privimage.engine.sampling import PhysicalBatch
 from privimage.errors import RunDirError
 from privimage.models import UNet, UNetConfig
 from privimage.privacy import FINETUNE
-from privimage.progress import progress_bar
 from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
 from privimage.train.common import place, save_sample_grid
+from privimage.train.dp_loop import DPSecrets, FinetuneTail, check_ledger, restore_ledger
 
 __all__ = ["FINETUNE_OUTPUTS", "accumulate_micro_batch", "finetune", "finetune_outputs", "refuse_fresh_start"]
 
 #: Files a fine-tune derives from the sensitive data (:attr:`RunDir.FINETUNE_OUTPUTS`).
 FINETUNE_OUTPUTS = RunDir.FINETUNE_OUTPUTS
+
+#: The checkpoint's key of the per-record diffusion randomness (:class:`DPSecrets`).
+DRAWS_KEY = "loss_randomness"
 
 INSECURE_WARNING = ("finetune: secure_noise=False: the Poisson sampling, the DP noise and the diffusion "
                     "randomness are derived from the PUBLIC seed. This run is reproducible and NOT private; "
@@ -167,44 +169,36 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
     start, rows, nonfinite = 0, [], 0
     if resume:
         state = run.load_checkpoint("finetune", map_location=device)
-        if "loss_randomness" not in state:
+        if DRAWS_KEY not in state:
             raise RunDirError(f"{ckpt_path} was written by an older privimage whose fine-tune drew its diffusion "
                              f"randomness from the public seed; it cannot be resumed privately. Start a new run.")
-        if not isinstance(state["loss_randomness"].get("key"), int):
+        if not isinstance(state[DRAWS_KEY].get("key"), int):
             raise RunDirError(f"{ckpt_path} was written by an older privimage whose per-record diffusion randomness "
                              f"(one seeded generator per record) this version cannot replay, so the resumed steps "
                              f"would be a second, uncounted release. Start a new run directory.")
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        sampler = PoissonSampler.from_state_dict(state["sampler"])
-        noise_gen = torch.Generator(device)
-        noise_gen.set_state(state["noise_generator"].cpu())
-        randomness = RecordRandomness.from_state_dict(state["loss_randomness"])
-        budget.spent.clear()
-        budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
+        secrets = DPSecrets.from_checkpoint(state, draws_key=DRAWS_KEY, device=device)
+        restore_ledger(budget, state)
         start, rows, nonfinite = state["step"], state["log"], state.get("num_nonfinite", 0)
         log(f"finetune: resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
         run.save_log("finetune", rows)  # the checkpoint's log (a write that failed after it is redone)
     else:
         refuse_fresh_start(run, budget)
-        sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
-                                 seed=None if f.secure_noise else seed, secure=f.secure_noise)
-        noise_gen = secure_generator(device) if f.secure_noise else torch.Generator(device).manual_seed(seed + 7)
-        randomness = RecordRandomness.secret() if f.secure_noise else RecordRandomness.from_public_seed(seed)
-    if budget.spent.get(FINETUNE, 0) != start:
-        raise RunDirError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
-                         f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
+        secrets = DPSecrets.fresh(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
+                                  secure=f.secure_noise, seed=seed, device=device,
+                                  insecure_noise=lambda: torch.Generator(device).manual_seed(seed + 7))
+    check_ledger(budget, start)
     if group is not None:  # every rank: the same settings, data and secrets as rank 0 (module docstring)
         dp_distributed.refuse_mismatch({"run_config": run_config, "finetune": repr(f), "num_examples": n,
                                         "seed": seed, "start": start, "ledger": dict(budget.spent)}, group,
                                        "the fine-tune")
         dp_distributed.check_replicas([images, labels], group, "sensitive data")
-        sampler = dp_distributed.share_sampler(sampler, group)
-        randomness = type(randomness).from_state_dict(dp_distributed.broadcast_from_rank0(randomness.state_dict(),
-                                                                                          group))
+    secrets = secrets.shared(group)
+    randomness = secrets.draws
     engine = DPEngine(denoiser, max_grad_norm=f.max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=f.method, generator=noise_gen, compile=f.compile, process_group=group,
+                      method=f.method, generator=secrets.noise, compile=f.compile, process_group=group,
                       check_every=distributed.check_every())
     loss = EDMLoss(num_noise=f.num_noise, label_dropout=f.label_dropout)
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -216,30 +210,22 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
                  "steps": steps, "num_noise": f.num_noise, "expected_batch_size": expected, "num_examples": n,
                  "method": f.method, "secure": f.secure_noise, "label_dropout": f.label_dropout}
 
-    def save(step: int, last_saved: int) -> None:
-        if not writer:  # rank 0 alone writes; its checkpoint is the same as one process's
-            return
-        # The ledger first: once the checkpoint (or anything after it) exists, budget.json already counts it.
-        run.save_budget(budget)
-        run.save_checkpoint("finetune", {
-            "kind": "finetune", "step": step, "steps": steps, "model": net.state_dict(), "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(), "sampler": sampler.state_dict(), "noise_generator": noise_gen.get_state(),
-            "loss_randomness": randomness.state_dict(), "budget": budget.state_dict(), "unet": unet.to_dict(),
-            "mechanism": mechanism, "num_nonfinite": nonfinite, "log": rows, "config": run_config})
-        run.save_log("finetune", rows)
-        if f.sample_every and step // f.sample_every > last_saved // f.sample_every:
-            save_sample_grid(ema.module, run.training_grid_path("finetune", step), shape=shape,
-                             num_classes=num_classes, seed=seed, device=device)
+    def checkpoint(step: int) -> dict:
+        return {"kind": "finetune", "step": step, "steps": steps, "model": net.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), **secrets.state_dict(draws_key=DRAWS_KEY), "budget": budget.state_dict(),
+                "unet": unet.to_dict(), "mechanism": mechanism, "num_nonfinite": nonfinite, "log": rows,
+                "config": run_config}
 
-    bar = progress_bar(steps, desc=f"DP fine-tune (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
-                       initial=start, enabled=writer)
-    t_last, steps_since_log, done, last_saved = time.perf_counter(), 0, start, start
+    def grid(step: int) -> None:
+        save_sample_grid(ema.module, run.training_grid_path("finetune", step), shape=shape, num_classes=num_classes,
+                         seed=seed, device=device)
+
+    tail = FinetuneTail(run, f, budget=budget, steps=steps, start=start, rows=rows, expected=expected, sigma=sigma,
+                        desc=f"DP fine-tune (sigma={sigma:.3g}, q={sample_rate:.3g})", writer=writer,
+                        state=checkpoint, grid=grid)
     net.train()
-    for batch in sampler.logical_batches(n, start_step=start):
-        if stop_at_step is not None and batch.step >= stop_at_step:
-            break
-        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=here.rank,
-                                                                world_size=here.world_size)
+    for batch, mine in secrets.batches(n, start=start, stop_at_step=stop_at_step,
+                                       physical_batch_size=f.physical_batch_size, here=here):
         for phys in mine.physical:
             accumulate_micro_batch(engine, loss, randomness, images=images_dev, labels=labels_dev, batch=phys,
                                    step=batch.step, num_classes=num_classes, autocast=amp)
@@ -251,25 +237,11 @@ def finetune(run_dir: RunDir | str | Path, config: FinetuneConfig, *, images: to
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(denoiser)
-        done, steps_since_log = batch.step + 1, steps_since_log + 1
-        if done % f.log_every == 0 or done == steps:
-            now = time.perf_counter()
-            ips = steps_since_log * expected / max(now - t_last, 1e-9)   # public: expected, not drawn, size
-            eps = budget.epsilon_spent().upper
-            # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
-            value = final.loss_sum / max(batch.size, 1)
-            rows.append({"step": done, "loss": round(value, 6), "epsilon": round(eps, 4),
-                         "images_per_s": round(ips, 2), "sigma": sigma, "lr": f.lr, "dropped_nonfinite": nonfinite})
-            bar.set_postfix(eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
-            t_last, steps_since_log = now, 0
-        bar.update()
-        if done % f.checkpoint_every == 0 or done == steps:
-            save(done, last_saved)
-            last_saved = done
-    bar.close()
+        # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
+        tail.end_step(batch.step + 1, {"loss": round(final.loss_sum / max(batch.size, 1), 6)},
+                      {"lr": f.lr, "dropped_nonfinite": nonfinite})
     engine.close()
-    if done > last_saved:  # stopped between checkpoints (stop_at_step)
-        save(done, last_saved)
+    tail.finish()
     if nonfinite:
         log(f"finetune: {nonfinite} sample gradient(s) with NaN/inf were dropped over the run (a count on the "
             f"sensitive data: keep it private).")

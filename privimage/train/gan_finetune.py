@@ -51,7 +51,6 @@ starting weights differ are refused before the first step.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +59,7 @@ import torch
 from privimage import distributed
 from privimage.config import GANFinetuneConfig
 from privimage.diffusion import to_model_range
-from privimage.engine import DPEngine, PoissonSampler, PrivacyBudget, secure_generator
+from privimage.engine import DPEngine, PrivacyBudget
 from privimage.engine import distributed as dp_distributed
 from privimage.errors import RunDirError
 from privimage.gan.losses import pair_groups, paired_rows
@@ -68,10 +67,9 @@ from privimage.gan.sampling import save_gan_grid
 from privimage.gan.steps import GANTrainState, check_training_data, generator_update, record_fakes
 from privimage.models.gan import GANConfig
 from privimage.privacy import FINETUNE
-from privimage.progress import progress_bar
-from privimage.randomness import RecordRandomness
 from privimage.rundir import RunDir
 from privimage.train.common import place, step_generator
+from privimage.train.dp_loop import DPSecrets, FinetuneTail, check_ledger, restore_ledger
 from privimage.train.finetune import refuse_fresh_start
 from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors
 
@@ -80,6 +78,9 @@ __all__ = ["GAN_FINETUNE_STREAMS", "finetune_gan"]
 # step_generator streams (second seed part) of the public generator steps and, with secure_noise=False only,
 # of the test-mode noise; distinct from every other loop's.
 GAN_FINETUNE_STREAMS = {"generator": 21, "insecure_noise": 22}
+
+#: The checkpoint's key of the per-record draws (:class:`~privimage.train.dp_loop.DPSecrets`).
+DRAWS_KEY = "record_randomness"
 
 INSECURE_WARNING = ("finetune (GAN): secure_noise=False: the Poisson sampling, the DP noise and the fakes paired "
                     "with each record are derived from the PUBLIC seed. This run is reproducible and NOT private; "
@@ -146,33 +147,26 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
     if resume:
         state = run.load_checkpoint("finetune", map_location=device, model_kind="gan")
         nets.load_state_dict(state)
-        sampler = PoissonSampler.from_state_dict(state["sampler"])
-        noise_gen = torch.Generator(device)
-        noise_gen.set_state(state["noise_generator"].cpu())
-        draws = RecordRandomness.from_state_dict(state["record_randomness"])
-        budget.spent.clear()
-        budget.spent.update(PrivacyBudget.from_state_dict(state["budget"]).spent)
+        secrets = DPSecrets.from_checkpoint(state, draws_key=DRAWS_KEY, device=device)
+        restore_ledger(budget, state)
         start, rows, g_loss = state["step"], state["log"], state["g_loss"]
         log(f"finetune (GAN): resuming at step {start}/{steps} from {ckpt_path}; ledger {dict(budget.spent)}")
         run.save_log("finetune", rows)  # the checkpoint's log (a write that failed after it is redone)
     else:
         refuse_fresh_start(run, budget)
-        sampler = PoissonSampler(sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size,
-                                 seed=None if f.secure_noise else seed, secure=f.secure_noise)
-        noise_gen = (secure_generator(device) if f.secure_noise else
-                     step_generator(seed, GAN_FINETUNE_STREAMS["insecure_noise"], device=device))
-        draws = RecordRandomness.secret() if f.secure_noise else RecordRandomness.from_public_seed(seed)
-    if budget.spent.get(FINETUNE, 0) != start:
-        raise RunDirError(f"The budget ledger records {budget.spent.get(FINETUNE, 0)} fine-tuning steps but the "
-                          f"fine-tune is at step {start}; refusing to continue (privacy would be miscounted).")
+        secrets = DPSecrets.fresh(
+            sample_rate=sample_rate, steps=steps, physical_batch_size=f.physical_batch_size, secure=f.secure_noise,
+            seed=seed, device=device,
+            insecure_noise=lambda: step_generator(seed, GAN_FINETUNE_STREAMS["insecure_noise"], device=device))
+    check_ledger(budget, start)
     if group is not None:  # every rank: rank 0's settings, data, weights and secrets (module docstring)
         check_same_start({"run_config": run_config, "finetune": repr(f), "gan": gan.to_dict(), "num_examples": n,
                           "seed": seed, "start": start, "ledger": dict(budget.spent)},
                          [images, labels, *module_tensors(G, D, ema.module)], group, "the GAN fine-tune")
-        sampler = dp_distributed.share_sampler(sampler, group)
-        draws = RecordRandomness.from_state_dict(dp_distributed.broadcast_from_rank0(draws.state_dict(), group))
+    secrets = secrets.shared(group)
+    draws = secrets.draws
     engine = DPEngine(D, max_grad_norm=f.max_grad_norm, noise_multiplier=sigma, expected_batch_size=expected,
-                      method=f.method, generator=noise_gen, compile=f.compile, process_group=group,
+                      method=f.method, generator=secrets.noise, compile=f.compile, process_group=group,
                       check_every=distributed.check_every())
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     images_dev, labels_dev = images.to(device), labels.to(device).long()
@@ -182,28 +176,19 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
                  "sample_rate": sample_rate, "steps": steps, "expected_batch_size": expected, "num_examples": n,
                  "method": f.method, "secure": f.secure_noise, "d_steps_per_g_step": f.d_steps_per_g_step}
 
-    def save(step: int, last_saved: int) -> None:
-        if not writer:  # rank 0 alone writes; its checkpoint is the same as one process's
-            return
-        # The ledger first: once the checkpoint (or anything after it) exists, budget.json already counts it.
-        run.save_budget(budget)
-        run.save_checkpoint("finetune", {
-            "kind": "gan-finetune", "step": step, "steps": steps, **nets.state_dict(),
-            "sampler": sampler.state_dict(), "noise_generator": noise_gen.get_state(),
-            "record_randomness": draws.state_dict(), "budget": budget.state_dict(), "gan": gan.to_dict(),
-            "mechanism": mechanism, "log": rows, "g_loss": g_loss, "config": run_config})
-        run.save_log("finetune", rows)
-        if f.sample_every and step // f.sample_every > last_saved // f.sample_every:
-            save_gan_grid(ema.module, run.training_grid_path("finetune", step), seed=seed, device=device)
+    def checkpoint(step: int) -> dict:
+        return {"kind": "gan-finetune", "step": step, "steps": steps, **nets.state_dict(),
+                **secrets.state_dict(draws_key=DRAWS_KEY), "budget": budget.state_dict(), "gan": gan.to_dict(),
+                "mechanism": mechanism, "log": rows, "g_loss": g_loss, "config": run_config}
 
-    bar = progress_bar(steps, desc=f"DP fine-tune GAN (sigma={sigma:.3g}, q={sample_rate:.3g})", unit="step",
-                       initial=start, enabled=writer)
-    t_last, steps_since_log, done, last_saved = time.perf_counter(), 0, start, start
-    for batch in sampler.logical_batches(n, start_step=start):
-        if stop_at_step is not None and batch.step >= stop_at_step:
-            break
-        mine = batch if group is None else dp_distributed.shard(batch, f.physical_batch_size, rank=here.rank,
-                                                                world_size=here.world_size)
+    def grid(step: int) -> None:
+        save_gan_grid(ema.module, run.training_grid_path("finetune", step), seed=seed, device=device)
+
+    tail = FinetuneTail(run, f, budget=budget, steps=steps, start=start, rows=rows, expected=expected, sigma=sigma,
+                        desc=f"DP fine-tune GAN (sigma={sigma:.3g}, q={sample_rate:.3g})", writer=writer,
+                        state=checkpoint, grid=grid)
+    for batch, mine in secrets.batches(n, start=start, stop_at_step=stop_at_step,
+                                       physical_batch_size=f.physical_batch_size, here=here):
         for phys in mine.physical:
             real = to_model_range(images_dev[phys.indices.to(device)])
             y = labels_dev[phys.indices.to(device)] if gan.num_classes else None
@@ -221,28 +206,15 @@ def finetune_gan(run_dir: RunDir | str | Path, config: GANFinetuneConfig, *,
             on_release(batch.step, D)
         opt_d.step()
         opt_d.zero_grad(set_to_none=True)
-        done, steps_since_log = batch.step + 1, steps_since_log + 1
+        done = batch.step + 1
         if done % f.d_steps_per_g_step == 0:
             g_rng = step_generator(seed, GAN_FINETUNE_STREAMS["generator"], batch.step, device=device)
             g_loss = round(generator_step_on_rank0(G, lambda: generator_update(
                 G, D, opt_g, batch_size=g_batch, chunk=f.physical_batch_size, rng=g_rng, amp=amp), group), 6)
             ema.update(G)
-        if done % f.log_every == 0 or done == steps:
-            now = time.perf_counter()
-            ips = steps_since_log * expected / max(now - t_last, 1e-9)   # public: expected, not drawn, size
-            eps = budget.epsilon_spent().upper
-            # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
-            d_loss = round(final.loss_sum / max(batch.size, 1), 6)
-            rows.append({"step": done, "d_loss": d_loss, "g_loss": g_loss, "epsilon": round(eps, 4),
-                         "images_per_s": round(ips, 2), "sigma": sigma, "d_lr": f.d_lr, "g_lr": f.g_lr})
-            bar.set_postfix(eps=f"{eps:.2f}", img_s=f"{ips:.0f}", refresh=False)
-            t_last, steps_since_log = now, 0
-        bar.update()
-        if done % f.checkpoint_every == 0 or done == steps:
-            save(done, last_saved)
-            last_saved = done
-    bar.close()
+        # PRIVATE: the noiseless mean loss over the drawn sensitive batch, for logs/finetune.csv only.
+        tail.end_step(done, {"d_loss": round(final.loss_sum / max(batch.size, 1), 6), "g_loss": g_loss},
+                      {"d_lr": f.d_lr, "g_lr": f.g_lr})
     engine.close()
-    if done > last_saved:  # stopped between checkpoints (stop_at_step)
-        save(done, last_saved)
+    tail.finish()
     return ckpt_path

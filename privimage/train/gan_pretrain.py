@@ -32,17 +32,15 @@ from privimage import distributed
 from privimage.config import GANPretrainConfig
 from privimage.data import ImageDataset
 from privimage.engine import distributed as dp_distributed
-from privimage.errors import RunDirError
 from privimage.gan.losses import paired_rows
 from privimage.gan.sampling import save_gan_grid
 from privimage.gan.steps import GANTrainState, check_training_data, generate, generator_update
 from privimage.models.gan import GANConfig
 from privimage.progress import progress_bar
-from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.rundir import RunDir
 from privimage.train.common import place, step_generator
 from privimage.train.gan_ranks import check_same_start, generator_step_on_rank0, module_tensors, sum_gradients
-from privimage.train.pretrain import _stream
+from privimage.train.subset import stream, subset_batches, subset_loader_kind
 
 __all__ = ["GAN_PRETRAIN_STREAMS", "pretrain_gan", "pretrained_init"]
 
@@ -100,10 +98,8 @@ def pretrain_gan(run_dir: RunDir | str | Path, config: GANPretrainConfig, *,
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     num_classes = gan.num_classes
     subset = ImageDataset(images, labels.long(), [str(c) for c in range(max(num_classes, 1))])
-    ffcv_path, batch_size = run.subset_ffcv_path, p.batch_size
-    kind = loader_kind(subset, device=device, kind=p.loader)
-    if kind == "ffcv" and not (resume and ffcv_path.is_file()) and writer:
-        write_ffcv(subset, ffcv_path)
+    batch_size = p.batch_size
+    kind = subset_loader_kind(run, subset, p.loader, device=device, resume=resume, writer=writer)
     reducer = None
     if group is not None:  # every rank: rank 0's settings, data, start and weights; the file written before it is read
         check_same_start({"pretrain": repr(p), "gan": gan.to_dict(), "num_examples": len(subset), "seed": seed,
@@ -111,11 +107,7 @@ def pretrain_gan(run_dir: RunDir | str | Path, config: GANPretrainConfig, *,
                          [images, labels, *module_tensors(G, D, ema.module)], group, "the GAN pre-training")
         distributed.barrier()
         reducer = dp_distributed.GradientReducer(group)
-    batches = make_loader(subset, batch_size=batch_size, device=device, kind=kind, ffcv_path=ffcv_path, seed=seed,
-                          shuffle=True, flip=True, normalize=True, drop_last=len(subset) >= batch_size)
-    if batches.num_examples != len(subset):
-        raise RunDirError(f"{ffcv_path} holds {batches.num_examples} images but the subset has {len(subset)}: "
-                          "it is not this run's subset (delete it, or pre-train without --resume).")
+    batches = subset_batches(run, subset, batch_size, device=device, kind=kind, seed=seed)
 
     full = min(batch_size, len(subset))  # every step's whole batch (drop_last, or the whole small subset)
     mine = dp_distributed.rank_rows(full, rank=rank, world_size=world)  # this rank's rows of it
@@ -130,7 +122,7 @@ def pretrain_gan(run_dir: RunDir | str | Path, config: GANPretrainConfig, *,
     bar = progress_bar(steps, desc="pre-train GAN (public subset)", unit="step", initial=start, enabled=writer)
     t_last, n_last, done = time.perf_counter(), 0, start
     end = steps if stop_at_step is None else max(start, min(steps, stop_at_step))
-    for step, (x, y) in zip(range(start, end), _stream(batches, start, rank, world)):
+    for step, (x, y) in zip(range(start, end), stream(batches, start, rank, world)):
         y = y if num_classes else None
         # the whole batch's fakes, as one process draws them; this rank's rows kept
         rng = step_generator(seed, GAN_PRETRAIN_STREAMS["fakes"], step, device=device)

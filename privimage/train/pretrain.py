@@ -39,10 +39,10 @@ from privimage.diffusion import EDMDenoiser, EDMLoss, EMA
 from privimage.errors import RunDirError
 from privimage.models import UNet, UNetConfig
 from privimage.progress import progress_bar
-from privimage.query.loaders import loader_kind, make_loader, write_ffcv
 from privimage.rundir import RunDir
 from privimage.engine import distributed as dp_distributed
 from privimage.train.common import place, save_sample_grid, step_generator, unwrap
+from privimage.train.subset import stream, subset_batches, subset_loader_kind
 
 __all__ = ["pretrain"]
 
@@ -95,22 +95,14 @@ def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: to
     num_classes = unet.num_classes
     shape = tuple(images.shape[1:])
     subset = ImageDataset(images, labels.long(), [str(c) for c in range(max(num_classes, int(labels.max()) + 1))])
-    ffcv_path, batch_size = run.subset_ffcv_path, p.batch_size
-    kind = loader_kind(subset, device=device, kind=p.loader)
-    if kind == "ffcv" and not (resume and ffcv_path.is_file()) and writer:
-        write_ffcv(subset, ffcv_path)  # this subset's bytes, whatever an earlier run left at the path
+    batch_size = p.batch_size
+    kind = subset_loader_kind(run, subset, p.loader, device=device, resume=resume, writer=writer)
     if group is not None:  # every rank: rank 0's settings, data and step; the file written before it is read
         dp_distributed.refuse_mismatch({"pretrain": repr(p), "unet": unet.to_dict(), "num_examples": len(subset),
                                         "seed": seed, "start": start, "kind": kind}, group, "the pre-training")
         dp_distributed.check_replicas([images, labels], group, "pre-training subset")
         distributed.barrier()
-    # drop_last keeps every step's batch the same size (one compiled shape, the same loss scale); a subset
-    # smaller than one batch is one short batch per epoch instead.
-    batches = make_loader(subset, batch_size=batch_size, device=device, kind=kind, ffcv_path=ffcv_path, seed=seed,
-                          shuffle=True, flip=True, normalize=True, drop_last=len(subset) >= batch_size)
-    if batches.num_examples != len(subset):
-        raise RunDirError(f"{ffcv_path} holds {batches.num_examples} images but the subset has {len(subset)}: "
-                         "it is not this run's subset (delete it, or pre-train without --resume).")
+    batches = subset_batches(run, subset, batch_size, device=device, kind=kind, seed=seed)
     if len(subset) < batch_size:
         log(f"pretrain: the subset has {len(subset)} images, fewer than batch_size={batch_size}; "
             "each step takes the whole subset")
@@ -136,7 +128,7 @@ def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: to
     t_last, n_last = time.perf_counter(), 0
     done = start
     end = steps if stop_at_step is None else max(start, min(steps, stop_at_step))
-    for step, (x, y) in zip(range(start, end), _stream(batches, start, rank, world)):
+    for step, (x, y) in zip(range(start, end), stream(batches, start, rank, world)):
         y = y if num_classes else None
         gen = step_generator(seed, 1, step, device=device)
         drawn = _draw_rows(loss, x, y, rank_rows=dp_distributed.rank_rows(full, rank=rank, world_size=world),
@@ -170,15 +162,6 @@ def pretrain(run_dir: RunDir | str | Path, config: PretrainConfig, *, images: to
         save_sample_grid(ema.module, run.training_grid_path("pretrain"), shape=shape, num_classes=num_classes,
                          seed=seed, device=device)
     return ckpt_path
-
-
-def _stream(batches, step: int, rank: int = 0, world_size: int = 1):
-    """Batches from step ``step`` on: batch ``step % B`` of epoch ``step // B``, then on, epoch after epoch
-    (this rank's rows of each)."""
-    epoch, start = divmod(step, len(batches))
-    while True:
-        yield from batches.epoch(epoch, start=start, rank=rank, world_size=world_size)
-        epoch, start = epoch + 1, 0
 
 
 def _draw_rows(loss: EDMLoss, x: torch.Tensor, y: torch.Tensor | None, *, rank_rows: slice, full: int,

@@ -22,6 +22,7 @@ from privimage.audit import (
     run_audit,
 )
 from privimage.cli import main
+from threads import one_torch_thread as on_one_thread
 from privimage.diffusion import EDMDenoiser, EDMLoss, to_model_range
 from privimage.engine import DPEngine
 from privimage.engine.auditing import AuditingEngine
@@ -33,12 +34,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def results():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with on_one_thread():
         return {r.bug: r for r in run_audit(CI, reproducible=0, log=lambda *_: None)}
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

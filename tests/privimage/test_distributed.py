@@ -37,3 +37,28 @@ def test_one_process_without_torchrun(monkeypatch):
     assert distributed.is_writer() and distributed.launch_info() == {"world_size": 1, "backend": None}
     assert distributed.share("x") == "x"
     distributed.barrier()  # nothing to wait for
+
+
+def test_a_record_names_this_torchrun_job_only_under_it_and_a_restart_is_a_count_above_zero(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert not distributed.written_by_this_job({"torchrun_id": "job-1"}) and not distributed.restarted()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    assert distributed.written_by_this_job({"world_size": 2, "torchrun_id": "job-1"})
+    assert not distributed.written_by_this_job({"world_size": 2, "torchrun_id": "job-2"})
+    assert not distributed.written_by_this_job({"world_size": 1, "backend": None})  # one process, no job
+    assert not distributed.written_by_this_job(None) and not distributed.restarted()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert distributed.restarted()
+
+
+def test_a_checkpoint_records_how_it_was_launched(tmp_path):
+    from privimage.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    assert run.checkpoint_launch("finetune") is None  # none written yet
+    run.save_checkpoint("finetune", {"kind": "finetune", "step": 0})
+    assert run.checkpoint_launch("finetune") == {"world_size": 1, "backend": None}
+    assert run.load_checkpoint("finetune")["step"] == 0
+    run.checkpoint_path("finetune").write_bytes(b"not a checkpoint")
+    assert run.checkpoint_launch("finetune") is None  # unreadable: the stage's own read names it

@@ -20,6 +20,7 @@ from privimage.audit_gan import (
     run_gan_audit,
 )
 from privimage.cli import main
+from threads import one_torch_thread as on_one_thread
 from privimage.diffusion import to_model_range
 from privimage.engine import DPEngine
 from privimage.engine.auditing import PlantedBug
@@ -32,12 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def results():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with on_one_thread():
         return {r.bug: r for r in run_gan_audit(CI, reproducible=0, log=lambda *_: None)}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_the_gan_pipeline_is_consistent_with_its_claim(results):

@@ -123,6 +123,21 @@ def _before_finetune(ref, run):
     return run
 
 
+def test_a_rank_killed_mid_finetune_command_restarts_it_which_resumes_with_the_same_ledger(one_process, tmp_path):
+    """`torchrun --max-restarts 1 -m privimage finetune RUN_DIR` (no --resume): rank 1 dies before the all-reduce of
+    the last of the 4 steps, after the checkpoint at step 2; the restarted attempt finds that its job wrote the
+    checkpoint (its "launch") and resumes from it instead of refusing a fresh start: the uninterrupted ledger,
+    ε log and weights."""
+    ref, _, cache = one_process
+    run = _before_finetune(ref, tmp_path / "killed")
+    out = _torchrun("finetune", run, cache=cache, launcher=("--standalone", "--nproc_per_node=2", "--max-restarts=1"),
+                    env={"PRIVIMAGE_TEST_EXIT_AT": "1:4"})
+    assert "was written by an earlier attempt of this job; resuming from it" in out, out[-4000:]
+    assert "finetune: resuming at step 2/4" in out
+    _assert_same_finetune(run, ref)
+    assert not (run / ".lock").exists()
+
+
 def test_world_two_resumes_a_world_one_checkpoint(one_process, tmp_path):
     from privimage.pipeline import load_run_config, stage_finetune
 
