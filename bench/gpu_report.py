@@ -77,7 +77,7 @@ def summary(results: dict) -> str:
                     [[c["stage"], c["name"], f"**{c['status']}**" if c["status"] == "FAIL" else c["status"],
                       c["value"], c["target"], c["reason"]] for c in results["checks"]])
     lines += ["", "## Numbers", ""]
-    for section in (_ceilings, _dp_step, _ops, _layers, _train, _loaders, _features, _finetune):
+    for section in (_ceilings, _dp_step, _ops, _layers, _train, _loaders, _features, _finetune, _distributed, _gan):
         try:
             part = section(data)
         except Exception as e:  # partial data from a command cut short must not cost the summary
@@ -203,4 +203,43 @@ def _finetune(data):
         p = d["pretrain"]
         out.append(f"Pre-training: {p['steps']:,} steps × {p['step_ms']:.1f} ms (batch {p['batch']}, measured at "
                    f"{p['measured_batch']}) = {d['projected_pretrain_s'] / 3600:.2f} h.")
+    return out
+
+
+def _distributed(data):
+    d = data.get("distributed") or {}
+    over, proj = d.get("overhead"), d.get("projection") or {}
+    if not over and not proj.get("rows"):
+        return []
+    out = ["### Distributed DP step (bench/distributed.py)", ""]
+    if over:
+        out.append(f"UNet {over['preset']}, {over['images']} images × K={over['k']}: plain {over['plain_ms']:.1f} ms, "
+                   f"through a 1-rank {over['backend']} group {over['distributed_ms']:.1f} ms "
+                   f"({over['ratio']:.3f}×); {over['bytes_all_reduced'] / 2 ** 20:.2f} MiB all-reduced per step.")
+    if proj.get("rows"):
+        out += ["", f"PROJECTION (not a measurement) of the {proj['preset']} fine-tune ({proj['steps']} steps): "
+                "steps × (T₁/W + the all-reduce at the NCCL bus bandwidth).", ""]
+        out += _table(["T₁ s", "GPUs", "bus GB/s", "all-reduce ms", "step s", "hours"],
+                      [[_f(r["T1_s"], ".2f"), r["gpus"], _f(r["busbw_GBs"], ".0f"), _f(r["allreduce_ms"], ".3f"),
+                        _f(r["step_s"], ".3f"), _f(r["hours"], ".3f")] for r in proj["rows"]])
+    return out
+
+
+def _gan(data):
+    d = data.get("train_step_gan") or {}
+    steps, sampling = d.get("discriminator_step") or [], d.get("sampling") or []
+    if not steps and not sampling:
+        return []
+    out = ["### PRIVIMAGE+G (bench/train_step.py --gan)", ""]
+    if steps:
+        out += _table(["D preset", "pairs", "non-private ms", "DP ms", "DP / non-private"],
+                      [[r.get("preset"), r.get("batch"), _f(r["non_private"]["median_ms"], ".1f"),
+                        _f(r["dp"]["median_ms"], ".1f"), _f(r["dp_over_non_private"], ".2f", "×")] for r in steps])
+    if sampling:
+        out += [""] + _table(["setting", "GAN img/s", "diffusion img/s", "sampler steps", "GAN / diffusion",
+                              "FLOP ratio"],
+                             [[r.get("setting"), _f(r["gan_images_per_s"], ",.1f"),
+                               _f(r["diffusion_images_per_s"], ",.2f"), r.get("sampler_steps"),
+                               _f(r["gan_over_diffusion"], ".0f", "×"), _f(r.get("flop_ratio"), ".0f", "×")]
+                              for r in sampling])
     return out

@@ -391,6 +391,64 @@ def finetune_checks(suite: Suite, cmds: dict) -> list[Check]:
     return out
 
 
+# ---- 7. scale: the distributed step over NCCL, the GAN (issues 17 and 18) ----------------------------------
+
+NCCL_OVERHEAD, GAN_DP_RATIO, GAN_SAMPLING = 1.05, 1.3, 100.0
+
+
+def scale_commands(suite: Suite) -> list[Command]:
+    dist_cap, gan_cap = shares(suite, "scale", 1, 1)
+    if suite.smoke:
+        dist = ["--presets", "demo", "--overhead-preset", "demo", "--images", 2, "--k", 1, "--repeats", 2,
+                "--bucket-presets", "demo", "--bucket-kib", 1024, "--allreduce-repeats", 2]
+        gan = ["--presets", "demo", "--warmup", 0, "--repeats", 1, "--sample-repeats", 1, "--skip-cifar-sampling"]
+    else:  # T₁ for the 8-GPU projection: the finetune stage's measured logical step, when it has one
+        ft = suite.data("finetune_projection") or {}
+        step = [f"{ft['median_step_s'] + ft.get('epsilon_s', 0.0):.3f}"] if "median_step_s" in ft else []
+        dist = ["--presets", "demo", "cifar10-eps10", "--overhead-preset", "cifar10-eps10", "--images", 64,
+                "--k", 4, "--repeats", 8, "--gpus", 1, 8, *(["--step-s", *step] if step else [])]
+        gan = ["--presets", "32", "--warmup", 2, "--repeats", 5, "--config-batches"]
+    return [Command("distributed", suite.python("bench/distributed.py", "--device", suite.device, *dist, "--json",
+                                                suite.work / "distributed.json"), cap_s=dist_cap),
+            Command("gan-step", suite.python("bench/train_step.py", "--gan", "--device", suite.device, *gan,
+                                             "--json", suite.work / "train_step_gan.json"), cap_s=gan_cap)]
+
+
+def scale_checks(suite: Suite, cmds: dict) -> list[Check]:
+    out = []
+    dist = suite.data("distributed") or {}
+    over = dist.get("overhead") or {}
+    name = f"1-rank {'gloo' if suite.smoke else 'NCCL'} DP step ≤ {NCCL_OVERHEAD}× the plain step"
+    if not over:
+        out.append(Check("scale", name, "FAIL", reason=missing(cmds.get("distributed"))))
+    elif suite.smoke:
+        out.append(Check("scale", name, "SKIPPED", f"{over['ratio']:.3f}×", reason=PERF_SKIP))
+    else:
+        out.append(check("scale", name, over["ratio"] <= NCCL_OVERHEAD,
+                         f"{over['ratio']:.3f}× ({over['distributed_ms']:.1f} vs {over['plain_ms']:.1f} ms, "
+                         f"{over['bytes_all_reduced'] / 2 ** 20:.2f} MiB all-reduced)", f"≤ {NCCL_OVERHEAD}×"))
+    proj = dist.get("projection") or {}
+    rows = proj.get("rows", []) if isinstance(proj, dict) else proj
+    out.append(check("scale", "8-GPU fine-tune projection (from the measured step; a projection)", bool(rows),
+                     f"{len(rows)} rows", "rows", "" if rows else missing(cmds.get("distributed"))))
+    gan = suite.data("train_step_gan") or {}
+    for name, rows, key, target, ok in (
+            (f"GAN DP discriminator step ≤ {GAN_DP_RATIO}× non-private", gan.get("discriminator_step", []),
+             "dp_over_non_private", f"≤ {GAN_DP_RATIO}×", lambda v: v <= GAN_DP_RATIO),
+            (f"GAN sampling ≥ {GAN_SAMPLING:g}× the diffusion model's", gan.get("sampling", []),
+             "gan_over_diffusion", f"≥ {GAN_SAMPLING:g}×", lambda v: v >= GAN_SAMPLING)):
+        values = [(f"{r.get('preset') or r.get('setting')}" + (f" ({r['batch']} pairs)" if "batch" in r else ""),
+                   r[key], r.get("flop_ratio")) for r in rows if key in r]
+        value = "; ".join(f"{p}: {v:.3g}×" + (f" (FLOP ratio {f:.3g}×)" if f else "") for p, v, f in values)
+        if not values:
+            out.append(Check("scale", name, "FAIL", reason=missing(cmds.get("gan-step"))))
+        elif suite.smoke:
+            out.append(Check("scale", name, "SKIPPED", value, target, PERF_SKIP))
+        else:
+            out.append(check("scale", name, all(ok(v) for _, v, _ in values), value, target))
+    return out
+
+
 # ---- self-test (not run by default): what the time caps and failures do ------------------------------------
 
 def selftest_commands(suite: Suite) -> list[Command]:
@@ -403,14 +461,16 @@ def selftest_commands(suite: Suite) -> list[Command]:
 
 STAGES = [
     Stage("env", "environment and install", 40, 90, env_commands, env_checks),
-    Stage("correctness", "GPU tests, engine exactness on the device, compiled = eager", 160, 120,
+    Stage("correctness", "GPU tests, engine exactness on the device, compiled = eager", 145, 120,
           correctness_commands, correctness_checks),
-    Stage("dp-step", "DP step vs non-private and Opacus (bench/dp_step.py)", 100, 90, dp_step_commands,
+    Stage("dp-step", "DP step vs non-private and Opacus (bench/dp_step.py)", 95, 90, dp_step_commands,
           dp_step_checks),
-    Stage("kernels", "Triton ops vs torch; per-layer norm strategies", 70, 90, kernels_commands, kernels_checks),
-    Stage("throughput", "training steps, loaders, FID features", 60, 120, throughput_commands, throughput_checks),
-    Stage("finetune", "official fine-tune: 3 logical steps and the projection", 50, 120, finetune_commands,
+    Stage("kernels", "Triton ops vs torch; per-layer norm strategies", 65, 90, kernels_commands, kernels_checks),
+    Stage("throughput", "training steps, loaders, FID features", 55, 120, throughput_commands, throughput_checks),
+    Stage("finetune", "official fine-tune: 3 logical steps and the projection", 45, 120, finetune_commands,
           finetune_checks),
+    Stage("scale", "distributed step over NCCL at world 1, 8-GPU projection; the GAN's DP step and sampling", 35,
+          120, scale_commands, scale_checks),
     Stage("selftest", "self-test of the time caps (not run by default)", 4, 4, selftest_commands,
           lambda suite, cmds: [], default=False),
 ]

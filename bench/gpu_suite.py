@@ -20,7 +20,10 @@ Stages, most important first (``--list`` prints each one's cap on the GPU and in
    64, ``evaluate.py --features-check`` (bf16 vs fp32 FID features).
 6. ``finetune``: ``finetune_projection.py``: the pipeline's fine-tune loop at the official CIFAR-10
    shapes for 3 logical steps, and the projection of the official fine-tune and pre-training.
-7. ``summary``: ``summary.md``: every check PASS/FAIL/SKIPPED with its number and target.
+7. ``scale``: ``distributed.py --device cuda`` (the DP step through a 1-rank NCCL group against the plain
+   one, bytes all-reduced, the 8-GPU projection from the ``finetune`` stage's measured step) and
+   ``train_step.py --gan`` at CIFAR-10 sizes (DP vs non-private discriminator step, GAN vs diffusion sampling).
+8. ``summary``: ``summary.md``: every check PASS/FAIL/SKIPPED with its number and target.
 
 Each command runs as a subprocess in its own process group with a time cap; a command over its cap is
 killed (TIMEOUT) and the suite goes on, as it does after a failure (a failure is a result). Time left over by

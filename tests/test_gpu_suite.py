@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["env", "correctness", "dp-step", "kernels", "throughput", "finetune"]
+STAGES = ["env", "correctness", "dp-step", "kernels", "throughput", "finetune", "scale"]
 
 
 def _suite(out: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -154,6 +154,17 @@ def _write_gpu_run(work: Path) -> None:
         "median_step_s": 11.0, "epsilon_s": 0.5, "projected_finetune_s": 153 * 11.5,
         "pretrain": {"steps": 100000, "batch": 256, "step_ms": 50.0, "measured_batch": 256},
         "projected_pretrain_s": 5000.0})
+    dump("distributed.json", {
+        "overhead": {"preset": "cifar10-eps10", "backend": "nccl", "images": 64, "k": 4, "plain_ms": 100.0,
+                     "distributed_ms": 108.0, "ratio": 1.08, "bytes_all_reduced": 7018008},
+        "projection": {"preset": "cifar10-eps10", "steps": 153, "rows": [
+            {"T1_s": 11.5, "gpus": g, "busbw_GBs": 400.0, "allreduce_ms": 0.03 * (g > 1), "step_s": 11.5 / g,
+             "hours": 153 * 11.5 / g / 3600} for g in (1, 8)]}})
+    dump("train_step_gan.json", {
+        "discriminator_step": [{"preset": "32", "batch": 32, "non_private": {"median_ms": 10.0},
+                                "dp": {"median_ms": 12.0}, "dp_over_non_private": 1.2}],
+        "sampling": [{"setting": "CIFAR-10 sizes", "gan_images_per_s": 5e4, "diffusion_images_per_s": 800.0,
+                      "sampler_steps": 50, "gan_over_diffusion": 62.5}]})
 
 
 def test_gpu_run_checks_judge_the_numbers_and_say_what_is_missing(tmp_path):
@@ -177,7 +188,7 @@ def test_gpu_run_checks_judge_the_numbers_and_say_what_is_missing(tmp_path):
         cmds = {n: {"name": n, **ok} for n in ("env", "gpu-tests", "engine-float32", "engine-float64", "compiled-s",
                                                "dp-step-bfloat16", "op-benches", "layer-strategies", "loaders",
                                                "train-step-eager", "train-step-compiled", "evaluate-features",
-                                               "finetune")}
+                                               "finetune", "distributed", "gan-step")}
         cmds["compiled-b"] = cut
         cmds["dp-step-float32"] = {"name": "dp-step-float32", "status": "FAILED", "reason": "failed: OOM"}
         verdicts.update({c.name: c for c in stage.checks(suite, cmds)})
@@ -207,12 +218,17 @@ def test_gpu_run_checks_judge_the_numbers_and_say_what_is_missing(tmp_path):
     assert status["FID with bf16 features within 1% of fp32 (random-weight Inception)"] == "PASS"
     assert status["official CIFAR-10 fine-tune ≤ 1 h on one GPU (projection)"] == "PASS"
     assert verdicts["official CIFAR-10 fine-tune ≤ 1 h on one GPU (projection)"].value.startswith("29.3 min")
+    assert status["1-rank NCCL DP step ≤ 1.05× the plain step"] == "FAIL"  # 1.08×
+    assert status["8-GPU fine-tune projection (from the measured step; a projection)"] == "PASS"
+    assert status["GAN DP discriminator step ≤ 1.3× non-private"] == "PASS"
+    assert status["GAN sampling ≥ 100× the diffusion model's"] == "FAIL"  # 62.5×
 
     results = {"suite": {"mode": "gpu", "total_cap_s": 480, "wall_s": 470}, "stages": [],
                "checks": [vars(c) for c in verdicts.values()], "data": suite.results["data"]}
     summary = gpu_report.summary(results)
     assert "not rendered" not in summary
     for heading in ("Device ceilings", "DP step, UNet s", "Triton ops vs torch", "Per-layer strategies",
-                    "Training steps", "Subset loaders", "FID features", "Fine-tune, config cifar10-eps10"):
+                    "Training steps", "Subset loaders", "FID features", "Fine-tune, config cifar10-eps10",
+                    "Distributed DP step", "PRIVIMAGE+G"):
         assert f"### {heading}" in summary, heading
     assert "Pre-training: 100,000 steps" in summary and "= 1.39 h" in summary
