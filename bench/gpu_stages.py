@@ -23,6 +23,10 @@ FID_TOLERANCE = 0.01
 OFFICIAL = dict(preset="s", batch=256, k=8)  # the official fine-tune's physical batch: 256 images × K = 8
 SMOKE = dict(preset="tiny", batch=2, k=2)
 PERF_SKIP = "smoke run on the CPU: performance targets are judged on a GPU"
+# pytest in this process, one test after another (pyproject's addopts spread the suite over workers with
+# pytest-xdist, which the GPU image lacks and whose output the verdicts would not parse).
+PYTEST = ("-m", "pytest", "-o", "addopts=--import-mode=importlib -ra --benchmark-disable", "-p", "no:xdist",
+          "-p", "no:cacheprovider")
 
 
 @dataclass
@@ -101,7 +105,7 @@ ENGINE_TESTS = ["tests/kernels", "tests/engine"]  # the tests that take the ``de
 def correctness_commands(suite: Suite) -> list[Command]:
     """Most telling first: the kernels on CUDA, the engine in float32 (with the kernel-engine tests), compiled
     = eager on UNet s, then the engine in float64 and compiled = eager on UNet b."""
-    pytest = suite.python("-m", "pytest", "-v", "-p", "no:cacheprovider", "--continue-on-collection-errors")
+    pytest = suite.python(*PYTEST, "-v", "--continue-on-collection-errors")
     gpu, f32, comp_s, f64, comp_b = shares(suite, "correctness", 35, 40, 40, 30, 15)
     if suite.smoke:
         selection = ["tests/engine/test_dp_sgd.py", "-m", "on_device", "-k", "conv_1x1 and bk-mixed and sum"]
@@ -236,14 +240,13 @@ def dp_step_checks(suite: Suite, cmds: dict) -> list[Check]:
 def kernels_commands(suite: Suite) -> list[Command]:
     ops, layers = shares(suite, "kernels", 40, 30)
     if suite.smoke:
-        bench = Command("op-benches", suite.python("-m", "pytest", "bench/", "--collect-only", "-q", "-p",
-                                                   "no:cacheprovider"), cap_s=ops)
+        bench = Command("op-benches", suite.python(*PYTEST, "bench/", "--collect-only", "-q"), cap_s=ops)
         layer_args = ["--preset", SMOKE["preset"], "--resolution", 8, "--samples", SMOKE["batch"], "--k", SMOKE["k"],
                       "--repeats", 2]
     else:
-        bench = Command("op-benches", suite.python("-m", "pytest", "bench/", "--benchmark-enable", "-v", "-p",
-                                                   "no:cacheprovider", "--continue-on-collection-errors",
-                                                   "-k", "torch_ref or triton"), cap_s=ops,
+        bench = Command("op-benches", suite.python(*PYTEST, "bench/", "--benchmark-enable", "-v",
+                                                   "--continue-on-collection-errors", "-k", "torch_ref or triton"),
+                        cap_s=ops,
                         env={"PRIVIMAGE_BENCH_BATCHES": str(OFFICIAL["batch"])})
         layer_args = ["--preset", OFFICIAL["preset"], "--samples", OFFICIAL["batch"], "--k", OFFICIAL["k"],
                       "--repeats", 10]
