@@ -233,33 +233,57 @@ def conv_per_row_grads(x: torch.Tensor, go: torch.Tensor, kernel_size, stride, p
     batch (input (k, S·C_in, H, W)), whose weight gradient sums over the batch. Same multiply-adds, k times
     fewer (and larger) per-group GEMMs and a k times smaller result.
 
+    A 1×1 convolution without padding is a Linear over its positions: each sample's gradient is then one
+    batched GEMM, Σ_j G_{j,s} A_{j,s}ᵀ over (C_out/groups × positions)·(positions × C_in/groups), A taken at
+    the stride's positions.
+
     Traps (CPU): oneDNN's grouped weight gradient slows down several-fold past 64 input channels per group,
-    so wide layers go in chunks of 64 input channels; and with hundreds of groups it slows down again (a
-    third at 256 samples of 160 channels, 16×16), so samples go in chunks of 32.
+    so wide layers go in chunks of 64 input channels; with hundreds of groups it slows down again (a third
+    at 256 samples of 160 channels, 16×16), so samples go in chunks of 32; and a grouped 1×1 weight gradient
+    leaves oneDNN for a loop over the groups (a copy of each group's input), hence the GEMM above.
     """
     dtype = dtype or gemm_dtype(go)
     x, go = x.to(dtype), go.to(dtype)
-    R, c_in = x.shape[:2]
-    c_out = go.shape[1]
+    R = x.shape[0]
     if blocks < 1 or R % blocks:
         raise ValueError(f"conv_per_row_grads: blocks={blocks} must divide the {R} rows.")
     S = R // blocks
-    kernel_size = tuple(kernel_size)
+    kernel_size, stride = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
+    padding = _pair(padding, "padding")
+    xb, gb = x.reshape(blocks, S, *x.shape[1:]), go.reshape(blocks, S, *go.shape[1:])
+    if kernel_size == (1, 1) and padding == (0, 0):
+        return _pointwise_grads(xb, gb, stride, groups)
     if S > _SAMPLE_CHUNK and not x.is_cuda:
-        xs, gs = x.reshape(blocks, S, *x.shape[1:]), go.reshape(blocks, S, *go.shape[1:])
-        return torch.cat([conv_per_row_grads(xs[:, i:i + _SAMPLE_CHUNK].reshape(-1, *x.shape[1:]),
-                                             gs[:, i:i + _SAMPLE_CHUNK].reshape(-1, *go.shape[1:]), kernel_size,
-                                             stride, padding, dilation, groups, blocks=blocks)
+        return torch.cat([_grouped_grads(xb[:, i:i + _SAMPLE_CHUNK], gb[:, i:i + _SAMPLE_CHUNK], kernel_size, stride,
+                                         padding, dilation, groups)
                           for i in range(0, S, _SAMPLE_CHUNK)])
-    if groups == 1 and c_in > _CONV_CHUNK and not x.is_cuda:
-        return torch.cat([conv_per_row_grads(x[:, i:i + _CONV_CHUNK], go, kernel_size, stride, padding, dilation, 1,
-                                             blocks=blocks)
+    return _grouped_grads(xb, gb, kernel_size, stride, padding, dilation, groups)
+
+
+def _grouped_grads(xb, gb, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """:func:`conv_per_row_grads` on rows as (k, S, C, H, W) blocks: one grouped convolution, (S, ...)."""
+    k, S, c_in = xb.shape[:3]
+    c_out = gb.shape[2]
+    if groups == 1 and c_in > _CONV_CHUNK and not xb.is_cuda:
+        return torch.cat([_grouped_grads(xb[:, :, i:i + _CONV_CHUNK], gb, kernel_size, stride, padding, dilation, 1)
                           for i in range(0, c_in, _CONV_CHUNK)], 2)
-    folded_shape = (S * c_out, c_in // groups) + kernel_size
     grads = torch.nn.grad.conv2d_weight(
-        x.reshape(blocks, S * c_in, *x.shape[2:]), folded_shape, go.reshape(blocks, S * c_out, *go.shape[2:]),
-        stride=stride, padding=padding, dilation=dilation, groups=S * groups)
+        xb.reshape(k, S * c_in, *xb.shape[3:]), (S * c_out, c_in // groups) + kernel_size,
+        gb.reshape(k, S * c_out, *gb.shape[3:]), stride=stride, padding=padding, dilation=dilation, groups=S * groups)
     return grads.view(S, c_out, c_in // groups, *kernel_size)
+
+
+def _pointwise_grads(xb, gb, stride, groups: int) -> torch.Tensor:
+    """A 1×1 convolution's per-sample gradients, rows as (k, S, C, H, W) blocks: batched GEMMs, (S, ...)."""
+    k, S, c_in = xb.shape[:3]
+    c_out, Ho, Wo = gb.shape[2:]
+    xb = xb[..., :(Ho - 1) * stride[0] + 1:stride[0], :(Wo - 1) * stride[1] + 1:stride[1]]  # the positions read
+    A = xb.reshape(k, S * groups, c_in // groups, Ho * Wo)
+    G = gb.reshape(k, S * groups, c_out // groups, Ho * Wo)
+    grads = torch.bmm(G[0], A[0].transpose(1, 2))
+    for j in range(1, k):
+        grads.baddbmm_(G[j], A[j].transpose(1, 2))
+    return grads.view(S, c_out, c_in // groups, 1, 1)
 
 
 def unfold_ref(x, kernel_size, stride, padding, dilation, groups) -> torch.Tensor:

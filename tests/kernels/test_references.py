@@ -98,7 +98,9 @@ def test_layer_norm_refs(kind):
 
 
 BLOCK_CASES = H.CONV_CASES + [pytest.param((2, 70, 3, 3, 4, 3, 1, 1, 1, 1), id="c70-chunked-on-cpu"),
-                               pytest.param((35, 2, 3, 3, 2, 3, 1, 1, 1, 1), id="s35-sample-chunks-on-cpu")]
+                               pytest.param((35, 2, 3, 3, 2, 3, 1, 1, 1, 1), id="s35-sample-chunks-on-cpu"),
+                               pytest.param((3, 4, 6, 5, 7, 1, 2, 0, 1, 2), id="1x1-stride2-groups2"),
+                               pytest.param((35, 3, 2, 4, 4, 1, 1, 0, 1, 1), id="1x1-s35")]
 
 
 @pytest.mark.parametrize("k, layout", [(1, "tiled")] + [(k, layout) for k in (2, 3)
