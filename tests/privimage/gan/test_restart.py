@@ -1,13 +1,13 @@
 """The GAN (PRIVIMAGE+G) under torchrun at its edges: a rank killed in a late DP discriminator step, and
 pre-training batches with fewer rows than ranks.
 
-* `torchrun --max-restarts 1 ... run --config <test-gan>`: rank 1 dies (the engine's test hook) before the
-  all-reduce of the 7th of the 8 discriminator steps, after the checkpoint at step 6; torchrun restarts both
-  ranks, the restarted `privimage run` resumes the run directory its first attempt made, and steps 7 and 8
-  (and the generator step and EMA after step 8) are recomputed from the checkpoint with the same randomness:
-  the one-process run's ledger, ε log, networks, EMA and samples, each discriminator step counted once.
-* A pre-training batch smaller than the world size leaves a rank with no rows: that rank adds nothing (a zero
-  gradient in the one all-reduce, its empty forward) and the run equals one process's.
+* `torchrun --max-restarts 1 ... run --config <test-gan>`: rank 1 dies (the engine's test hook) just before
+  the all-reduce of the 7th of the 8 discriminator steps, after the checkpoint at step 6; torchrun restarts
+  both ranks, the restarted `privimage run` resumes the run directory its first attempt made, and steps 7 and
+  8 (and the generator step and EMA after step 8) are recomputed from the checkpoint with the same randomness:
+  the one-process run's ledger, ε log, networks, EMA, release and samples, each discriminator step counted once.
+* A pre-training batch smaller than the world size leaves a rank with no rows: that rank skips its forward,
+  adds zeros to the one all-reduce, and the run is the one-process run.
 """
 
 import json
@@ -19,19 +19,22 @@ import torch
 from privimage.cli import main
 from privimage.config import GANPretrainConfig
 from privimage.models import GAN_PRESETS, Discriminator, Generator
+from privimage.release import load_release_generator
 from privimage.rundir import RunDir, read_checkpoint
 
 from ranks import run_ranks
 from ranks import torchrun as _torchrun
-from threads import one_torch_thread
+from threads import one_torch_thread as on_one_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 #: test-gan (test mode) with 64-channel networks, as the GAN torchrun equality test runs it: GroupNorms of 2
 #: channels a group, so no gradient is exactly zero and two summation orders agree to float tolerance.
 WIDE = {"base": "test-gan", "model_overrides": {"g_width": 32, "d_width": 32, "d_ch_mult": [2, 2]}}
-STEPS = 8  # discriminator steps of test-gan's fine-tune (checkpoints at 2, 4, 6, 8; a generator step after each even)
-KILLED_AT = 7  # rank 1's 7th all-reduce of clipped sums: the fine-tune's engine counts its own (pre-training's: 4)
+STEPS = 8  # test-gan's discriminator steps (64 records, q = 1/4, 2 epochs): checkpoints and generator steps every 2
+#: the hook's N: each GradientReducer counts its own all-reduces (engine/distributed.py), and the fine-tune's
+#: engine makes one per discriminator step; pre-training's (4 steps) never reaches 7
+KILLED_AT = 7
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +43,7 @@ def one_process(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gan-restart")
     config = tmp / "wide.json"
     config.write_text(json.dumps(WIDE))
-    with one_torch_thread(), pytest.MonkeyPatch.context() as m:
+    with on_one_thread(), pytest.MonkeyPatch.context() as m:
         m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
         assert main(["run", "--config", str(config), "--out", str(tmp / "one")]) == 0
     (run,) = (tmp / "one").iterdir()
@@ -69,7 +72,9 @@ def _assert_same_run(run: RunDir, ref: RunDir):
     (images, labels), (ref_images, ref_labels) = run.load_samples(), ref.load_samples()
     assert np.array_equal(labels, ref_labels)
     assert np.abs(images.astype(int) - ref_images.astype(int)).max() <= 1  # the weights' rounding, at most
-    assert run.release_model_path.is_file() and not (run.path / ".lock").exists()
+    released, ref_released = (load_release_generator(r).state_dict() for r in (run, ref))
+    torch.testing.assert_close(released, ref_released, rtol=1e-5, atol=1e-6)
+    assert not (run.path / ".lock").exists()
 
 
 @pytest.mark.slow
@@ -84,7 +89,13 @@ def test_a_rank_killed_in_a_late_discriminator_step_restarts_the_gan_job_which_r
     # the hook fired in the fine-tune (not in pre-training), after the checkpoint at step 6: the ledger the
     # restart continues counts exactly the checkpointed steps, none of the step in flight
     assert "finetune (GAN): resuming at step 6/8" in out and "ledger {'query': 1, 'finetune': 6}" in out, out[-4000:]
-    _assert_same_run(RunDir(run_dir), ref)
+    run = RunDir(run_dir)
+    _assert_same_run(run, ref)
+    # every GAN checkpoint names the job that wrote it, as `privimage pretrain|finetune RUN_DIR` restarted by
+    # the same job needs to resume from it (privimage.commands.resume_after_restart)
+    launch = json.loads(run.config_path.read_text())["launch"]
+    assert launch["world_size"] == 2 and launch["torchrun_id"]
+    assert all(run.checkpoint_launch(stage) == launch for stage in ("pretrain", "finetune"))
 
 
 # ------------------------------------------------------------------------------------------------------------
