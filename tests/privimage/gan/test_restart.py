@@ -103,7 +103,7 @@ def test_a_rank_killed_in_a_late_discriminator_step_restarts_the_gan_job_which_r
 
 #: The smallest preset: with one rank's rows empty, the all-reduce adds zeros, so world 2 is one process bit for bit
 GAN = GAN_PRESETS["tiny"]
-#: 3 public images, ONE a discriminator step: at world 2, rank 0's rows of every batch are rows 0:0, none;
+#: 3 images, ONE a discriminator step: at world 2, rank 0's rows of every batch are rows 0:0, none;
 #: 3 steps cross an epoch, a generator step after the 2nd
 ONE_ROW = GANPretrainConfig(steps=3, batch_size=1, d_steps_per_g_step=2, checkpoint_every=100, log_every=1,
                             loader="device")
@@ -127,9 +127,9 @@ def _pretrain(run_dir, world_size):
 
 
 def test_gan_pretraining_where_a_rank_has_no_rows_of_a_batch_equals_one_process(tmp_path):
-    """A batch of one image on two ranks: rank 0 holds none of its rows (it used to fail in the generator's
-    forward on an empty batch, leaving rank 1 in the all-reduce), adds zeros to the one all-reduce and still
-    takes the generator step; the run is the one-process run, bit for bit (x + 0 = x)."""
+    """A batch of one image on two ranks: rank 0 holds none of its rows, skips its forward (the generator's
+    cannot take an empty batch), adds zeros to the one all-reduce and still takes the generator step; the run
+    is the one-process run, bit for bit (x + 0 = x)."""
     two, one = _pretrain(tmp_path / "two", 2), _pretrain(tmp_path / "one", 1)
     assert two["step"] == one["step"] == ONE_ROW.steps
     assert [r["step"] for r in two["log"]] == [1, 2, 3]
