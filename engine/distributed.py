@@ -48,9 +48,12 @@ Traps: the data set must be the same on every rank (indices mean the same record
 generator matters, so its state is the one a checkpoint keeps (a checkpoint is then independent of W); every
 rank must call :meth:`DPEngine.finalize` once per step, even with an empty slice, or the all-reduce hangs.
 
-Test hook (fault injection for the elastic-restart test): ``PRIVIMAGE_TEST_EXIT_AT=RANK:N`` makes global rank
-RANK exit at once (``os._exit(1)``, as a killed process) just before its N-th all-reduce of clipped sums (N from
-1), on the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT`` unset or 0).
+Test hook (fault injection for the elastic-restart tests): ``PRIVIMAGE_TEST_EXIT_AT=RANK:N`` makes global rank
+RANK exit at once (``os._exit(1)``, as a killed process) just before the N-th all-reduce (N from 1) of a
+:class:`GradientReducer`, on the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT`` unset or
+0). Each reducer counts its own: a :class:`~privimage.engine.DPEngine`'s counts its logical steps (clipped
+sums), and so does any other loop's (the GAN pre-training sums its discriminator gradients through one), so in
+a job that runs both, N fires in whichever reaches it first.
 """
 
 from __future__ import annotations

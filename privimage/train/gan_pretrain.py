@@ -19,6 +19,13 @@ size, and one all-reduce sums the gradients (and the loss) before every rank's i
 one-process step up to the order of additions, for any W. Each generator step runs on rank 0 alone and the
 result is broadcast (:mod:`privimage.train.gan_ranks`, which says why). Rank 0 alone writes; the checkpoint
 is the one a single process writes, so a run resumes under any world size.
+
+A batch with fewer rows than ranks (``batch_size`` or the subset smaller than W) leaves some rank with no
+rows of it: that rank skips the discriminator's forward and backward and adds zeros to the all-reduce (its
+loss too), so the step is still the one-process step. Skipping a forward changes nothing else because no
+forward here has state: the discriminator has no spectral norm and no running statistics
+(:mod:`privimage.models.gan`), and the fakes come from the generator in eval mode. (A discriminator with
+spectral norm would need every rank's forward, to keep the power iterations in step.)
 """
 
 from __future__ import annotations
@@ -128,11 +135,14 @@ def pretrain_gan(run_dir: RunDir | str | Path, config: GANPretrainConfig, *,
         rng = step_generator(seed, GAN_PRETRAIN_STREAMS["fakes"], step, device=device)
         z = torch.randn(full, gan.z_dim, generator=rng, device=device)[mine]
         y_fake = torch.randint(num_classes, (full,), generator=rng, device=device)[mine] if num_classes else None
-        fake = generate(g_forward, z, y_fake)
-        with torch.autocast(**amp):
-            d_loss = paired_rows(d_forward, x, y, fake, y_fake).float().sum() / full
         opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
+        if len(x):
+            fake = generate(g_forward, z, y_fake)
+            with torch.autocast(**amp):
+                d_loss = paired_rows(d_forward, x, y, fake, y_fake).float().sum() / full
+            d_loss.backward()
+        else:  # no rows of this batch here (fewer rows than ranks): nothing to add (module docstring)
+            d_loss = torch.zeros((), device=device)
         d_total = d_loss.detach() if reducer is None else sum_gradients(D, d_loss, reducer)  # the ranks' sum
         opt_d.step()
         done = step + 1
