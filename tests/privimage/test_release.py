@@ -89,7 +89,9 @@ def test_no_secret_or_sensitive_statistic_is_in_any_released_file(exported):
                "sampler seed (hex)": f"{state['sampler']['seed']:x}".encode(),
                **{f"diffusion key ({how})": value for how, value in key_encodings(key).items()},
                "noise generator state": bytes(state["noise_generator"][1000:1032].tolist())}
-    secrets.update({f"logged loss {row['loss']}": repr(row["loss"]).encode() for row in state["log"]})
+    # A step whose Poisson batch drew no record logs a loss of 0.0 (the sum over no rows): it tells nothing of any
+    # record, and "0.0" is in any text that writes a zero, so only nonzero losses are looked for.
+    secrets.update({f"logged loss {row['loss']}": repr(row["loss"]).encode() for row in state["log"] if row["loss"]})
     assert_release_holds_no_secret(release, secrets)
 
 
