@@ -1,4 +1,5 @@
-"""Shared test set-up: a fixed seed per test, the `gpu` marker's skip, and the device switch.
+"""Shared test set-up: a fixed seed per test, the `gpu` marker's skip, the device switch, and the share of the
+CPU each pytest-xdist worker takes.
 
 The device switch: tests that take the ``device`` fixture run on ``$PRIVIMAGE_TEST_DEVICE`` (default ``cpu``;
 the GPU suite, ``bench/gpu_suite.sh``, re-runs them with ``cuda``) and are marked ``on_device`` so they can be
@@ -6,6 +7,15 @@ selected alone (``-m on_device``). Those that also take ``precision`` run once p
 ``$PRIVIMAGE_TEST_DTYPES`` (comma-separated torch dtype names, default ``float64``): float64 is checked to
 tight absolute tolerances; any other dtype by ``within_precision``, i.e. against a float64 reference with a
 tolerance from the dtype's own rounding (STYLE.md §3).
+
+Under pytest-xdist (pyproject's addopts: a worker per core, at most 4, ``--dist loadscope``):
+- each worker runs torch on its share of the cores (cores // workers, at least 1), and so do the processes it
+  starts unless told otherwise (``OMP_NUM_THREADS``): W workers of the default all-core thread pools on a 2-core
+  machine oversubscribe it, and busy-waiting OpenMP threads make that several times slower than one thread each;
+- a module's tests run on one worker (loadscope), so a module fixture (a whole ``privimage run``, a trained
+  classifier) is computed once, not once per worker that draws one of its tests;
+- the modules holding ``slow`` tests are sent first: a scope cannot be split, so one left for the end keeps a
+  worker busy after the other has run out of work.
 """
 
 import functools
@@ -15,6 +25,26 @@ import pytest
 import torch
 
 import kernel_cases
+
+
+def pytest_configure(config):
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:  # an xdist worker (module docstring)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = max(1, cores // workers)
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        config.pluginmanager.register(_SlowModulesFirst(), "privimage-slow-modules-first")
+
+
+class _SlowModulesFirst:
+    """The modules (files) that hold a ``slow`` test first, each module's tests kept together and in their order
+    (module docstring). Only in xdist workers: a run in one process keeps the collection order."""
+
+    @pytest.hookimpl(trylast=True)  # after pytest's own reordering (fixtures) and deselection (-m, -k)
+    def pytest_collection_modifyitems(self, items):
+        slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # stable: the rest keeps its order
 
 
 @pytest.fixture(autouse=True)

@@ -31,6 +31,7 @@ def dp_accounting_epsilons(sigma, q, steps, delta=DELTA):
     return pld.get_epsilon(delta), rdp.get_epsilon(delta)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_epsilon_matches_pld_and_stays_below_rdp_over_the_grid():
     rows, failures = [], []

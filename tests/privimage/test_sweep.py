@@ -12,6 +12,7 @@ import torch
 
 from privimage.cli import main
 from privimage.sweep.plan import NO_CLIPPING
+from threads import one_torch_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,13 +26,10 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     config = tmp / "test.json"
     config.write_text(json.dumps(CONFIG))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as m:
+    with one_torch_thread(), pytest.MonkeyPatch.context() as m:
         m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
         assert main(["sweep", "--config", str(config), "--epsilons", "1,10", "--seeds", "0,1", "--devices", "cpu",
                      "--out", str(tmp / "runs")]) == 0
-    torch.set_num_threads(threads)
     return config, tmp / "cache", tmp / "runs" / "00000-sweep-test"
 
 

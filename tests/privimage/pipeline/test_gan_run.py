@@ -21,6 +21,7 @@ from privimage.release import load_release_generator
 from privimage.rundir import RunDir
 from ranks import torchrun
 from release_checks import assert_release_holds_no_secret, key_encodings
+from threads import one_torch_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -45,14 +46,9 @@ def _run(tmp, config: dict | str, out: str) -> "RunDir":
 @pytest.fixture(scope="module")
 def secure_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gan")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a module fixture runs outside the function-scoped one_torch_thread
-    try:
-        with pytest.MonkeyPatch.context() as m:
-            m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
-            return _run(tmp, SECURE, "runs")
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), pytest.MonkeyPatch.context() as m:  # module fixtures run outside the function-scoped one
+        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+        return _run(tmp, SECURE, "runs")
 
 
 def test_a_gan_run_makes_the_run_directory_release_samples_grid_and_report(secure_run):
@@ -126,14 +122,9 @@ def test_gan_sample_command_redraws_the_same_images_and_refuses_sampler_flags(se
 def reference_run(tmp_path_factory):
     """The WIDE test-mode run in one process: (run directory, its cache)."""
     tmp = tmp_path_factory.mktemp("gan-reference")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with pytest.MonkeyPatch.context() as m:
-            m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
-            return _run(tmp, WIDE, "reference"), tmp / "cache"
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), pytest.MonkeyPatch.context() as m:
+        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+        return _run(tmp, WIDE, "reference"), tmp / "cache"
 
 
 def test_resume_mid_fine_tune_equals_an_uninterrupted_gan_run(reference_run, tmp_path, monkeypatch, capsys):

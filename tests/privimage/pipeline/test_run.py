@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from privimage.cli import main
+from threads import one_torch_thread
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -14,15 +15,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """`privimage run --config test` once for the module: (folder of run directories, class cache)."""
-    import torch
-
     tmp = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as m:
+    with one_torch_thread(), pytest.MonkeyPatch.context() as m:  # module fixtures run outside the function-scoped one
         m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
         assert main(["run", "--config", "test", "--out", str(tmp / "runs")]) == 0
-    torch.set_num_threads(threads)
     return tmp / "runs", tmp / "cache"
 
 

@@ -17,6 +17,7 @@ from ranks import finish_torchrun as _finish
 from ranks import kill_launch as _kill_launch
 from ranks import start_torchrun as _start_torchrun
 from ranks import torchrun as _torchrun
+from threads import one_torch_thread
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -29,12 +30,9 @@ def one_process(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torchrun")
     config = tmp / "config.json"
     config.write_text(json.dumps(CONFIG))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as m:
+    with one_torch_thread(), pytest.MonkeyPatch.context() as m:
         m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
         assert main(["run", "--config", str(config), "--out", str(tmp / "one")]) == 0
-    torch.set_num_threads(threads)
     (run,) = (tmp / "one").iterdir()
     return run, config, tmp / "cache"
 

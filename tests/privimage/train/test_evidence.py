@@ -17,7 +17,7 @@ from privimage.train.evidence import compare_starting_points, embedded_setup
 STEPS, PRETRAIN_STEPS = 10, 300
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def test_selected_subset_beats_random_public_beats_no_pretraining():
