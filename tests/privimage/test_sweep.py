@@ -12,7 +12,7 @@ import torch
 
 from privimage.cli import main
 from privimage.sweep.plan import NO_CLIPPING
-from threads import one_torch_thread
+from cli_runs import module_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,8 +26,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     config = tmp / "test.json"
     config.write_text(json.dumps(CONFIG))
-    with one_torch_thread(), pytest.MonkeyPatch.context() as m:
-        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+    with module_cli(tmp):
         assert main(["sweep", "--config", str(config), "--epsilons", "1,10", "--seeds", "0,1", "--devices", "cpu",
                      "--out", str(tmp / "runs")]) == 0
     return config, tmp / "cache", tmp / "runs" / "00000-sweep-test"

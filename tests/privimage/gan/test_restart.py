@@ -24,7 +24,7 @@ from privimage.rundir import RunDir, read_checkpoint
 
 from ranks import run_ranks
 from ranks import torchrun as _torchrun
-from threads import one_torch_thread as on_one_thread
+from cli_runs import module_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,11 +43,10 @@ def one_process(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gan-restart")
     config = tmp / "wide.json"
     config.write_text(json.dumps(WIDE))
-    with on_one_thread(), pytest.MonkeyPatch.context() as m:
-        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+    with module_cli(tmp) as cache:
         assert main(["run", "--config", str(config), "--out", str(tmp / "one")]) == 0
     (run,) = (tmp / "one").iterdir()
-    return RunDir(run), config, tmp / "cache"
+    return RunDir(run), config, cache
 
 
 def _assert_same_run(run: RunDir, ref: RunDir):

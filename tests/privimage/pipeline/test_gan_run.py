@@ -21,7 +21,7 @@ from privimage.release import load_release_generator
 from privimage.rundir import RunDir
 from ranks import torchrun
 from release_checks import assert_release_holds_no_secret, key_encodings
-from threads import one_torch_thread
+from cli_runs import module_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,8 +46,7 @@ def _run(tmp, config: dict | str, out: str) -> "RunDir":
 @pytest.fixture(scope="module")
 def secure_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gan")
-    with one_torch_thread(), pytest.MonkeyPatch.context() as m:  # module fixtures run outside the function-scoped one
-        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+    with module_cli(tmp):
         return _run(tmp, SECURE, "runs")
 
 
@@ -122,9 +121,8 @@ def test_gan_sample_command_redraws_the_same_images_and_refuses_sampler_flags(se
 def reference_run(tmp_path_factory):
     """The WIDE test-mode run in one process: (run directory, its cache)."""
     tmp = tmp_path_factory.mktemp("gan-reference")
-    with one_torch_thread(), pytest.MonkeyPatch.context() as m:
-        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
-        return _run(tmp, WIDE, "reference"), tmp / "cache"
+    with module_cli(tmp) as cache:
+        return _run(tmp, WIDE, "reference"), cache
 
 
 def test_resume_mid_fine_tune_equals_an_uninterrupted_gan_run(reference_run, tmp_path, monkeypatch, capsys):

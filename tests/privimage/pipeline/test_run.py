@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from privimage.cli import main
-from threads import one_torch_thread
+from cli_runs import module_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -16,10 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def runs(tmp_path_factory):
     """`privimage run --config test` once for the module: (folder of run directories, class cache)."""
     tmp = tmp_path_factory.mktemp("run")
-    with one_torch_thread(), pytest.MonkeyPatch.context() as m:  # module fixtures run outside the function-scoped one
-        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+    with module_cli(tmp) as cache:
         assert main(["run", "--config", "test", "--out", str(tmp / "runs")]) == 0
-    return tmp / "runs", tmp / "cache"
+    return tmp / "runs", cache
 
 
 def test_query_pretrain_finetune_sample_as_separate_commands_equal_privimage_run(runs, tmp_path, monkeypatch):

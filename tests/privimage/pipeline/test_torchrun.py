@@ -17,7 +17,7 @@ from ranks import finish_torchrun as _finish
 from ranks import kill_launch as _kill_launch
 from ranks import start_torchrun as _start_torchrun
 from ranks import torchrun as _torchrun
-from threads import one_torch_thread
+from cli_runs import module_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -30,11 +30,10 @@ def one_process(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torchrun")
     config = tmp / "config.json"
     config.write_text(json.dumps(CONFIG))
-    with one_torch_thread(), pytest.MonkeyPatch.context() as m:
-        m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
+    with module_cli(tmp) as cache:
         assert main(["run", "--config", str(config), "--out", str(tmp / "one")]) == 0
     (run,) = (tmp / "one").iterdir()
-    return run, config, tmp / "cache"
+    return run, config, cache
 
 
 def _finetune_state(run):
