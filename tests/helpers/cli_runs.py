@@ -2,6 +2,7 @@
 once for its module."""
 
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,16 @@ def module_cli(tmp: Path):
     with one_torch_thread(), pytest.MonkeyPatch.context() as m:
         m.setenv("PRIVIMAGE_CACHE_DIR", str(tmp / "cache"))
         yield tmp / "cache"
+
+
+def run_once(tmp: Path, config: dict) -> tuple[Path, Path, Path]:
+    """``privimage run`` of ``config`` (written to ``tmp/config.json``) in this process, into ``tmp/one``, inside
+    :func:`module_cli`: (the run directory, the config file, the cache), for a test comparing other runs with it."""
+    from privimage.cli import main
+
+    path = tmp / "config.json"
+    path.write_text(json.dumps(config))
+    with module_cli(tmp) as cache:
+        assert main(["run", "--config", str(path), "--out", str(tmp / "one")]) == 0
+    (run,) = (tmp / "one").iterdir()
+    return run, path, cache

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from privimage.cli import main
 from privimage.config import GANPretrainConfig
 from privimage.models import GAN_PRESETS, Discriminator, Generator
 from privimage.release import load_release_generator
@@ -24,7 +23,7 @@ from privimage.rundir import RunDir, read_checkpoint
 
 from ranks import run_ranks
 from ranks import torchrun as _torchrun
-from cli_runs import module_cli
+from cli_runs import run_once
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,12 +39,7 @@ KILLED_AT = 7
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: `privimage run` of WIDE in this process, (run dir, config file, cache)."""
-    tmp = tmp_path_factory.mktemp("gan-restart")
-    config = tmp / "wide.json"
-    config.write_text(json.dumps(WIDE))
-    with module_cli(tmp) as cache:
-        assert main(["run", "--config", str(config), "--out", str(tmp / "one")]) == 0
-    (run,) = (tmp / "one").iterdir()
+    run, config, cache = run_once(tmp_path_factory.mktemp("gan-restart"), WIDE)
     return RunDir(run), config, cache
 
 

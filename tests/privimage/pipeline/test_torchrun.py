@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from privimage.cli import main
 from ranks import finish_torchrun as _finish
 from ranks import kill_launch as _kill_launch
 from ranks import start_torchrun as _start_torchrun
 from ranks import torchrun as _torchrun
-from cli_runs import module_cli
+from cli_runs import run_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -27,13 +26,7 @@ CONFIG = {"base": "test", "finetune": {"epochs": 1}, "sample": {"batch_size": 4}
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: `privimage run` in this process, (run dir, config file, cache)."""
-    tmp = tmp_path_factory.mktemp("torchrun")
-    config = tmp / "config.json"
-    config.write_text(json.dumps(CONFIG))
-    with module_cli(tmp) as cache:
-        assert main(["run", "--config", str(config), "--out", str(tmp / "one")]) == 0
-    (run,) = (tmp / "one").iterdir()
-    return run, config, cache
+    return run_once(tmp_path_factory.mktemp("torchrun"), CONFIG)
 
 
 def _finetune_state(run):
