@@ -3,7 +3,8 @@
 For each convolution of a GAN discriminator (``--preset``, at ``--pairs`` real/fake pairs: 2·pairs rows, a
 sample being one pair, row j·S + s being sample s's j-th row as ``Grouping.blocks`` lays them out), one
 forward and backward of the paired hinge loss records the layer's input A and output gradient G; then each
-sample's weight gradient ∇W_s = Σ_{rows of s} Σ_t G_{r,t} A_{r,t}ᵀ is formed by:
+sample's weight gradient ∇W_s = Σ_{rows of s} Σ_t G_{r,t} A_{r,t}ᵀ is formed (one layer per distinct
+signature, :func:`layer_strategies.capture`; the totals count each signature's layers) by:
 
 * ``grouped`` (the engine: :func:`privimage.kernels.conv_per_row_grads` with ``blocks=2``): one grouped
   convolution whose groups are the samples and whose batch is the two rows of each pair;
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
+import layer_strategies  # noqa: E402
 
 from privimage.gan import generate, paired_rows  # noqa: E402
 from privimage.kernels import conv_per_row_grads  # noqa: E402
@@ -43,8 +46,9 @@ from privimage.models import GAN_PRESETS, Discriminator, Generator  # noqa: E402
 METHODS = ("plain", "grouped", "grouped-channels-last", "unfold-bmm", "shifted-bmm")
 
 
-def capture(preset: str, pairs: int) -> list[tuple[str, nn.Conv2d, torch.Tensor, torch.Tensor]]:
-    """(name, module, A, G) of every Conv2d of the discriminator, from one paired hinge-loss backward."""
+def capture(preset: str, pairs: int) -> list[dict]:
+    """The discriminator's convolutions, one per distinct signature (``count`` says how many share it), each
+    with its input A and output gradient G from one paired hinge-loss backward (:func:`layer_strategies.capture`)."""
     gan = GAN_PRESETS[preset]
     torch.manual_seed(0)
     G_net, D = Generator(gan), Discriminator(gan)
@@ -52,19 +56,8 @@ def capture(preset: str, pairs: int) -> list[tuple[str, nn.Conv2d, torch.Tensor,
     y = torch.randint(gan.num_classes, (pairs,))
     with torch.no_grad():
         fake = generate(G_net, torch.randn(pairs, gan.z_dim), y)
-    seen = {}
-
-    def hook(name):
-        def forward_hook(module, args, out):
-            seen[name] = [module, args[0].detach(), None]
-            out.register_hook(lambda g: seen[name].__setitem__(2, g.detach()))
-        return forward_hook
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in D.named_modules() if isinstance(m, nn.Conv2d)]
-    paired_rows(D, x, y, fake, y).sum().backward()
-    for h in handles:
-        h.remove()
-    return [(name, m, a, g) for name, (m, a, g) in seen.items() if g is not None]
+    batch = SimpleNamespace(per_row_loss=lambda model: paired_rows(model, x, y, fake, y))
+    return [e for e in layer_strategies.capture(D, batch) if isinstance(e["module"], nn.Conv2d)]
 
 
 def _unfold_bmm(a, g, m: nn.Conv2d, S: int):
@@ -116,19 +109,21 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     rows = []
-    for name, m, a, g in capture(args.preset, args.pairs):
+    for entry in capture(args.preset, args.pairs):
+        m, a, g = entry["module"], entry["a"], entry["g"]
         fns = methods_for(m, a, g)
         ref = fns["grouped"]().reshape(a.shape[0] // 2, -1)
-        row = {"layer": name, "A": list(a.shape), "G": list(g.shape), "kernel": list(m.kernel_size)}
+        row = {"layer": entry["name"], "count": entry["count"], "A": list(a.shape), "G": list(g.shape),
+               "kernel": list(m.kernel_size)}
         for method, fn in fns.items():
             t = harness.time_steps(fn, warmup=2, repeats=args.repeats, device="cpu")
             row[method] = t["cpu_median_ms"]
             if method != "plain":
                 row[f"{method}_max_abs_diff"] = float((fn().reshape(ref.shape) - ref).abs().max())
         rows.append(row)
-        print(name, {k: round(row[k], 2) for k in METHODS if k in row}, flush=True)
-    # a total only for a method that applies to every layer
-    totals = {k: sum(r[k] for r in rows) if all(k in r for r in rows) else None for k in METHODS}
+        print(entry["name"], {k: round(row[k], 2) for k in METHODS if k in row}, flush=True)
+    # over every convolution (each signature times its count); only for a method that applies to all of them
+    totals = {k: sum(r[k] * r["count"] for r in rows) if all(k in r for r in rows) else None for k in METHODS}
     result = {"environment": harness.environment("cpu"), "preset": args.preset, "pairs": args.pairs,
               "layers": rows, "totals_ms": totals}
     if not args.no_save:
@@ -146,14 +141,14 @@ def markdown(result: dict) -> str:
              f"Command: `python bench/{env['command']}`; load average (1 min) {env['load_average_1m']} at the end. "
              "Median process CPU ms per call; `plain` is the non-private weight gradient of the same rows. "
              "Blank: the method does not apply to the layer.", "",
-             "| layer | A | " + " | ".join(METHODS) + " | grouped / plain |",
-             "|---|---|" + "---|" * len(METHODS) + "---|"]
+             "| layer (first of its signature) | layers | A | " + " | ".join(METHODS) + " | grouped / plain |",
+             "|---|---|---|" + "---|" * len(METHODS) + "---|"]
     for r in result["layers"]:
         cells = [f"{r[k]:.2f}" if k in r else "" for k in METHODS]
-        lines.append(f"| {r['layer']} | {'×'.join(map(str, r['A']))} | " + " | ".join(cells)
+        lines.append(f"| {r['layer']} | {r['count']} | {'×'.join(map(str, r['A']))} | " + " | ".join(cells)
                      + f" | {r['grouped'] / r['plain']:.2f} |")
     t = result["totals_ms"]
-    lines.append("| **all** | | " + " | ".join(f"**{t[k]:.1f}**" if t[k] is not None else "" for k in METHODS)
+    lines.append("| **all** | | | " + " | ".join(f"**{t[k]:.1f}**" if t[k] is not None else "" for k in METHODS)
                  + f" | **{t['grouped'] / t['plain']:.2f}** |")
     worst = max((r.get(f"{k}_max_abs_diff", 0.0) for r in result["layers"] for k in METHODS), default=0.0)
     lines += ["", f"Largest difference of any method from `grouped`: {worst:.2e} (float32).", ""]
